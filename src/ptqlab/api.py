@@ -1,0 +1,184 @@
+"""The Python API: ``quantize`` a model in memory and ``evaluate`` it.
+
+Example:
+    >>> import ptqlab
+    >>> lm = ptqlab.load_model("stories260k")
+    >>> report = ptqlab.quantize(lm.model, {"weight": {"bits": 4}}, [{"gptq": {}}],
+    ...                          {"samples": 8, "seqlen": 128}, tokenizer=lm.tokenizer)
+    >>> result = ptqlab.evaluate(lm.model, lm.tokenizer, {"perplexity": ["wikitext2"], "seqlen": 256})
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from .data.calibration import calibration_windows
+from .data.corpora import eval_windows
+from .errors import ConfigError
+from .eval.perplexity import perplexity
+from .methods import WeightQuantizer, build_quantizer
+from .models.adapter import Adapter
+from .models.registry import get_adapter
+from .pipeline.driver import QuantizeReport, quantize_model
+from .pipeline.plan import LinearTarget, Override, plan_weights
+from .study.config import Calibration, Evaluate, Scheme, format_validation_error
+from .study.identity import ppl_metric_name
+from .study.store import Metric
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizationPlan:
+    """Everything checked and prepared before any weight changes."""
+
+    adapter: Adapter
+    targets: list[LinearTarget]
+    method: WeightQuantizer
+    calibration: torch.Tensor | None
+    batch_size: int = 8
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one evaluation and the time each part took."""
+
+    metrics: list[Metric] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _as(model_cls: type[Any], value: Any) -> Any:
+    if value is None:
+        return model_cls()
+    if isinstance(value, model_cls):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return model_cls.model_validate(dict(value))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+    raise ConfigError(f"expected a mapping for {model_cls.__name__}, got {type(value).__name__}")
+
+
+def plan_quantization(
+    model: nn.Module,
+    scheme: Scheme | Mapping[str, Any] | None,
+    recipe: Sequence[Mapping[str, Any]] = (),
+    calibration: torch.Tensor | Calibration | Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
+) -> QuantizationPlan:
+    """Check a scheme and recipe against a model and prepare the calibration data, changing nothing.
+
+    Raises:
+        ConfigError: Invalid scheme or recipe, a group size that does not divide a width, a calibrated
+            method without calibration data.
+        DataError: Calibration text missing, empty or too short.
+    """
+    sch: Scheme = _as(Scheme, scheme)
+    adapter = get_adapter(model)
+    weight = sch.weight.model_dump() if sch.weight else None
+    overrides = [Override(o.match, o.weight) for o in sch.overrides]
+    targets = plan_weights(model, adapter, weight, overrides)
+    method = build_quantizer(recipe)
+    ids: torch.Tensor | None = None
+    batch_size = 8
+    if targets and method.needs_calibration:
+        if calibration is None:
+            raise ConfigError(f"method {type(method).__name__} needs calibration data, but none was given")
+        if isinstance(calibration, torch.Tensor):
+            ids = calibration
+        else:
+            cal: Calibration = _as(Calibration, calibration)
+            if tokenizer is None:
+                raise ConfigError("calibration given as a config needs the tokenizer")
+            ids = calibration_windows(tokenizer, cal.dataset, cal.samples, cal.seqlen, cal.seed, cal.path)
+            batch_size = cal.batch_size
+    return QuantizationPlan(adapter, targets, method, ids, batch_size)
+
+
+def run_quantization(
+    model: nn.Module, plan: QuantizationPlan, device: torch.device | None = None, progress: bool = True
+) -> QuantizeReport:
+    """Quantize ``model`` in place according to a prepared plan."""
+    return quantize_model(
+        model, plan.adapter, plan.targets, plan.method, plan.calibration, device, plan.batch_size, progress
+    )
+
+
+def quantize(
+    model: nn.Module,
+    scheme: Scheme | Mapping[str, Any] | None,
+    recipe: Sequence[Mapping[str, Any]] = (),
+    calibration: torch.Tensor | Calibration | Mapping[str, Any] | None = None,
+    *,
+    tokenizer: Any = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize a Hugging Face causal LM in place.
+
+    Args:
+        model: The model (any family with an adapter).
+        scheme: The ``scheme`` section of a config (mapping or :class:`Scheme`).
+        recipe: The ``recipe`` section: methods in order, e.g. ``[{"gptq": {"damp": 0.01}}]``.
+        calibration: Token ids (samples, seqlen), or the ``calibration`` section (needs ``tokenizer``).
+        tokenizer: The model's tokenizer, to build calibration windows from a config.
+        device: Where layers are processed (default: where the model is).
+        progress: Show a progress bar.
+
+    Returns:
+        Per-linear records (relative output error, seconds) and timings.
+    """
+    plan = plan_quantization(model, scheme, recipe, calibration, tokenizer)
+    dev = torch.device(device) if isinstance(device, str) else device
+    return run_quantization(model, plan, dev, progress)
+
+
+def prepare_eval_windows(tokenizer: Any, config: Evaluate) -> dict[str, torch.Tensor]:
+    """Tokenize every perplexity corpus of ``config`` (before any work, so data errors come first)."""
+    out = {}
+    for corpus in config.perplexity:
+        out[corpus] = eval_windows(corpus, tokenizer, config.seqlen, config.max_windows).input_ids
+    return out
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    evaluate_config: Evaluate | Mapping[str, Any] | None = None,
+    *,
+    windows: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Evaluate a (quantized) model in memory.
+
+    Args:
+        model: The model, on the device to evaluate on.
+        tokenizer: Its tokenizer.
+        evaluate_config: The ``evaluate`` section (mapping or :class:`Evaluate`).
+        windows: Pre-tokenized windows per corpus (from :func:`prepare_eval_windows`).
+        progress: Show progress bars.
+
+    Returns:
+        Metrics named by protocol and size (``ppl.wikitext2.s2048.w40``) and timings.
+    """
+    cfg: Evaluate = _as(Evaluate, evaluate_config)
+    windows = windows or prepare_eval_windows(tokenizer, cfg)
+    result = Evaluation()
+    for corpus, ids in windows.items():
+        t0 = time.perf_counter()
+        res = perplexity(model, ids, batch_size=cfg.batch_size, progress=progress, desc=f"ppl {corpus}")
+        name = ppl_metric_name(corpus, ids.shape[1], ids.shape[0])
+        result.metrics.append(Metric(name, res.ppl))
+        result.timings[f"eval.{corpus}_s"] = time.perf_counter() - t0
+        result.timings[f"eval.{corpus}_tok_per_s"] = res.tokens_per_second
+        log.info("%s = %.4f (%.1f tok/s)", name, res.ppl, res.tokens_per_second)
+    return result

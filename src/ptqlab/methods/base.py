@@ -1,0 +1,70 @@
+"""What every weight quantizer returns, and the Hessian accumulator shared by methods that need it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.integer import QParams
+
+
+@dataclass
+class WeightResult:
+    """A quantized weight.
+
+    Attributes:
+        weight: Dequantized weight (out, in), float32 (or float64 when computed so).
+        codes: Integer codes (out, in) as whole-number floats.
+        qparams: Scales and zero points (out, groups).
+        g_idx: Group index of each input column (in,), or None when groups follow the columns.
+    """
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    qparams: QParams
+    g_idx: torch.Tensor | None = None
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum x x^T`` over the input rows seen so far, kept in float32.
+
+    Args:
+        width: Input features of the layer.
+        device: Where to keep H.
+    """
+
+    def __init__(self, width: int, device: torch.device | str = "cpu") -> None:
+        self.H = torch.zeros(width, width, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs (..., width); padding rows must be removed by the caller."""
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # (tokens, width)
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x.t(), x)
+
+
+def relative_output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative error of the layer output on the calibration inputs, from their Hessian.
+
+    ``||X (Wq - W)^T||_F^2 / ||X W^T||_F^2 = tr(D H D^T) / tr(W H W^T)`` with ``D = Wq - W``.
+
+    Args:
+        W: Original weight (out, in).
+        Wq: Quantized weight (out, in).
+        H: Input Hessian (in, in), any positive multiple of X^T X.
+
+    Returns:
+        The relative squared-norm ratio's square root (a relative Frobenius error).
+    """
+    W = W.to(H.dtype)
+    D = Wq.to(H.dtype) - W
+    num = torch.sum((D @ H) * D)
+    den = torch.sum((W @ H) * W)
+    return float(torch.sqrt(num / den.clamp_min(1e-30)))

@@ -1,0 +1,187 @@
+"""GPTQ (Frantar et al., 2023): quantize a weight column by column, spreading each column's error
+over the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+The class reads like the paper: ``H`` is the Hessian 2/n X X^T of the layer inputs, ``Hinv`` the upper
+Cholesky factor of its (damped) inverse, ``err`` a column's scaled quantization error. Lazy batch updates
+(blocks of ``block_size`` columns) change only the order of the floating-point work, not the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.integer import QParams, choose_qparams, dequantize_with, float_zero, quantize_with
+from ..quant.spec import QuantSpec
+from .base import WeightResult
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """Knobs of GPTQ.
+
+    Attributes:
+        damp: Fraction of the mean Hessian diagonal added to the diagonal (0.01 in the paper).
+        block_size: Columns per lazy batch update (128 in the paper).
+        act_order: Quantize columns in order of decreasing Hessian diagonal.
+        static_groups: With act-order and groups, fix each group's range from the original weight
+            before any update, in the natural column order (else groups follow the permuted order).
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+
+    def __post_init__(self) -> None:
+        """Validate the knobs."""
+        from ..errors import ConfigError
+
+        if not 0.0 <= self.damp < 1.0:
+            raise ConfigError(f"recipe.gptq.damp={self.damp} must be in [0, 1)")
+        if self.block_size < 1:
+            raise ConfigError(f"recipe.gptq.block_size={self.block_size} must be positive")
+
+
+class GPTQ:
+    """Quantize one weight matrix with GPTQ given the Hessian of its inputs."""
+
+    needs_calibration = True
+
+    def __init__(self, config: GPTQConfig | None = None) -> None:
+        self.config = config or GPTQConfig()
+
+    def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
+        """Quantize ``W`` (out, in) against the input Hessian ``H`` (in, in).
+
+        Args:
+            W: Weight matrix (out_features, in_features), any float dtype; computed in W's dtype
+                promoted to at least float32.
+            spec: Weight quantization spec.
+            H: Hessian 2/n X^T X of the inputs (in, in).
+
+        Returns:
+            The dequantized weight, integer codes, per-group parameters and each column's group index,
+            all in the natural column order.
+        """
+        if H is None:
+            raise ValueError("GPTQ needs the Hessian of the layer inputs")
+        dtype = torch.promote_types(W.dtype, torch.float32)
+        W = W.detach().to(dtype).clone()
+        H = H.detach().to(dtype).clone()
+        cols = W.shape[1]
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        static = self._static_params(W, spec)
+        perm = torch.argsort(torch.diag(H), descending=True) if self.config.act_order else None
+        if perm is not None:
+            W, H = W[:, perm], H[perm][:, perm]
+        Hinv = self._inverse_cholesky(H)
+        codes, scale, zero, group_of = self._quantize_columns(W, Hinv, spec, static, perm)
+        if perm is not None:
+            inv = torch.argsort(perm)
+            codes, scale, zero, group_of = codes[:, inv], scale[:, inv], zero[:, inv], group_of[inv]
+        weight = dequantize_with(codes, scale, zero)
+        return WeightResult(weight=weight, codes=codes, qparams=_per_group(scale, zero, group_of), g_idx=group_of)
+
+    def _static_params(self, W: torch.Tensor, spec: QuantSpec) -> QParams | None:
+        """Ranges fixed before any update: per tensor/row always, per group when static_groups."""
+        if spec.granularity != "group" or self.config.static_groups:
+            return choose_qparams(W, spec)
+        return None
+
+    def _inverse_cholesky(self, H: torch.Tensor) -> torch.Tensor:
+        """Upper Cholesky factor of the inverse of the damped Hessian."""
+        damp = self.config.damp * torch.mean(torch.diag(H))
+        H = H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)
+        return torch.linalg.cholesky(Hinv, upper=True)
+
+    def _block_size(self, spec: QuantSpec) -> int:
+        """Lazy-batch width aligned so that no dynamic group straddles two blocks."""
+        bs = self.config.block_size
+        if spec.granularity == "group" and spec.group_size and not self.config.static_groups:
+            gs = spec.group_size
+            return gs * max(1, bs // gs)
+        return bs
+
+    def _quantize_columns(
+        self,
+        W: torch.Tensor,
+        Hinv: torch.Tensor,
+        spec: QuantSpec,
+        static: QParams | None,
+        perm: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the column loop; return codes, per-column scale and zero, and each column's group."""
+        rows, cols = W.shape
+        codes = torch.zeros_like(W)
+        scale = torch.zeros_like(W)
+        zero = torch.zeros_like(W)
+        group_of = torch.zeros(cols, dtype=torch.long, device=W.device)
+        maxq, fz = spec.maxq, float_zero(spec)
+        bs = self._block_size(spec)
+        natural = perm if perm is not None else torch.arange(cols, device=W.device)
+        s_col = z_col = None
+        for i1 in range(0, cols, bs):
+            i2 = min(i1 + bs, cols)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                j = i1 + i
+                s_col, z_col, group_of[j] = self._column_params(W1, i, j, natural, spec, static, s_col, z_col)
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                q = quantize_with(w, s_col, z_col, maxq, fz)
+                codes[:, j], scale[:, j], zero[:, j] = q, s_col, z_col
+                err = (w - dequantize_with(q, s_col, z_col)) / d
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        return codes, scale, zero, group_of
+
+    @staticmethod
+    def _column_params(
+        W1: torch.Tensor,
+        i: int,
+        j: int,
+        natural: torch.Tensor,
+        spec: QuantSpec,
+        static: QParams | None,
+        s_col: torch.Tensor | None,
+        z_col: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Scale, zero and group index for processed column ``j`` (``i`` within the current block)."""
+        if static is not None:
+            g = int(natural[j]) // spec.group_size if spec.granularity == "group" and spec.group_size else 0
+            return static.scale[:, g], static.zero[:, g], g
+        gs = spec.group_size or 1
+        if j % gs == 0 or s_col is None or z_col is None:
+            qp = choose_qparams(W1[:, i : i + gs], _as_channel(spec))
+            s_col, z_col = qp.scale[:, 0], qp.zero[:, 0]
+        return s_col, z_col, j // gs
+
+
+def _as_channel(spec: QuantSpec) -> QuantSpec:
+    """The same grid with one range per row (used on a group's slice of columns)."""
+    return QuantSpec(
+        bits=spec.bits,
+        format=spec.format,
+        symmetric=spec.symmetric,
+        granularity="channel",
+        zero_point=spec.zero_point,
+        clip_ratio=spec.clip_ratio,
+        where=spec.where,
+    )
+
+
+def _per_group(scale: torch.Tensor, zero: torch.Tensor, group_of: torch.Tensor) -> QParams:
+    """Collapse per-column parameters (rows, cols) into per-group ones (rows, groups)."""
+    groups = int(group_of.max()) + 1
+    first = torch.zeros(groups, dtype=torch.long, device=group_of.device)
+    first[group_of] = torch.arange(len(group_of), device=group_of.device)  # any column of the group
+    return QParams(scale[:, first], zero[:, first])

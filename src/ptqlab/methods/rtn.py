@@ -1,0 +1,41 @@
+"""Round-to-nearest (RTN): min-max grid per range, no calibration data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.integer import choose_qparams, dequantize, quantize
+from ..quant.spec import QuantSpec
+from .base import WeightResult
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    """RTN has no knobs; range setting lives in the QuantSpec."""
+
+
+class RTN:
+    """Quantize each weight to the nearest point of its min-max grid."""
+
+    needs_calibration = False
+
+    def __init__(self, config: RTNConfig | None = None) -> None:
+        self.config = config or RTNConfig()
+
+    def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
+        """Quantize ``W`` (out, in) with min-max parameters.
+
+        Args:
+            W: Weight matrix (out_features, in_features).
+            spec: Weight quantization spec.
+            H: Ignored (RTN uses no data).
+
+        Returns:
+            The dequantized weight (float32), codes and parameters.
+        """
+        Wf = W.detach().float()
+        qp = choose_qparams(Wf, spec)
+        codes = quantize(Wf, qp, spec)
+        return WeightResult(weight=dequantize(codes, qp), codes=codes, qparams=qp)

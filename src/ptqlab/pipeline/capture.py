@@ -1,0 +1,87 @@
+"""Capture what enters the decoder layers: layer 0's hidden states and every layer's own arguments.
+
+Each decoder layer's ``forward`` is replaced, for one pass of the model per calibration chunk, by a
+recorder that keeps its positional and keyword arguments (attention masks and RoPE tables can differ per
+layer type, as in Gemma2/3 and Qwen2) and returns its input unchanged; the last recorder stops the pass,
+so the final norm and the LM head never run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's recorder to end the capture pass."""
+
+
+@dataclass
+class LayerCall:
+    """The arguments of one decoder-layer call besides the hidden states."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class CapturedInputs:
+    """Hidden states entering layer 0, per chunk, and each layer's arguments per chunk.
+
+    Attributes:
+        hidden: One tensor (batch, seq, hidden) per calibration chunk.
+        calls: ``calls[layer][chunk]``: the other arguments of that layer's call.
+    """
+
+    hidden: list[torch.Tensor]
+    calls: list[list[LayerCall]] = field(default_factory=list)
+
+
+def _recorder(index: int, last: int, store: CapturedInputs) -> Callable[..., Any]:
+    def record(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        store.calls[index].append(LayerCall(tuple(args[1:]), dict(kwargs)))
+        if index == 0:
+            store.hidden.append(hidden)
+        if index == last:
+            raise _StopForward
+        return hidden
+
+    return record
+
+
+@torch.inference_mode()
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, chunks: list[torch.Tensor]) -> CapturedInputs:
+    """Run the model's embedding part over each chunk of token ids and record the layer inputs.
+
+    Args:
+        model: The causal LM (its non-layer modules on the device of the chunks).
+        layers: Its decoder layers.
+        chunks: Token ids, one tensor (batch, seq) per chunk, without padding.
+
+    Returns:
+        The captured hidden states and per-layer calls.
+    """
+    store = CapturedInputs(hidden=[], calls=[[] for _ in layers])
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        layer.forward = _recorder(i, last, store)  # type: ignore[method-assign]
+    try:
+        for ids in chunks:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    return store
+
+
+def layer_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returned (a tensor, or the first item of a tuple)."""
+    return out[0] if isinstance(out, tuple | list) else out

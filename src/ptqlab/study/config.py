@@ -1,0 +1,205 @@
+"""The configuration schema: strict (unknown keys and wrong types rejected with the field's path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+from ..quant.spec import QuantSpec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class WeightScheme(_Strict):
+    """Weight quantization (see QuantSpec)."""
+
+    bits: int = 16
+    format: str = "int"
+    symmetric: bool = False
+    granularity: str = "channel"
+    group_size: int | None = None
+    zero_point: Literal["int", "float"] = "int"
+    clip_ratio: float = 1.0
+
+
+class ActivationScheme(_Strict):
+    """Activation quantization at the input of each linear."""
+
+    bits: int = 16
+    format: str = "int"
+    symmetric: bool = False
+    granularity: str = "token"
+    group_size: int | None = None
+    dynamic: bool = True
+
+
+class KVSide(_Strict):
+    """Settings of K or V alone."""
+
+    bits: int | None = None
+    granularity: str | None = None
+    symmetric: bool | None = None
+    group_size: int | None = None
+
+
+class KVCacheScheme(_Strict):
+    """KV cache quantization."""
+
+    bits: int = 16
+    granularity: str = "head"
+    symmetric: bool = False
+    group_size: int | None = None
+    where: Literal["post_rope", "pre_rope"] = "post_rope"
+    mode: Literal["all", "decode"] = "all"
+    key: KVSide | None = None
+    value: KVSide | None = None
+
+
+class OverrideEntry(_Strict):
+    """``{match: REGEX, weight: {...} | null}``: later entries win."""
+
+    match: str
+    weight: dict[str, Any] | None = None
+
+
+class Scheme(_Strict):
+    """What is quantized and how."""
+
+    weight: WeightScheme | None = None
+    activation: ActivationScheme | None = None
+    kv_cache: KVCacheScheme | None = None
+    overrides: list[OverrideEntry] = Field(default_factory=list)
+
+
+class Calibration(_Strict):
+    """Calibration data: ``c4local`` (documents 1100-1999) or ``file`` with ``path``."""
+
+    dataset: str = "c4local"
+    samples: int = Field(default=128, ge=1)
+    seqlen: int = Field(default=512, ge=8)
+    seed: int = 0
+    path: str | None = None
+    batch_size: int = Field(default=8, ge=1)
+
+
+class Evaluate(_Strict):
+    """Evaluations: perplexity corpora under the GPTQ protocol (tasks and divergence come later)."""
+
+    perplexity: list[str] = Field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = Field(default=2048, ge=8)
+    max_windows: int | None = Field(default=40, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = None
+    divergence: bool = False
+
+
+class RunConfig(_Strict):
+    """One configuration: model, scheme, recipe, calibration, evaluations."""
+
+    model: str
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    scheme: Scheme = Field(default_factory=Scheme)
+    recipe: list[dict[str, dict[str, Any] | None]] = Field(default_factory=list)
+    calibration: Calibration = Field(default_factory=Calibration)
+    evaluate: Evaluate = Field(default_factory=Evaluate)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"unknown device {v!r}: use auto, cpu, cuda or cuda:N")
+        return v
+
+    def weight_spec(self) -> QuantSpec | None:
+        """The scheme's weight section as a QuantSpec (None when absent or 16-bit)."""
+        w = self.scheme.weight
+        if w is None:
+            return None
+        spec = QuantSpec(where="scheme.weight", **w.model_dump())
+        return spec if spec.enabled else None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line naming the path and problem of the first errors of a pydantic validation."""
+    parts = []
+    for err in exc.errors()[:3]:
+        path = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{path}: {msg}")
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _check_not_yet(cfg: RunConfig) -> None:
+    """Reject unknown corpora and parts of the contract this version cannot run yet, before any work."""
+    s = cfg.scheme
+    if s.activation is not None and s.activation.bits < 16:
+        raise ConfigError("scheme.activation: activation quantization is not available in this version yet")
+    if s.kv_cache is not None and s.kv_cache.bits < 16:
+        raise ConfigError("scheme.kv_cache: KV cache quantization is not available in this version yet")
+    if cfg.evaluate.tasks:
+        raise ConfigError("evaluate.tasks: lm-eval tasks are not available in this version yet")
+    from ..data.corpora import CORPORA
+
+    for k, name in enumerate(cfg.evaluate.perplexity):
+        if name not in CORPORA:
+            raise ConfigError(f"evaluate.perplexity[{k}]={name!r} is unknown; known: {', '.join(sorted(CORPORA))}")
+    if cfg.evaluate.divergence:
+        raise ConfigError("evaluate.divergence: divergence from FP is not available in this version yet")
+
+
+def parse_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a configuration mapping.
+
+    Args:
+        data: The parsed YAML/JSON mapping.
+
+    Returns:
+        The validated configuration, defaults filled in.
+
+    Raises:
+        ConfigError: Naming the path of the first offending fields.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"a configuration must be a mapping, got {type(data).__name__}")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    cfg.weight_spec()  # QuantSpec checks bits, granularity, group size
+    _check_not_yet(cfg)
+    from ..methods import build_quantizer
+
+    build_quantizer(cfg.recipe)  # unknown methods and options
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML (or JSON) configuration file.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: Missing file, invalid YAML, or invalid content.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return parse_config(data)

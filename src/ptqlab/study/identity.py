@@ -1,0 +1,70 @@
+"""Content-addressed identities (run ids, quantized-model keys), metric names and provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+
+_PACKAGES = ("ptqlab", "torch", "transformers", "safetensors", "gguf", "accelerate", "numpy", "pydantic")
+_NOT_IDENTITY = ("model", "device", "trust_remote_code")
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def normalized(cfg: RunConfig) -> dict[str, Any]:
+    """The configuration with every default filled in, as plain JSON data."""
+    return cfg.model_dump(mode="json")
+
+
+def run_id(cfg: RunConfig, fingerprint: str) -> str:
+    """Hash of the normalized config with the model's fingerprint in place of its path (16 hex)."""
+    data = {k: v for k, v in normalized(cfg).items() if k not in _NOT_IDENTITY}
+    return _digest({"config": data, "model": fingerprint})[:16]
+
+
+def qmodel_key(cfg: RunConfig, fingerprint: str) -> str:
+    """Key of the quantized model alone (model, dtype, scheme, recipe, calibration): evaluations reuse it."""
+    data = normalized(cfg)
+    keep = {k: data[k] for k in ("dtype", "scheme", "recipe", "calibration")}
+    return _digest({"q": keep, "model": fingerprint})[:16]
+
+
+def ppl_metric_name(corpus: str, seqlen: int, windows: int) -> str:
+    """``ppl.<corpus>.s<seqlen>.w<windows>``: the protocol and size are part of the name."""
+    return f"ppl.{corpus}.s{seqlen}.w{windows}"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers, plus Python's."""
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_revision() -> str | None:
+    """The git revision of the ptqlab source tree (``-dirty`` when modified), or None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
+            timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "")

@@ -1,0 +1,62 @@
+"""The config schema rejects bad input with the path of the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from ptqlab.errors import ConfigError
+from ptqlab.study.config import load_config, parse_config
+from ptqlab.study.identity import qmodel_key, run_id
+
+BASE = {"model": "stories260k", "scheme": {"weight": {"bits": 4}}, "recipe": [{"gptq": {"damp": 0.01}}]}
+
+
+def _with(**changes):
+    cfg = {**BASE}
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("cfg", "pattern"),
+    [
+        (_with(modle="x"), r"modle: unknown key"),
+        (_with(scheme={"weight": {"bits": 4, "bitz": 3}}), r"scheme\.weight\.bitz: unknown key"),
+        (_with(scheme={"weight": {"bits": "4"}}), r"scheme\.weight\.bits"),
+        (_with(scheme={"weight": {"bits": 33}}), r"scheme\.weight\.bits=33 is out of range"),
+        (_with(scheme={"weight": {"bits": 4, "granularity": "group"}}), r"scheme\.weight\.group_size"),
+        (_with(dtype="float64"), r"dtype"),
+        (_with(device="tpu"), r"device"),
+        (_with(recipe=[{"gptqq": {}}]), r"unknown method 'gptqq'"),
+        (_with(recipe=[{"gptq": {"dampp": 0.1}}]), r"recipe\[0\]\.gptq\.dampp: unknown option"),
+        (_with(recipe=[{"gptq": {"damp": 2.0}}]), r"damp=2.0"),
+        (_with(recipe=[{"rtn": {}}, {"gptq": {}}]), r"more than one weight quantizer"),
+        (_with(calibration={"samples": 0}), r"calibration\.samples"),
+        (_with(evaluate={"perplexity": ["wikitext3"]}), r"wikitext3"),
+        (_with(scheme={"activation": {"bits": 8}}), r"scheme\.activation"),
+        ({"scheme": {}}, r"model: Field required"),
+    ],
+)
+def test_bad_configs(cfg, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(cfg)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_run_id_ignores_path_and_device_but_not_scheme():
+    a = parse_config(BASE)
+    b = parse_config(_with(model="/some/other/path", device="cpu"))
+    c = parse_config(_with(scheme={"weight": {"bits": 3}}))
+    assert run_id(a, "fp1") == run_id(b, "fp1")
+    assert run_id(a, "fp1") != run_id(a, "fp2")
+    assert run_id(a, "fp1") != run_id(c, "fp1")
+    d = parse_config(_with(evaluate={"max_windows": 4}))
+    assert qmodel_key(a, "fp1") == qmodel_key(d, "fp1") and run_id(a, "fp1") != run_id(d, "fp1")

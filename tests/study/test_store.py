@@ -1,0 +1,47 @@
+"""The SQLite store round-trips runs and writes each in one transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from ptqlab.study.store import Metric, RunRecord, Store
+
+
+def _run(rid="abc123", status="done"):
+    return RunRecord(
+        id=rid, qmodel_key="q1", model="m", model_fingerprint="1-ff", architecture="LlamaForCausalLM",
+        config={"model": "m"}, status=status, created_at="2026-01-01T00:00:00+00:00",
+        metrics=[Metric("ppl.wikitext2.s2048.w40", 20.5)] if status == "done" else [],
+        layers=[{"layer": 0, "module": "model.layers.0.q", "bits": 4, "rel_error": 0.1, "seconds": 0.5}],
+        versions={"torch": "2.13.0"}, timings={"total_s": 1.0},
+    )
+
+
+def test_roundtrip_and_prefix(tmp_path):
+    store = Store(tmp_path / "s.db")
+    store.save(_run())
+    got = store.get("abc")
+    assert got is not None and got.metrics[0].value == 20.5 and got.layers[0]["rel_error"] == 0.1
+    assert got.versions == {"torch": "2.13.0"}
+    assert store.has_finished("abc123") and not store.has_finished("abc")
+    assert [r.id for r in store.list_runs()] == ["abc123"]
+    assert store.get("zzz") is None
+
+
+def test_failed_save_leaves_nothing(tmp_path):
+    store = Store(tmp_path / "s.db")
+    bad = _run()
+    bad.layers.append(dict(bad.layers[0]))  # duplicate primary key -> the whole transaction rolls back
+    with pytest.raises(sqlite3.IntegrityError):
+        store.save(bad)
+    assert store.list_runs() == []
+
+
+def test_rerun_replaces_failed(tmp_path):
+    store = Store(tmp_path / "s.db")
+    store.save(_run(status="failed"))
+    store.save(_run())
+    runs = store.list_runs()
+    assert len(runs) == 1 and runs[0].status == "done"
