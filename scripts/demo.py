@@ -22,6 +22,7 @@ SCHEMES = {
 
 
 def configs() -> list[tuple[str, str, dict]]:
+    """The demo's configurations: (scheme label, method, config mapping)."""
     out = []
     for label, weight in SCHEMES.items():
         for method in (["-"] if weight is None else ["rtn", "gptq"]):
@@ -37,6 +38,7 @@ def configs() -> list[tuple[str, str, dict]]:
 
 
 def main() -> None:
+    """Run the study and print its table."""
     logging.basicConfig(level=logging.WARNING)
     store = Store(os.environ.get("PTQLAB_STORE", "ptqlab.db"))
     rows = []

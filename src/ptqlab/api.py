@@ -6,6 +6,7 @@ Example:
     >>> report = ptqlab.quantize(lm.model, {"weight": {"bits": 4}}, [{"gptq": {}}],
     ...                          {"samples": 8, "seqlen": 128}, tokenizer=lm.tokenizer)
     >>> result = ptqlab.evaluate(lm.model, lm.tokenizer, {"perplexity": ["wikitext2"], "seqlen": 256})
+
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def plan_quantization(
         ConfigError: Invalid scheme or recipe, a group size that does not divide a width, a calibrated
             method without calibration data.
         DataError: Calibration text missing, empty or too short.
+
     """
     sch: Scheme = _as(Scheme, scheme)
     adapter = get_adapter(model)
@@ -136,6 +138,7 @@ def quantize(
 
     Returns:
         Per-linear records (relative output error, seconds) and timings.
+
     """
     plan = plan_quantization(model, scheme, recipe, calibration, tokenizer)
     dev = torch.device(device) if isinstance(device, str) else device
@@ -169,6 +172,7 @@ def evaluate(
 
     Returns:
         Metrics named by protocol and size (``ppl.wikitext2.s2048.w40``) and timings.
+
     """
     cfg: Evaluate = _as(Evaluate, evaluate_config)
     windows = windows or prepare_eval_windows(tokenizer, cfg)

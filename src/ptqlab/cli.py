@@ -67,7 +67,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for r in runs:
         w = (r.config.get("scheme") or {}).get("weight") or {}
         recipe = ",".join(next(iter(s)) for s in r.config.get("recipe") or []) or "-"
-        scheme = f"W{w.get('bits')}/{w.get('granularity')}{w.get('group_size') or ''}" if w.get("bits", 16) < 16 else "FP"
+        bits = w.get("bits", 16)
+        scheme = f"W{bits}/{w.get('granularity')}{w.get('group_size') or ''}" if bits < 16 else "FP"
         ppl = next((m for m in r.metrics if m.name.startswith("ppl.")), None)
         metric = f"{ppl.name}={ppl.value:.3f}" if ppl else ""
         sys.stdout.write(f"{r.id}  {r.status:<6}  {r.model:<14}  {scheme:<14}  {recipe:<6}  {metric}\n")
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ptqlab`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         code: int = args.func(args)
     except PtqlabError as exc:

@@ -40,7 +40,8 @@ def _config(name: str, cls: type[Any], options: Mapping[str, Any] | None, where:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown option of {name}; known: {', '.join(sorted(known)) or 'none'}")
+        names = ", ".join(sorted(known)) or "none"
+        raise ConfigError(f"{where}.{unknown[0]}: unknown option of {name}; known: {names}")
     return cls(**options)
 
 
@@ -55,6 +56,7 @@ def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> WeightQuantizer:
 
     Raises:
         ConfigError: Unknown method or option, or more than one quantizer.
+
     """
     chosen: list[WeightQuantizer] = []
     for k, step in enumerate(recipe):

@@ -18,6 +18,7 @@ class WeightResult:
         codes: Integer codes (out, in) as whole-number floats.
         qparams: Scales and zero points (out, groups).
         g_idx: Group index of each input column (in,), or None when groups follow the columns.
+
     """
 
     weight: torch.Tensor
@@ -32,6 +33,7 @@ class HessianAccumulator:
     Args:
         width: Input features of the layer.
         device: Where to keep H.
+
     """
 
     def __init__(self, width: int, device: torch.device | str = "cpu") -> None:
@@ -62,6 +64,7 @@ def relative_output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) ->
 
     Returns:
         The relative squared-norm ratio's square root (a relative Frobenius error).
+
     """
     W = W.to(H.dtype)
     D = Wq.to(H.dtype) - W

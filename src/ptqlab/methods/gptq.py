@@ -1,5 +1,7 @@
-"""GPTQ (Frantar et al., 2023): quantize a weight column by column, spreading each column's error
-over the columns not yet quantized through the inverse Hessian of the layer's inputs.
+"""GPTQ (Frantar et al., 2023): column-by-column quantization with error feedback.
+
+Each column's quantization error is spread over the columns not yet quantized through the inverse
+Hessian of the layer's inputs.
 
 The class reads like the paper: ``H`` is the Hessian 2/n X X^T of the layer inputs, ``Hinv`` the upper
 Cholesky factor of its (damped) inverse, ``err`` a column's scaled quantization error. Lazy batch updates
@@ -27,6 +29,7 @@ class GPTQConfig:
         act_order: Quantize columns in order of decreasing Hessian diagonal.
         static_groups: With act-order and groups, fix each group's range from the original weight
             before any update, in the natural column order (else groups follow the permuted order).
+
     """
 
     damp: float = 0.01
@@ -64,13 +67,13 @@ class GPTQ:
         Returns:
             The dequantized weight, integer codes, per-group parameters and each column's group index,
             all in the natural column order.
+
         """
         if H is None:
             raise ValueError("GPTQ needs the Hessian of the layer inputs")
         dtype = torch.promote_types(W.dtype, torch.float32)
         W = W.detach().to(dtype).clone()
         H = H.detach().to(dtype).clone()
-        cols = W.shape[1]
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0

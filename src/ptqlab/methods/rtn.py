@@ -34,6 +34,7 @@ class RTN:
 
         Returns:
             The dequantized weight (float32), codes and parameters.
+
         """
         Wf = W.detach().float()
         qp = choose_qparams(Wf, spec)

@@ -8,6 +8,7 @@ so the final norm and the LM head never run.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 
-class _StopForward(Exception):
+class _StopForwardError(Exception):
     """Raised by the last layer's recorder to end the capture pass."""
 
 
@@ -35,6 +36,7 @@ class CapturedInputs:
     Attributes:
         hidden: One tensor (batch, seq, hidden) per calibration chunk.
         calls: ``calls[layer][chunk]``: the other arguments of that layer's call.
+
     """
 
     hidden: list[torch.Tensor]
@@ -48,7 +50,7 @@ def _recorder(index: int, last: int, store: CapturedInputs) -> Callable[..., Any
         if index == 0:
             store.hidden.append(hidden)
         if index == last:
-            raise _StopForward
+            raise _StopForwardError
         return hidden
 
     return record
@@ -65,17 +67,16 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, chunks: list[torch.T
 
     Returns:
         The captured hidden states and per-layer calls.
+
     """
     store = CapturedInputs(hidden=[], calls=[[] for _ in layers])
     last = len(layers) - 1
     for i, layer in enumerate(layers):
-        layer.forward = _recorder(i, last, store)  # type: ignore[method-assign]
+        layer.forward = _recorder(i, last, store)
     try:
         for ids in chunks:
-            try:
+            with contextlib.suppress(_StopForwardError):
                 model(input_ids=ids, use_cache=False)
-            except _StopForward:
-                pass
     finally:
         for layer in layers:
             del layer.forward

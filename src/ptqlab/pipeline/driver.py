@@ -83,6 +83,7 @@ def quantize_model(
 
     Returns:
         Per-linear records and timings.
+
     """
     report = QuantizeReport()
     if not targets:

@@ -66,6 +66,7 @@ def plan_weights(
     Raises:
         ConfigError: A pattern matches no module, a field is invalid, or a group size does not divide a
             module's width (the message names the module and the width).
+
     """
     names = [n for n, _ in model.named_modules()]
     compiled = []

@@ -62,6 +62,7 @@ def run_layer_pass(
 
     Returns:
         The layer's outputs, one tensor per chunk (computed with the quantized groups).
+
     """
     gate = _GroupGate(len(hidden), apply)
     thread_group: dict[int, int] = {}

@@ -168,6 +168,7 @@ def parse_config(data: dict[str, Any]) -> RunConfig:
 
     Raises:
         ConfigError: Naming the path of the first offending fields.
+
     """
     if not isinstance(data, dict):
         raise ConfigError(f"a configuration must be a mapping, got {type(data).__name__}")
@@ -194,6 +195,7 @@ def load_config(path: str | Path) -> RunConfig:
 
     Raises:
         ConfigError: Missing file, invalid YAML, or invalid content.
+
     """
     p = Path(path)
     if not p.is_file():

@@ -41,6 +41,7 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
 
     Returns:
         The stored run record.
+
     """
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -70,7 +71,7 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
     )
     try:
         report = run_quantization(lm.model, plan, device, progress)
-        lm.model.to(device)
+        lm.model.to(device)  # type: ignore[arg-type]
         with torch.inference_mode():
             result = evaluate(lm.model, lm.tokenizer, cfg.evaluate, windows=windows, progress=progress)
         timings.update(report.timings)

@@ -106,6 +106,7 @@ class Store:
 
     Args:
         path: Database file (created with its parent folder when missing).
+
     """
 
     def __init__(self, path: str | Path) -> None:

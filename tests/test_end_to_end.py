@@ -1,0 +1,124 @@
+"""End to end on the real tiny stories260K model: quantize, evaluate, store, reload; bad input stores nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ptqlab.cli import main
+from ptqlab.study.store import Store
+
+STORIES = {
+    "model": "stories260k",
+    "scheme": {"weight": {"bits": 4, "granularity": "channel"}},
+    "recipe": [{"gptq": {"damp": 0.01}}],
+    "calibration": {"dataset": "c4local", "samples": 4, "seqlen": 64, "seed": 0},
+    "evaluate": {"perplexity": ["wikitext2"], "seqlen": 128, "max_windows": 2},
+}
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "c.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_store_show_and_resume(tmp_path, capsys):
+    db = str(tmp_path / "s.db")
+    cfg = _write(tmp_path, STORIES)
+    code, out, _ = _cli(capsys, "--store", db, "run", cfg, "--json", "--quiet")
+    assert code == 0
+    run = json.loads(out)
+    assert run["status"] == "done" and run["architecture"] == "LlamaForCausalLM"
+    ppl = run["metrics"]["ppl.wikitext2.s128.w2"]["value"]
+    assert 1.0 < ppl < 1e4
+    assert len(run["layers"]) == 5 * 7 and all(r["rel_error"] > 0 for r in run["layers"])
+    assert run["versions"]["torch"] and run["model_fingerprint"].split("-")[0].isdigit()
+
+    code, out, _ = _cli(capsys, "--store", db, "show", run["id"][:6], "--json")
+    shown = json.loads(out)
+    assert shown["metrics"] == run["metrics"] and shown["config"] == run["config"]
+
+    code, out, _ = _cli(capsys, "--store", db, "run", cfg, "--quiet")  # resumes: not recomputed
+    assert code == 0 and "already in the store" in out
+    code, out, _ = _cli(capsys, "--store", db, "ls")
+    assert out.count("\n") == 1 and run["id"] in out
+
+
+def test_fp_run_has_same_ppl_as_bits16(tmp_path, capsys):
+    db = str(tmp_path / "s.db")
+    fp = {**STORIES, "scheme": {}, "recipe": []}
+    b16 = {**STORIES, "scheme": {"weight": {"bits": 16}}}
+    a = json.loads(_cli(capsys, "--store", db, "run", _write(tmp_path, fp, "a.yaml"), "--json", "--quiet")[1])
+    b = json.loads(_cli(capsys, "--store", db, "run", _write(tmp_path, b16, "b.yaml"), "--json", "--quiet")[1])
+    assert a["metrics"] == b["metrics"] and b["layers"] == []
+
+
+def _corrupt_dir(tmp_path: Path) -> str:
+    d = tmp_path / "corrupt"
+    d.mkdir()
+    src = Path(__file__).resolve().parents[1] / "src/ptqlab/assets/models/stories260k/config.json"
+    (d / "config.json").write_text(src.read_text())
+    (d / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    return str(d)
+
+
+def _pickle_dir(tmp_path: Path) -> str:
+    d = tmp_path / "pickled"
+    d.mkdir()
+    src = Path(__file__).resolve().parents[1] / "src/ptqlab/assets/models/stories260k/config.json"
+    (d / "config.json").write_text(src.read_text())
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    return str(d)
+
+
+def _unsupported_dir(tmp_path: Path) -> str:
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    d = tmp_path / "mamba"
+    cfg = MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    return str(d)
+
+
+BAD = [
+    ("missing model path", lambda t: {**STORIES, "model": str(t / "nope")}, "model path not found"),
+    ("corrupt checkpoint", lambda t: {**STORIES, "model": _corrupt_dir(t)}, "model.safetensors"),
+    ("pickle checkpoint", lambda t: {**STORIES, "model": _pickle_dir(t)}, "safetensors"),
+    ("unknown alias", lambda t: {**STORIES, "model": "tinyllama-9b"}, "stories260k"),
+    ("unsupported class", lambda t: {**STORIES, "model": _unsupported_dir(t)}, "MambaForCausalLM"),
+    ("unknown key", lambda t: {**STORIES, "calibraton": {}}, "calibraton: unknown key"),
+    ("bits out of range", lambda t: {**STORIES, "scheme": {"weight": {"bits": 9}}}, "bits=9 is out of range"),
+    ("group size", lambda t: {**STORIES, "scheme": {"weight": {"bits": 4, "granularity": "group", "group_size": 32}}},
+     "does not divide the input width 172 of module model.layers.0.mlp.down_proj"),
+    ("empty calibration", lambda t: {**STORIES, "calibration": {"dataset": "file", "path": str(_empty(t))}},
+     "empty"),
+    ("missing calibration file", lambda t: {**STORIES, "calibration": {"dataset": "file", "path": str(t / "x.txt")}},
+     "x.txt"),
+]
+
+
+def _empty(tmp_path: Path) -> Path:
+    p = tmp_path / "empty.txt"
+    p.write_text("  \n\n ")
+    return p
+
+
+@pytest.mark.parametrize(("label", "make", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_one_clear_error_and_nothing_stored(tmp_path, capsys, label, make, message):
+    db = tmp_path / "s.db"
+    code, out, err = _cli(capsys, "--store", str(db), "run", _write(tmp_path, make(tmp_path)), "--quiet")
+    assert code == 2, (label, out, err)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message.lower() in lines[0].lower(), err
+    assert "Traceback" not in err
+    assert not db.exists() or Store(db).list_runs() == []
