@@ -1,1 +1,71 @@
-"""ptqlab.models."""
+"""Model families as data (adapters), weight access, and loading.
+
+Public API: :func:`load_model`, :func:`get_adapter`, :func:`supported_classes`, :data:`ADAPTERS`, the
+adapter dataclasses, the weight helpers and the fused-qkv row helpers. Names are imported lazily, so
+``import ptqlab.models.adapter`` does not pull in transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ptqlab.models.adapter import Adapter, FusedQKV, LinearGroup
+    from ptqlab.models.families import ADAPTERS
+    from ptqlab.models.heads import HeadCounts, fused_head_counts, fused_qkv_rows
+    from ptqlab.models.loading import ALIASES, LoadedModel, ModelInfo, fingerprint_files, load_model, resolve_device
+    from ptqlab.models.registry import get_adapter, supported_classes
+    from ptqlab.models.weights import in_features, out_features, set_weight_matrix, weight_matrix
+
+_HOMES = {
+    "Adapter": "adapter",
+    "FusedQKV": "adapter",
+    "LinearGroup": "adapter",
+    "ADAPTERS": "families",
+    "HeadCounts": "heads",
+    "fused_head_counts": "heads",
+    "fused_qkv_rows": "heads",
+    "ALIASES": "loading",
+    "LoadedModel": "loading",
+    "ModelInfo": "loading",
+    "fingerprint_files": "loading",
+    "load_model": "loading",
+    "resolve_device": "loading",
+    "get_adapter": "registry",
+    "supported_classes": "registry",
+    "in_features": "weights",
+    "out_features": "weights",
+    "set_weight_matrix": "weights",
+    "weight_matrix": "weights",
+}
+
+__all__ = [
+    "ADAPTERS",
+    "ALIASES",
+    "Adapter",
+    "FusedQKV",
+    "HeadCounts",
+    "LinearGroup",
+    "LoadedModel",
+    "ModelInfo",
+    "fingerprint_files",
+    "fused_head_counts",
+    "fused_qkv_rows",
+    "get_adapter",
+    "in_features",
+    "load_model",
+    "out_features",
+    "resolve_device",
+    "set_weight_matrix",
+    "supported_classes",
+    "weight_matrix",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its submodule on first use."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)

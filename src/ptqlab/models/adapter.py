@@ -14,6 +14,8 @@ from torch import nn
 
 FoldKind = Literal["norm", "linear", "none"]
 WeightLayout = Literal["linear", "conv1d"]
+PrevPart = Literal["v", "up"]
+ConfigCondition = tuple[str, tuple[object, ...]]
 
 
 @dataclass(frozen=True)
@@ -26,26 +28,41 @@ class LinearGroup:
         prev_op: Relative name of the op whose output the group reads, or None.
         fold: How a per-input-channel scale folds into ``prev_op``: ``norm`` (its weight, and bias),
             ``linear`` (the output rows of a linear), or ``none`` (nothing can absorb it, e.g. GELU).
+        prev_part: When ``prev_op`` is a fused linear, which of its output rows the group reads:
+            ``v`` (the value rows of the fused qkv projection, located with ``Adapter.fused_qkv``) or
+            ``up`` (the second half of a fused ``[gate; up]`` projection, Phi-3). None: all its rows.
+
     """
 
     name: str
     linears: tuple[str, ...]
     prev_op: str | None = None
     fold: FoldKind = "none"
+    prev_part: PrevPart | None = None
 
 
 @dataclass(frozen=True)
 class FusedQKV:
     """Head layout of a fused query/key/value projection.
 
+    The output rows hold ``H`` query heads, ``K`` key heads and ``K`` value heads of ``head_dim`` rows
+    each, with ``H = config.num_attention_heads`` and ``K`` given by ``kv_heads_attr``/``multi_query``.
+
     Attributes:
         module: Relative name of the fused linear.
-        interleaved: True when heads are stored as ``[q_h, k_h, v_h]`` per head (BLOOM, NeoX),
-            False when all queries come first, then keys, then values (GPT-2, Phi-3, Falcon).
+        interleaved: True when rows are grouped per key/value head as ``[q of the H/K query heads of the
+            group, k, v]``: ``[q_h, k_h, v_h]`` per head when K = H (BLOOM, NeoX, Falcon-RW), several
+            query heads per group in Falcon's new decoder architecture. False when all queries come
+            first, then all keys, then all values (GPT-2, Phi-3, Falcon-7B).
+        kv_heads_attr: Config attribute holding K; None when K = H (or 1 under ``multi_query``).
+        multi_query: True when one key head and one value head serve all query heads (Falcon-7B).
+
     """
 
     module: str
     interleaved: bool
+    kv_heads_attr: str | None = None
+    multi_query: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,10 @@ class Adapter:
         fused_qkv: Layout of a fused qkv projection, if the family has one.
         has_rope: Whether attention applies rotary position embeddings.
         norm_kind: ``rmsnorm``, ``layernorm`` or ``gemma_rmsnorm`` (scales by 1 + w).
+        extra: Free-form notes (e.g. ``variant``, ``residual``) for humans and reports.
+        when: Config conditions this adapter needs, as ``(attribute, allowed values)`` pairs; used to
+            tell apart variants of one class whose layer structure depends on the config (Falcon, OPT).
+
     """
 
     family: str
@@ -74,6 +95,7 @@ class Adapter:
     has_rope: bool = True
     norm_kind: str = "rmsnorm"
     extra: dict[str, str] = field(default_factory=dict)
+    when: tuple[ConfigCondition, ...] = ()
 
     def linear_names(self) -> list[str]:
         """Return every quantizable linear of a decoder layer, in forward order."""

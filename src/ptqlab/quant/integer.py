@@ -52,6 +52,7 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) 
 
     Returns:
         QParams with the shape of ``xmin``.
+
     """
     xmin = xmin * spec.clip_ratio
     xmax = xmax * spec.clip_ratio
@@ -81,6 +82,7 @@ def choose_qparams(w: torch.Tensor, spec: QuantSpec) -> QParams:
 
     Returns:
         QParams shaped (rows, groups) for channel/group granularity, (1, 1) per tensor.
+
     """
     xmin, xmax = _ranges(w, spec)
     return qparams_from_range(xmin, xmax, spec)
@@ -135,6 +137,7 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
     Returns:
         A tensor of the same shape and dtype holding the nearest grid values (``w`` itself at 16 bits).
+
     """
     if not spec.enabled:
         return w

@@ -31,6 +31,7 @@ class QuantSpec:
             (zero point kept in floating point; the grid spans exactly [min, max]).
         clip_ratio: Factor applied to the range before choosing the scale (1.0 = plain min-max).
         where: Name of the config field this spec came from, used in error messages.
+
     """
 
     bits: int = FULL_PRECISION_BITS
@@ -89,6 +90,7 @@ class QuantSpec:
 
         Raises:
             ConfigError: If the group size does not divide the width.
+
         """
         if self.enabled and self.granularity == "group" and self.group_size and width % self.group_size:
             raise ConfigError(

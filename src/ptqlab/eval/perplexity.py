@@ -1,0 +1,141 @@
+"""Perplexity of a causal LM over token windows, under the GPTQ protocol.
+
+Each window is one independent sequence: the model predicts tokens ``1 .. seqlen-1`` of the window from
+the tokens before them (no context carried over between windows). A window's NLL is the mean token
+cross-entropy, in float32, of the shifted logits; ``ppl = exp(mean over windows of the window NLL)``,
+which equals the reference's ``exp(sum(nll * seqlen) / (windows * seqlen))``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity over a set of windows.
+
+    Attributes:
+        ppl: ``exp`` of the mean over windows of each window's mean token NLL (inf past float range).
+        nll: Mean token NLL of each window, in nats, in window order.
+        tokens: Tokens run through the model (``windows * seqlen``).
+        seconds: Wall time of the forward passes and losses.
+        tokens_per_second: ``tokens / seconds``.
+
+    """
+
+    ppl: float
+    nll: list[float]
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+
+
+def _exp(value: float) -> float:
+    """``math.exp`` that returns inf instead of raising on overflow (nan stays nan)."""
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _check_inputs(input_ids: torch.Tensor, batch_size: int) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
+        raise ConfigError(
+            f"input_ids must have shape (windows >= 1, seqlen >= 2), got {tuple(input_ids.shape)}"
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
+        raise ConfigError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> list[float]:
+    """Mean token NLL of each window from its logits, one window at a time in float32.
+
+    Args:
+        logits: Model output, shape ``(batch, seqlen, vocab)``, any float dtype.
+        input_ids: The windows, shape ``(batch, seqlen)``, on the logits' device.
+
+    Returns:
+        One mean NLL (nats) per window: position ``t`` predicts token ``t + 1``.
+
+    """
+    out = []
+    for row in range(input_ids.shape[0]):
+        losses = F.cross_entropy(logits[row, :-1].float(), input_ids[row, 1:], reduction="none")
+        out.append(float(losses.double().mean()))
+    return out
+
+
+def perplexity(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "ppl",
+) -> PerplexityResult:
+    """Evaluate the perplexity of ``model`` over token windows (GPTQ protocol).
+
+    The model runs under ``torch.inference_mode()`` in eval mode (its training flag is restored after),
+    with ``use_cache=False``, ``batch_size`` windows per forward pass. Only one window's float32 logits
+    exist at a time besides the batch's own logits, which are dropped before the next batch.
+
+    Args:
+        model: A causal LM whose forward takes ``input_ids`` and ``use_cache`` and returns an object
+            with ``.logits`` of shape ``(batch, seqlen, vocab)``.
+        input_ids: Token windows, shape ``(windows, seqlen)``, e.g. ``eval_windows(...).input_ids``.
+        batch_size: Windows per forward pass; the result does not depend on it.
+        device: Where to run the windows; None means the device of the model's first parameter.
+        progress: Show a tqdm bar with the running perplexity.
+        desc: Label of the bar.
+
+    Returns:
+        The perplexity, the NLL of each window and the throughput.
+
+    Raises:
+        ConfigError: ``input_ids`` is not a 2-D integer tensor of at least one window of 2 tokens, or
+            ``batch_size`` is below 1.
+
+    """
+    _check_inputs(input_ids, batch_size)
+    dev = torch.device(device) if device is not None else _model_device(model)
+    n, seqlen = input_ids.shape
+    was_training = model.training
+    model.eval()
+    nll: list[float] = []
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(), tqdm(total=n, desc=desc, unit="win", disable=not progress) as bar:
+            for first in range(0, n, batch_size):
+                batch = input_ids[first : first + batch_size].to(dev, dtype=torch.int64)
+                logits = model(input_ids=batch, use_cache=False).logits
+                nll.extend(window_nll(logits, batch))
+                del logits
+                bar.update(batch.shape[0])
+                bar.set_postfix(ppl=f"{_exp(sum(nll) / len(nll)):.4g}")
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    tokens = n * seqlen
+    ppl = _exp(sum(nll) / n)
+    log.debug("%s: ppl %.4f over %d windows of %d (%.1f s)", desc, ppl, n, seqlen, seconds)
+    return PerplexityResult(ppl, nll, tokens, seconds, tokens / seconds if seconds > 0 else math.inf)

@@ -1,0 +1,89 @@
+"""Where the query, key and value rows sit in a fused qkv projection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ptqlab.models.adapter import FusedQKV
+
+
+@dataclass(frozen=True)
+class HeadCounts:
+    """Head counts of an attention block.
+
+    Attributes:
+        num_heads: Query heads H.
+        num_kv_heads: Key/value heads K (H divisible by K).
+        head_dim: Rows per head.
+
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def fused_head_counts(fused: FusedQKV, config: Any, fused_out_features: int) -> HeadCounts:
+    """Return the head counts of a fused qkv projection.
+
+    Args:
+        fused: The adapter's description of the fused projection.
+        config: The model config (``num_attention_heads`` and, where named, the KV head attribute).
+        fused_out_features: Output width of the fused linear, (H + 2K) * head_dim.
+
+    Returns:
+        The head counts.
+
+    Raises:
+        ValueError: The width does not fit the head counts.
+
+    """
+    num_heads = int(config.num_attention_heads)
+    if fused.multi_query:
+        num_kv = 1
+    elif fused.kv_heads_attr is not None and getattr(config, fused.kv_heads_attr, None) is not None:
+        num_kv = int(getattr(config, fused.kv_heads_attr))
+    else:
+        num_kv = num_heads
+    head_dim, rest = divmod(fused_out_features, num_heads + 2 * num_kv)
+    if rest or num_heads % num_kv:
+        raise ValueError(
+            f"{fused.module}: width {fused_out_features} does not fit {num_heads} query and {num_kv} KV heads"
+        )
+    return HeadCounts(num_heads, num_kv, head_dim)
+
+
+def fused_qkv_rows(
+    fused: FusedQKV, config: Any, fused_out_features: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return the output-row indices of the queries, keys and values of a fused qkv projection.
+
+    Rows are returned in head order, so ``w[v_rows]`` is the (K * head_dim, in) value projection as a
+    separate ``v_proj`` would store it.
+
+    Args:
+        fused: The adapter's description of the fused projection.
+        config: The model config.
+        fused_out_features: Output width of the fused linear.
+
+    Returns:
+        ``(q_rows, k_rows, v_rows)``, int64 tensors.
+
+    """
+    c = fused_head_counts(fused, config, fused_out_features)
+    d = c.head_dim
+    q_width, kv_width = c.num_heads * d, c.num_kv_heads * d
+    if not fused.interleaved:
+        q = torch.arange(0, q_width)
+        k = torch.arange(q_width, q_width + kv_width)
+        v = torch.arange(q_width + kv_width, q_width + 2 * kv_width)
+        return q, k, v
+    per_group = c.num_heads // c.num_kv_heads
+    rows = torch.arange(fused_out_features).view(c.num_kv_heads, per_group + 2, d)  # (K, H/K + 2, d)
+    q = rows[:, :per_group].reshape(-1)
+    k = rows[:, per_group].reshape(-1)
+    v = rows[:, per_group + 1].reshape(-1)
+    return q, k, v

