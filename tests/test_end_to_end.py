@@ -122,3 +122,21 @@ def test_bad_input_one_clear_error_and_nothing_stored(tmp_path, capsys, label, m
     assert len(lines) == 1 and message.lower() in lines[0].lower(), err
     assert "Traceback" not in err
     assert not db.exists() or Store(db).list_runs() == []
+
+
+def test_failure_while_running_is_stored_with_reason(tmp_path, capsys, monkeypatch):
+    import ptqlab.study.runner as runner
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("simulated crash in layer 3")
+
+    monkeypatch.setattr(runner, "run_quantization", boom)
+    db = str(tmp_path / "s.db")
+    code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, STORIES), "--json", "--quiet")
+    run = json.loads(out)
+    assert code == 1 and run["status"] == "failed" and "simulated crash in layer 3" in run["error"]
+    assert run["metrics"] == {} and run["layers"] == []
+    monkeypatch.undo()
+    code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, STORIES), "--json", "--quiet")
+    assert code == 0 and json.loads(out)["status"] == "done"  # a failed run is retried, then replaced
+    assert [r.status for r in Store(db).list_runs()] == ["done"]

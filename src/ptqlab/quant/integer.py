@@ -110,22 +110,23 @@ def dequantize_with(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return scale * (codes - zero)
 
 
-def _expand(p: torch.Tensor, cols: int) -> torch.Tensor:
-    """Repeat per-group parameters (rows, groups) across the columns of each group -> (rows, cols)."""
-    groups = p.shape[1]
-    return p.repeat_interleave(cols // groups, dim=1) if groups > 1 else p
+def _grouped(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """View (rows, cols) as (rows, groups, cols // groups) so per-group parameters broadcast."""
+    rows, cols = w.shape
+    return w.reshape(rows, groups, cols // groups)
 
 
 def quantize(w: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
     """Quantize a 2-D tensor to integer codes (float tensor of whole numbers) with given parameters."""
-    cols = w.shape[1]
-    return quantize_with(w, _expand(qp.scale, cols), _expand(qp.zero, cols), spec.maxq, float_zero(spec))
+    groups = qp.scale.shape[1]
+    codes = quantize_with(_grouped(w, groups), qp.scale[..., None], qp.zero[..., None], spec.maxq, float_zero(spec))
+    return codes.reshape(w.shape)
 
 
 def dequantize(codes: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Dequantize codes produced by :func:`quantize` with the same parameters."""
-    cols = codes.shape[1]
-    return dequantize_with(codes, _expand(qp.scale, cols), _expand(qp.zero, cols))
+    groups = qp.scale.shape[1]
+    return dequantize_with(_grouped(codes, groups), qp.scale[..., None], qp.zero[..., None]).reshape(codes.shape)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
