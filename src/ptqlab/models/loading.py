@@ -8,11 +8,14 @@ family adapter (else :class:`~ptqlab.errors.UnsupportedModelError` at load time)
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -240,7 +244,13 @@ def _tokenizer(source: str, kwargs: dict[str, Any], what: str) -> PreTrainedToke
 
 
 def _finish(
-    name: str, source: str, model: PreTrainedModel, weight_files: list[Path], seconds: float, device: str
+    name: str,
+    source: str,
+    model: PreTrainedModel,
+    weight_files: list[Path],
+    seconds: float,
+    device: str,
+    fingerprint: str | None = None,
 ) -> tuple[PreTrainedModel, ModelInfo]:
     """Check the adapter, move to the device, set eval mode and fingerprint the weights."""
     get_adapter(model)  # an unsupported class fails here, at load time
@@ -250,7 +260,7 @@ def _finish(
         name=name,
         source=source,
         architecture=type(model).__name__,
-        fingerprint=fingerprint_files(weight_files),
+        fingerprint=fingerprint or fingerprint_files(weight_files),
         num_parameters=sum(p.numel() for p in model.parameters()),
     )
     logger.info(
@@ -277,15 +287,53 @@ def _load_hf_dir(
     return LoadedModel(model, _tokenizer(str(directory), common, str(directory)), info)
 
 
+def gguf_cache_dir(fingerprint: str) -> Path:
+    """Where the dequantized float32 copy of a GGUF file is kept (``$PTQLAB_CACHE`` or ~/.cache/ptqlab)."""
+    root = Path(os.environ.get("PTQLAB_CACHE") or Path.home() / ".cache" / "ptqlab")
+    return root / "gguf" / fingerprint.replace("-", "_")[:48]
+
+
+def _convert_gguf(path: Path, target: Path, trust_remote_code: bool) -> None:
+    """Dequantize a GGUF file once to float32 safetensors (+ config and tokenizer) under ``target``."""
+    common: dict[str, Any] = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
+    model, seconds = _from_pretrained(str(path.parent), {**common, "dtype": torch.float32}, f"GGUF file {path}")
+    tokenizer = _tokenizer(str(path.parent), common, str(path))
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        # transformers refuses save_pretrained on a GGUF-loaded model: write config and weights ourselves
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)  # atomic: a crash leaves no half-written cache
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
+    logger.info("dequantized %s in %.1f s; cached as safetensors in %s", path.name, seconds, target)
+
+
 def _load_gguf(name: str, path: Path, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
-    """Load a GGUF file (dequantized to ``dtype``) and its embedded tokenizer."""
+    """Load a GGUF file dequantized to ``dtype``, through a float32 safetensors cache of it.
+
+    Dequantizing a GGUF file is slow and memory-hungry, so the first load writes the float32 weights,
+    config and tokenizer to :func:`gguf_cache_dir`; later loads read that copy (same values). The
+    fingerprint is always the GGUF file's.
+    """
     if not path.is_file():
         raise ModelLoadError(f"model path not found: {path}")
-    common: dict[str, Any] = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
-    kwargs = {**common, "dtype": _torch_dtype(dtype)}
-    model, seconds = _from_pretrained(str(path.parent), kwargs, f"GGUF file {path}")
-    model, info = _finish(name, str(path), model, [path], seconds, device)
-    return LoadedModel(model, _tokenizer(str(path.parent), common, str(path)), info)
+    fingerprint = fingerprint_files([path])
+    cache = gguf_cache_dir(fingerprint)
+    if not (cache / "config.json").is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(path, cache, trust_remote_code)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kwargs = {**common, "dtype": _torch_dtype(dtype), "use_safetensors": True}
+    model, seconds = _from_pretrained(str(cache), kwargs, f"GGUF file {path} (cached in {cache})")
+    model, info = _finish(name, str(path), model, [path], seconds, device, fingerprint)
+    return LoadedModel(model, _tokenizer(str(cache), common, str(path)), info)
 
 
 def _hub_snapshot(hub_id: str, patterns: list[str], revision: str | None = None) -> Path:
