@@ -67,6 +67,7 @@ def job_ptqlab(tokens: Path, method: str, scheme: str) -> dict:
         report = run_quantization(lm.model, plan, progress=False)
         out["quant_seconds"] = time.perf_counter() - t0
         out["timings"] = report.timings
+    out["peak_rss_quant_mb"] = peak_rss_mb()  # load + quantization, before the evaluation
     res = perplexity(lm.model, data["eval"], batch_size=1, progress=False)
     out.update(ppl=res.ppl, eval_seconds=res.seconds, eval_tok_per_s=res.tokens_per_second,
                peak_rss_mb=peak_rss_mb(), n_calibration=int(data["calibration"].shape[0]),
@@ -109,24 +110,31 @@ def run_job(args: list[str], python: Path | str = sys.executable, script: Path |
     return json.loads(out.read_text())
 
 
+def _f(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def fmt_table(rows: list[dict], fwd: dict) -> str:
-    lines = ["| scheme | tool / method | quantize s | peak RSS MB | wikitext2 ppl |", "|---|---|---|---|---|"]
+    head = "| scheme | tool / method | quantize s | peak RSS MB (load+quantize) | peak RSS MB (all) | wikitext2 ppl |"
+    lines = [head, "|---|---|---|---|---|---|"]
     for r in rows:
-        q = f"{r['quant_seconds']:.1f}" if "quant_seconds" in r else "-"
-        lines.append(f"| {r['scheme']} | {r['tool']} {r['method']} | {q} | {r['peak_rss_mb']:.0f} | {r['ppl']:.3f} |")
+        lines.append(f"| {r['scheme']} | {r['tool']} {r['method']} | {_f(r.get('quant_seconds'), '.1f')} | "
+                     f"{_f(r.get('peak_rss_quant_mb'), '.0f')} | {r['peak_rss_mb']:.0f} | {r['ppl']:.3f} |")
     by = {(r["scheme"], r["tool"], r["method"]): r for r in rows}
-    lines += ["", "| scheme | ptqlab GPTQ / llm-compressor time | peak RSS ratio | GPTQ ppl: ptqlab / llm-compressor / RTN |",
-              "|---|---|---|---|"]
+    lines += ["", "| scheme | time ptqlab / llm-compressor | peak RSS (load+quantize) ratio | "
+              "ppl ptqlab GPTQ / llm-compressor GPTQ / RTN |", "|---|---|---|---|"]
     for s in SCHEMES:
-        ours, peer, rtn = by.get((s, "ptqlab", "gptq")), by.get((s, "llm-compressor", "gptq")), by.get((s, "ptqlab", "rtn"))
+        ours, peer = by.get((s, "ptqlab", "gptq")), by.get((s, "llm-compressor", "gptq"))
+        rtn = by.get((s, "ptqlab", "rtn"))
         if ours and peer:
-            lines.append(f"| {s} | {ours['quant_seconds'] / peer['quant_seconds']:.2f} | "
-                         f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f} | {ours['ppl']:.2f} / {peer['ppl']:.2f} / "
-                         f"{rtn['ppl'] if rtn else float('nan'):.2f} |")
+            mem = ours["peak_rss_quant_mb"] / peer["peak_rss_quant_mb"] if peer.get("peak_rss_quant_mb") else None
+            lines.append(f"| {s} | {ours['quant_seconds'] / peer['quant_seconds']:.2f} | {_f(mem, '.2f')} | "
+                         f"{ours['ppl']:.2f} / {peer['ppl']:.2f} / {rtn['ppl'] if rtn else float('nan'):.2f} |")
     if fwd:
-        lines += ["", f"One plain forward over the calibration tokens: {fwd['calib_forward_seconds']:.1f} s; "
-                  f"eval speed ptqlab {fwd['ptqlab_eval_tok_per_s']:.0f} tok/s vs bare transformers forward "
-                  f"{fwd['bare_eval_tok_per_s']:.0f} tok/s (ratio {fwd['ptqlab_eval_tok_per_s'] / fwd['bare_eval_tok_per_s']:.2f})."]
+        ratio = fwd["ptqlab_eval_tok_per_s"] / fwd["bare_eval_tok_per_s"]
+        lines += ["", f"One plain forward over the calibration tokens (batch 8): {fwd['calib_forward_seconds']:.1f} s. "
+                  f"Perplexity eval: ptqlab {fwd['ptqlab_eval_tok_per_s']:.0f} tok/s, bare transformers forward "
+                  f"{fwd['bare_eval_tok_per_s']:.0f} tok/s (ratio {ratio:.2f}, {fwd['eval_windows_timed']} windows)."]
     return "\n".join(lines)
 
 

@@ -58,7 +58,10 @@ def test_sequential_pass_feeds_quantized_outputs_forward():
     real = sequential.run_layer_pass
 
     def spy(layer, groups, hidden, calls, observe, apply):
+        inputs = list(hidden)
         out = real(layer, groups, hidden, calls, observe, apply)
+        assert all(h is None for h in hidden)  # consumed
+        hidden = inputs
         with torch.inference_mode():
             again = [layer_output(layer(h, *c.args, **c.kwargs)) for h, c in zip(hidden, calls, strict=True)]
         seen.append(max(float((a - b).abs().max()) for a, b in zip(out, again, strict=True)))

@@ -159,13 +159,15 @@ def _quantize_calibrated(
     chunks = [c.to(device) for c in calibration.split(batch_size)]
     captured = capture_inputs(model, layers, chunks)
     report.timings["capture_s"] = time.perf_counter() - t0
-    hidden = captured.hidden
+    hidden: list[torch.Tensor | None] = list(captured.hidden)
+    del captured.hidden[:]
     by_layer = _by_layer(targets)
     bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress)
     for li in bar:
         layer = layers[li].to(device)
-        hidden = _quantize_layer(layer, li, adapter, by_layer.get(li, []), method, hidden, captured.calls[li],
-                                 report)
+        outputs = _quantize_layer(layer, li, adapter, by_layer.get(li, []), method, hidden, captured.calls[li],
+                                  report)
+        hidden = list(outputs)
         layers[li].to(home)
         errs = [r.rel_error for r in report.records if r.layer == li and r.rel_error is not None]
         if errs:
@@ -180,7 +182,7 @@ def _quantize_layer(
     adapter: Adapter,
     targets: list[LinearTarget],
     method: WeightQuantizer,
-    hidden: list[torch.Tensor],
+    hidden: list[torch.Tensor | None],
     calls: list[LayerCall],
     report: QuantizeReport,
 ) -> list[torch.Tensor]:

@@ -45,7 +45,7 @@ class _GroupGate:
 def run_layer_pass(
     layer: nn.Module,
     groups: Sequence[Sequence[nn.Module]],
-    hidden: list[torch.Tensor],
+    hidden: list[torch.Tensor | None],
     calls: list[LayerCall],
     observe: Observe,
     apply: Apply,
@@ -55,7 +55,8 @@ def run_layer_pass(
     Args:
         layer: The decoder layer.
         groups: For each linear group, its modules (all read the same input).
-        hidden: Input hidden states, one tensor per chunk.
+        hidden: Input hidden states, one tensor per chunk; consumed (each entry is set to None once its
+            chunk has run, so inputs and outputs of the whole calibration set never coexist).
         calls: The layer's other arguments, one per chunk.
         observe: ``observe(group, x)`` is called with each chunk's input to the group.
         apply: ``apply(group)`` is called once per group after every chunk was observed.
@@ -86,7 +87,9 @@ def run_layer_pass(
         with gate.turn:
             try:
                 with torch.inference_mode():
-                    out = layer(hidden[chunk], *calls[chunk].args, **calls[chunk].kwargs)
+                    x, hidden[chunk] = hidden[chunk], None  # the caller's reference goes: inputs die early
+                    out = layer(x, *calls[chunk].args, **calls[chunk].kwargs)
+                    del x
                 outputs[chunk] = layer_output(out)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(exc)
