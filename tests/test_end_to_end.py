@@ -63,22 +63,22 @@ def test_fp_run_has_same_ppl_as_bits16(tmp_path, capsys):
     assert a["metrics"] == b["metrics"] and b["layers"] == []
 
 
-def _corrupt_dir(tmp_path: Path) -> str:
-    d = tmp_path / "corrupt"
+def _checkpoint_dir(tmp_path: Path, name: str, weights_file: str, content: bytes) -> str:
+    """A directory with the real stories260k config and one weights file holding ``content``."""
+    d = tmp_path / name
     d.mkdir()
     src = Path(__file__).resolve().parents[1] / "src/ptqlab/assets/models/stories260k/config.json"
     (d / "config.json").write_text(src.read_text())
-    (d / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    (d / weights_file).write_bytes(content)
     return str(d)
+
+
+def _corrupt_dir(tmp_path: Path) -> str:
+    return _checkpoint_dir(tmp_path, "corrupt", "model.safetensors", b"this is not a safetensors file")
 
 
 def _pickle_dir(tmp_path: Path) -> str:
-    d = tmp_path / "pickled"
-    d.mkdir()
-    src = Path(__file__).resolve().parents[1] / "src/ptqlab/assets/models/stories260k/config.json"
-    (d / "config.json").write_text(src.read_text())
-    (d / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
-    return str(d)
+    return _checkpoint_dir(tmp_path, "pickled", "pytorch_model.bin", b"\x80\x04K\x01.")
 
 
 def _unsupported_dir(tmp_path: Path) -> str:
