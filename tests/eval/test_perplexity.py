@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ptqlab.errors import ConfigError
 from ptqlab.eval.perplexity import PerplexityResult, perplexity
+from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
 
 
 class Uniform(nn.Module):
@@ -121,3 +122,12 @@ def test_overflowing_perplexity_is_inf(windows):
     wrong = torch.ones_like(windows)  # always predicts token 1, confidently
     result = perplexity(Oracle(97, wrong, margin=500.0), windows.clamp(min=2), progress=False)
     assert result.ppl == math.inf and result.nll == pytest.approx([1000.0] * 7)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_chunked_loss_equals_full_logits_for_every_family(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    full = perplexity(model, ids, batch_size=2, progress=False, chunk=0)
+    chunked = perplexity(model, ids, batch_size=2, progress=False, chunk=7)
+    assert chunked.nll == pytest.approx(full.nll, rel=1e-5, abs=1e-6)

@@ -85,6 +85,67 @@ def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> list[float]:
     return out
 
 
+class _HeadTap:
+    """Captures the LM head's input and lets only the last position through the head.
+
+    The loss is then computed from the captured hidden states in chunks of positions, so the full
+    (batch, seqlen, vocab) float32 logits never exist (400 MB per 2048-token window at vocab 49152).
+    The model's own post-processing of logits that ptqlab knows (``final_logit_softcapping``) is applied
+    to each chunk; tests check the chunked NLL equals the full-logits NLL for every family adapter.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int) -> None:
+        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        config = getattr(model, "config", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None) if config is not None else None
+        self.chunk = chunk
+        self.hidden: torch.Tensor | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Whether the model has an output-embedding module to tap."""
+        return isinstance(self.head, nn.Module) and self.chunk > 0
+
+    def __enter__(self) -> _HeadTap:
+        assert isinstance(self.head, nn.Module)
+        self._handle = self.head.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def _hook(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        self.hidden = args[0]
+        return (args[0][:, -1:],)
+
+    def window_nll(self, input_ids: torch.Tensor) -> list[float]:
+        """Mean token NLL of each window from the captured hidden states, chunk by chunk."""
+        assert self.hidden is not None and isinstance(self.head, nn.Module)
+        hidden, self.hidden = self.hidden, None
+        out = []
+        for row in range(input_ids.shape[0]):
+            total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+            for s in range(0, input_ids.shape[1] - 1, self.chunk):
+                e = min(s + self.chunk, input_ids.shape[1] - 1)
+                logits = self.head(hidden[row : row + 1, s:e]).float()[0]  # (e - s, vocab)
+                if self.softcap:
+                    logits = torch.tanh(logits / self.softcap) * self.softcap
+                total += F.cross_entropy(logits, input_ids[row, s + 1 : e + 1], reduction="sum").double()
+            out.append(float(total / (input_ids.shape[1] - 1)))
+        return out
+
+
+def _batch_nll(model: nn.Module, batch: torch.Tensor, chunk: int) -> list[float]:
+    """Window NLLs of one batch, through the head tap when the model has one."""
+    tap = _HeadTap(model, chunk)
+    if not tap.usable:
+        logits = model(input_ids=batch, use_cache=False).logits
+        return window_nll(logits, batch)
+    with tap:
+        model(input_ids=batch, use_cache=False)
+    return tap.window_nll(batch)
+
+
 def perplexity(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -92,12 +153,13 @@ def perplexity(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "ppl",
+    chunk: int = 256,
 ) -> PerplexityResult:
     """Evaluate the perplexity of ``model`` over token windows (GPTQ protocol).
 
     The model runs under ``torch.inference_mode()`` in eval mode (its training flag is restored after),
-    with ``use_cache=False``, ``batch_size`` windows per forward pass. Only one window's float32 logits
-    exist at a time besides the batch's own logits, which are dropped before the next batch.
+    with ``use_cache=False``, ``batch_size`` windows per forward pass. The LM head's input is captured
+    and the logits and loss are computed ``chunk`` positions at a time, so full logits never exist.
 
     Args:
         model: A causal LM whose forward takes ``input_ids`` and ``use_cache`` and returns an object
@@ -107,6 +169,7 @@ def perplexity(
         device: Where to run the windows; None means the device of the model's first parameter.
         progress: Show a tqdm bar with the running perplexity.
         desc: Label of the bar.
+        chunk: Positions per logits chunk (0: let the model compute the full logits).
 
     Returns:
         The perplexity, the NLL of each window and the throughput.
@@ -127,9 +190,7 @@ def perplexity(
         with torch.inference_mode(), tqdm(total=n, desc=desc, unit="win", disable=not progress) as bar:
             for first in range(0, n, batch_size):
                 batch = input_ids[first : first + batch_size].to(dev, dtype=torch.int64)
-                logits = model(input_ids=batch, use_cache=False).logits
-                nll.extend(window_nll(logits, batch))
-                del logits
+                nll.extend(_batch_nll(model, batch, chunk))
                 bar.update(batch.shape[0])
                 bar.set_postfix(ppl=f"{_exp(sum(nll) / len(nll)):.4g}")
     finally:
