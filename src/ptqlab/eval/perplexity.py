@@ -95,7 +95,8 @@ class _HeadTap:
     """
 
     def __init__(self, model: nn.Module, chunk: int) -> None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        getter = getattr(model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
         self.head: nn.Module | None = head if isinstance(head, nn.Module) else None
         config = getattr(model, "config", None)
         self.softcap = getattr(config, "final_logit_softcapping", None) if config is not None else None
