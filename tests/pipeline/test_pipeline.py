@@ -142,3 +142,13 @@ def test_capture_records_each_layer_call():
     assert len(cap.hidden) == 2 and cap.hidden[0].shape[:2] == (2, 16)
     assert all(len(c) == 2 for c in cap.calls)
     assert all("forward" not in vars(layer) for layer in layers)  # recorders removed
+
+
+def test_mmap_threshold_is_fixed_on_glibc():
+    import platform
+
+    from ptqlab.pipeline.malloc import fix_mmap_threshold
+
+    expected = platform.libc_ver()[0] == "glibc"
+    assert fix_mmap_threshold() is expected
+    assert fix_mmap_threshold() is expected  # cached: mallopt is called once
