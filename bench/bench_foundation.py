@@ -149,10 +149,15 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--redo", help="comma list of fp, forward, rtn:SCHEME, gptq:SCHEME: rerun only these ptqlab "
+                   "jobs and replace their rows in bench/results/foundation.json (same token file)")
     args = p.parse_args()
     if args.job:
         res = job_ptqlab(args.tokens, args.method, args.scheme) if args.job == "ptqlab" else job_forward(args.tokens)
         args.out.write_text(json.dumps(res, indent=2))
+        return
+    if args.redo:
+        redo(args.tokens, args.redo.split(","))
         return
     prepare_tokens(args.tokens, args.samples, 512, args.windows)
     schemes = [s for s in args.schemes.split(",") if s]
@@ -168,13 +173,32 @@ def main() -> None:
                            ROOT / "bench/peers/llmcompressor_gptq.py")
             peer.setdefault("method", "gptq")
             rows.append(peer)
-    table = fmt_table(rows, fwd)
-    print(table)
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "command": "make bench-foundation", "samples": args.samples, "windows": args.windows}
+    write_results(meta, rows, fwd)
+
+
+def write_results(meta: dict, rows: list[dict], fwd: dict) -> None:
+    table = fmt_table(rows, fwd)
+    print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "foundation.json").write_text(json.dumps({"meta": meta, "rows": rows, "forward": fwd}, indent=2))
     (RESULTS / "foundation.md").write_text(table + "\n")
+
+
+def redo(tokens: Path, jobs: list[str]) -> None:
+    """Rerun some ptqlab jobs of the last full run (e.g. after a fix) and replace their rows."""
+    saved = json.loads((RESULTS / "foundation.json").read_text())
+    rows, fwd = saved["rows"], saved["forward"]
+    for job in jobs:
+        if job == "forward":
+            fwd = run_job(["--job", "forward", "--tokens", str(tokens)])
+            continue
+        method, _, scheme = job.partition(":")
+        new = run_job(["--job", "ptqlab", "--method", method, "--scheme", scheme or "fp", "--tokens", str(tokens)])
+        rows = [new if (r["tool"], r["method"], r["scheme"]) == ("ptqlab", method, new["scheme"]) else r for r in rows]
+    saved["meta"]["redone"] = {"jobs": jobs, "date": dt.date.today().isoformat()}
+    write_results(saved["meta"], rows, fwd)
 
 
 if __name__ == "__main__":
