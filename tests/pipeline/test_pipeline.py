@@ -144,11 +144,10 @@ def test_capture_records_each_layer_call():
     assert all("forward" not in vars(layer) for layer in layers)  # recorders removed
 
 
-def test_mmap_threshold_is_fixed_on_glibc():
+def test_lean_malloc_is_active_on_glibc():
     import platform
 
-    from ptqlab.pipeline.malloc import fix_mmap_threshold
+    from ptqlab.pipeline.malloc import lean_malloc
 
-    expected = platform.libc_ver()[0] == "glibc"
-    assert fix_mmap_threshold() is expected
-    assert fix_mmap_threshold() is expected  # cached: mallopt is called once
+    with lean_malloc() as ok:
+        assert ok is (platform.libc_ver()[0] == "glibc")

@@ -19,6 +19,7 @@ from ..methods.base import HessianAccumulator, relative_output_error
 from ..models.adapter import Adapter
 from ..models.weights import set_weight_matrix, weight_matrix
 from .capture import LayerCall, capture_inputs
+from .malloc import lean_malloc
 from .plan import LinearTarget
 from .sequential import run_layer_pass
 
@@ -94,7 +95,8 @@ def quantize_model(
     else:
         if calibration is None or calibration.numel() == 0:
             raise ConfigError(f"method {type(method).__name__} needs calibration data, but none was given")
-        _quantize_calibrated(model, adapter, targets, method, calibration, device, batch_size, report, progress)
+        with lean_malloc():
+            _quantize_calibrated(model, adapter, targets, method, calibration, device, batch_size, report, progress)
     report.timings["quantize_s"] = time.perf_counter() - t0
     return report
 

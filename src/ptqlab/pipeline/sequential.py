@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from .capture import LayerCall, layer_output
-from .malloc import fix_mmap_threshold
 
 Observe = Callable[[int, torch.Tensor], None]
 Apply = Callable[[int], None]
@@ -66,7 +65,6 @@ def run_layer_pass(
         The layer's outputs, one tensor per chunk (computed with the quantized groups).
 
     """
-    fix_mmap_threshold()
     gate = _GroupGate(len(hidden), apply)
     thread_group: dict[int, int] = {}
     outputs: list[torch.Tensor | None] = [None] * len(hidden)
