@@ -28,8 +28,12 @@ from .eval.perplexity import perplexity
 from .methods import WeightQuantizer, build_quantizer
 from .models.adapter import Adapter
 from .models.registry import get_adapter
+from .nn.runtime import check_runtime, install_runtime
+from .nn.specs import ActivationSpec, KVSpec, activation_spec, kv_specs
+from .pipeline.activations import calibrate_static_activations
 from .pipeline.driver import QuantizeReport, quantize_model
-from .pipeline.plan import LinearTarget, Override, plan_weights
+from .pipeline.plan import LinearTarget, Override, plan_activations, plan_weights
+from .pipeline.size import size_metrics
 from .study.config import Calibration, Evaluate, Scheme, format_validation_error
 from .study.identity import ppl_metric_name
 from .study.store import Metric
@@ -46,6 +50,19 @@ class QuantizationPlan:
     method: WeightQuantizer
     calibration: torch.Tensor | None
     batch_size: int = 8
+    activations: list[tuple[str, str, ActivationSpec]] = field(default_factory=list)
+    attention: ActivationSpec | None = None
+    kv: KVSpec | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the weight method or a static activation range needs calibration data."""
+        static = any(not a.dynamic for _, _, a in self.activations)
+        return (bool(self.targets) and self.method.needs_calibration) or static
+
+    def size_metrics(self, model: nn.Module, kv_tokens: int = 2048) -> dict[str, float]:
+        """Size in bytes and effective bits of this plan on ``model``."""
+        return size_metrics(model, self.adapter, self.targets, self.activations, self.kv, kv_tokens)
 
 
 @dataclass
@@ -87,32 +104,56 @@ def plan_quantization(
     sch: Scheme = _as(Scheme, scheme)
     adapter = get_adapter(model)
     weight = sch.weight.model_dump() if sch.weight else None
-    overrides = [Override(o.match, o.weight) for o in sch.overrides]
+    overrides = [
+        Override(o.match, o.weight, o.activation, o.sets("weight"), o.sets("activation")) for o in sch.overrides
+    ]
     targets = plan_weights(model, adapter, weight, overrides)
+    act_section = sch.activation.model_dump() if sch.activation else None
+    activations = plan_activations(model, adapter, act_section, overrides)
+    attention = activation_spec(act_section)
+    attention = attention if attention is not None and attention.attention else None
+    kv = kv_specs(sch.kv_cache)
+    check_runtime(model, adapter, attention, kv)
     method = build_quantizer(recipe)
-    ids: torch.Tensor | None = None
-    batch_size = 8
-    if targets and method.needs_calibration:
+    plan = QuantizationPlan(adapter, targets, method, None, 8, activations, attention, kv)
+    if plan.needs_calibration:
         if calibration is None:
-            raise ConfigError(f"method {type(method).__name__} needs calibration data, but none was given")
+            what = "static activation ranges need" if not (targets and method.needs_calibration) else (
+                f"method {type(method).__name__} needs"
+            )
+            raise ConfigError(f"{what} calibration data, but none was given")
         if isinstance(calibration, torch.Tensor):
-            ids = calibration
+            plan.calibration = calibration
         else:
             cal: Calibration = _as(Calibration, calibration)
             if tokenizer is None:
                 raise ConfigError("calibration given as a config needs the tokenizer")
-            ids = calibration_windows(tokenizer, cal.dataset, cal.samples, cal.seqlen, cal.seed, cal.path)
-            batch_size = cal.batch_size
-    return QuantizationPlan(adapter, targets, method, ids, batch_size)
+            plan.calibration = calibration_windows(
+                tokenizer, cal.dataset, cal.samples, cal.seqlen, cal.seed, cal.path
+            )
+            plan.batch_size = cal.batch_size
+    return plan
 
 
 def run_quantization(
     model: nn.Module, plan: QuantizationPlan, device: torch.device | None = None, progress: bool = True
 ) -> QuantizeReport:
-    """Quantize ``model`` in place according to a prepared plan."""
-    return quantize_model(
+    """Quantize ``model`` in place according to a prepared plan.
+
+    Weights are quantized first; then activation, attention-input and KV cache quantizers are installed
+    (``report.runtime``; its ``remove()`` takes them off again) and static activation ranges calibrated.
+    """
+    report = quantize_model(
         model, plan.adapter, plan.targets, plan.method, plan.calibration, device, plan.batch_size, progress
     )
+    if device is not None:
+        model.to(device)
+    report.runtime = install_runtime(model, plan.adapter, plan.activations, plan.kv, plan.attention)
+    if plan.calibration is not None and any(not a.dynamic for _, _, a in plan.activations):
+        t0 = time.perf_counter()
+        calibrate_static_activations(model, report.runtime, plan.calibration, plan.batch_size, progress)
+        report.timings["static_ranges_s"] = time.perf_counter() - t0
+    return report
 
 
 def quantize(

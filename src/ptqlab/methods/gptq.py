@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant.integer import QParams, choose_qparams, dequantize_with, float_zero, quantize_with
+from ..quant.core import choose_qparams, to_codes
+from ..quant.formats import MX_FORMATS
+from ..quant.integer import QParams, dequantize_with
 from ..quant.spec import QuantSpec
 from .base import WeightResult
 
@@ -125,7 +127,6 @@ class GPTQ:
         scale = torch.zeros_like(W)
         zero = torch.zeros_like(W)
         group_of = torch.zeros(cols, dtype=torch.long, device=W.device)
-        maxq, fz = spec.maxq, float_zero(spec)
         bs = self._block_size(spec)
         natural = perm if perm is not None else torch.arange(cols, device=W.device)
         s_col = z_col = None
@@ -139,7 +140,7 @@ class GPTQ:
                 s_col, z_col, group_of[j] = self._column_params(W1, i, j, natural, spec, static, s_col, z_col)
                 w = W1[:, i]
                 d = Hinv1[i, i]
-                q = quantize_with(w, s_col, z_col, maxq, fz)
+                q = to_codes(w, s_col, z_col, spec)
                 codes[:, j], scale[:, j], zero[:, j] = q, s_col, z_col
                 err = (w - dequantize_with(q, s_col, z_col)) / d
                 W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -171,15 +172,9 @@ class GPTQ:
 
 def _as_channel(spec: QuantSpec) -> QuantSpec:
     """The same grid with one range per row (used on a group's slice of columns)."""
-    return QuantSpec(
-        bits=spec.bits,
-        format=spec.format,
-        symmetric=spec.symmetric,
-        granularity="channel",
-        zero_point=spec.zero_point,
-        clip_ratio=spec.clip_ratio,
-        where=spec.where,
-    )
+    if spec.format in MX_FORMATS:  # the slice is one MX block per row already
+        return spec
+    return spec.replace(granularity="channel", group_size=None)
 
 
 def _per_group(scale: torch.Tensor, zero: torch.Tensor, group_of: torch.Tensor) -> QParams:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant.integer import choose_qparams, dequantize, quantize
+from ..quant.core import choose_qparams, dequantize, quantize
 from ..quant.spec import QuantSpec
 from .base import WeightResult
 

@@ -87,3 +87,13 @@ def fused_qkv_rows(
     k = rows[:, per_group].reshape(-1)
     v = rows[:, per_group + 1].reshape(-1)
     return q, k, v
+
+
+def attention_heads(config: Any) -> HeadCounts:
+    """Head counts of a model's attention from its config (query heads, KV heads, head_dim)."""
+    num_heads = int(config.num_attention_heads)
+    num_kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        num_kv = 1
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // num_heads
+    return HeadCounts(num_heads, int(num_kv or num_heads), int(head_dim))

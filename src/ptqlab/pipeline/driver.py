@@ -18,6 +18,7 @@ from ..methods import WeightQuantizer
 from ..methods.base import HessianAccumulator, relative_output_error
 from ..models.adapter import Adapter
 from ..models.weights import set_weight_matrix, weight_matrix
+from ..nn.runtime import RuntimeQuantization
 from .capture import LayerCall, capture_inputs
 from .malloc import lean_malloc
 from .plan import LinearTarget
@@ -39,10 +40,11 @@ class LayerRecord:
 
 @dataclass
 class QuantizeReport:
-    """Per-linear records and phase timings of one quantization."""
+    """Per-linear records and phase timings of one quantization, and the runtime quantizers installed."""
 
     records: list[LayerRecord] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    runtime: RuntimeQuantization | None = None
 
 
 @contextmanager
@@ -125,7 +127,7 @@ def _quantize_data_free(
             W = weight_matrix(module)
             res = method.quantize(W, t.spec)
             set_weight_matrix(module, res.weight)
-            report.records.append(LayerRecord(li, t.name, t.spec.bits, None, time.perf_counter() - t0))
+            report.records.append(LayerRecord(li, t.name, t.spec.nbits, None, time.perf_counter() - t0))
 
 
 def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
@@ -210,6 +212,6 @@ def _quantize_layer(
                 res = method.quantize(W, t.spec, acc.H)
                 err = relative_output_error(W.float(), res.weight, acc.H)
                 set_weight_matrix(module, res.weight)
-                report.records.append(LayerRecord(li, t.name, t.spec.bits, err, time.perf_counter() - t0))
+                report.records.append(LayerRecord(li, t.name, t.spec.nbits, err, time.perf_counter() - t0))
 
     return run_layer_pass(layer, groups, hidden, calls, observe, apply)

@@ -12,18 +12,23 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.adapter import Adapter
 from ..models.weights import in_features
+from ..nn.specs import ActivationSpec, activation_spec
 from ..quant.spec import QuantSpec
 
 
 @dataclass(frozen=True)
 class Override:
-    """One override: modules whose full name fully matches ``match`` get ``weight`` merged in.
+    """One override: modules whose full name fully matches ``match`` get ``weight`` / ``activation`` merged in.
 
-    ``weight=None`` keeps the matched modules in full precision.
+    ``None`` keeps the matched modules in full precision for that part; ``sets_weight`` /
+    ``sets_activation`` say whether the entry gives that part at all.
     """
 
     match: str
     weight: Mapping[str, Any] | None
+    activation: Mapping[str, Any] | None = None
+    sets_weight: bool = True
+    sets_activation: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,20 @@ def _spec_from(fields: Mapping[str, Any] | None, where: str) -> QuantSpec:
         return QuantSpec(**dict(fields), where=where)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _compile(model: nn.Module, overrides: Sequence[Override]) -> list[tuple[int, re.Pattern[str], Override]]:
+    names = [n for n, _ in model.named_modules()]
+    compiled = []
+    for k, ov in enumerate(overrides):
+        try:
+            pattern = re.compile(ov.match)
+        except re.error as exc:
+            raise ConfigError(f"scheme.overrides[{k}].match={ov.match!r} is not a valid regex: {exc}") from exc
+        if not any(pattern.fullmatch(n) for n in names):
+            raise ConfigError(f"scheme.overrides[{k}].match={ov.match!r} matches no module of the model")
+        compiled.append((k, pattern, ov))
+    return compiled
 
 
 def plan_weights(
@@ -68,16 +87,7 @@ def plan_weights(
             module's width (the message names the module and the width).
 
     """
-    names = [n for n, _ in model.named_modules()]
-    compiled = []
-    for k, ov in enumerate(overrides):
-        try:
-            pattern = re.compile(ov.match)
-        except re.error as exc:
-            raise ConfigError(f"scheme.overrides[{k}].match={ov.match!r} is not a valid regex: {exc}") from exc
-        if not any(pattern.fullmatch(n) for n in names):
-            raise ConfigError(f"scheme.overrides[{k}].match={ov.match!r} matches no module of the model")
-        compiled.append((k, pattern, ov))
+    compiled = _compile(model, overrides)
     layers_prefix = adapter.layers_path
     targets: list[LinearTarget] = []
     for li, layer in enumerate(adapter.layers(model)):
@@ -97,7 +107,54 @@ def _resolve(
     fields: dict[str, Any] | None = dict(weight) if weight else None
     where = "scheme.weight"
     for k, pattern, ov in compiled:
-        if pattern.fullmatch(name):
+        if ov.sets_weight and pattern.fullmatch(name):
             where = f"scheme.overrides[{k}].weight"
             fields = None if ov.weight is None else {**(fields or {}), **dict(ov.weight)}
     return _spec_from(fields, where)
+
+
+def plan_activations(
+    model: nn.Module,
+    adapter: Adapter,
+    activation: Mapping[str, Any] | None,
+    overrides: Sequence[Override] = (),
+) -> list[tuple[str, str, ActivationSpec]]:
+    """Resolve the activation spec of the input of every linear of every decoder layer.
+
+    Args:
+        model: The causal LM.
+        adapter: Its family adapter.
+        activation: The scheme's activation section, or None.
+        overrides: Applied in order; later entries win (``activation: null`` keeps inputs in FP).
+
+    Returns:
+        ``(module name, sharing key, spec)`` for each linear whose input is quantized; linears of one
+        group share a key (they read the same tensor).
+
+    Raises:
+        ConfigError: An invalid field, or a pattern that matches no module.
+
+    """
+    compiled = [c for c in _compile(model, overrides) if c[2].sets_activation]
+    out = []
+    for li in range(len(adapter.layers(model))):
+        for gi, group in enumerate(adapter.groups):
+            for rel in group.linears:
+                full = f"{adapter.layers_path}.{li}.{rel}"
+                fields: dict[str, Any] | None = dict(activation) if activation else None
+                where = "scheme.activation"
+                for k, pattern, ov in compiled:
+                    if pattern.fullmatch(full):
+                        where = f"scheme.overrides[{k}].activation"
+                        fields = None if ov.activation is None else {**(fields or {}), **dict(ov.activation)}
+                act = activation_spec(fields, where)
+                if act is not None:
+                    if act.spec.granularity == "group":
+                        act.spec.check_width(in_features(layer_module(model, adapter, li, rel)), full)
+                    out.append((full, f"{li}.{gi}", act))
+    return out
+
+
+def layer_module(model: nn.Module, adapter: Adapter, layer: int, relative: str) -> nn.Module:
+    """The module ``relative`` of decoder layer ``layer``."""
+    return adapter.layers(model)[layer].get_submodule(relative)

@@ -16,45 +16,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class WeightScheme(_Strict):
-    """Weight quantization (see QuantSpec)."""
+class _RangeFields(_Strict):
+    """Fields shared by weights and activations (see QuantSpec)."""
 
-    bits: int = 16
+    bits: int | None = None
     format: str = "int"
     symmetric: bool = False
-    granularity: str = "channel"
+    granularity: str | None = None
     group_size: int | None = None
     zero_point: Literal["int", "float"] = "int"
     clip_ratio: float = 1.0
+    clipping: Literal["minmax", "percentile", "mse"] = "minmax"
+    percentile: float = 99.9
 
 
-class ActivationScheme(_Strict):
-    """Activation quantization at the input of each linear."""
+class WeightScheme(_RangeFields):
+    """Weight quantization (see QuantSpec); granularity defaults to channel (group of 32 for MX)."""
 
-    bits: int = 16
-    format: str = "int"
-    symmetric: bool = False
-    granularity: str = "token"
-    group_size: int | None = None
+
+class ActivationScheme(_RangeFields):
+    """Activation quantization at the input of each linear of the decoder layers.
+
+    ``granularity``: ``token`` (default; one range per token), ``group`` (per token and group of
+    channels) or ``tensor`` (one range per sequence, padding excluded); with ``dynamic: false`` the range
+    is one per tensor, fixed from the calibration data. ``attention: true`` also quantizes the inputs of
+    the attention matmuls (query, key, value) through a registered attention function.
+    """
+
     dynamic: bool = True
+    attention: bool = False
 
 
 class KVSide(_Strict):
-    """Settings of K or V alone."""
+    """Settings of K or V alone (unset fields come from the kv_cache section)."""
 
     bits: int | None = None
     granularity: str | None = None
     symmetric: bool | None = None
     group_size: int | None = None
+    zero_point: Literal["int", "float"] | None = None
 
 
 class KVCacheScheme(_Strict):
-    """KV cache quantization."""
+    """KV cache quantization: ``granularity`` head (default), group (along head_dim), token or channel."""
 
-    bits: int = 16
+    bits: int | None = None
     granularity: str = "head"
     symmetric: bool = False
     group_size: int | None = None
+    zero_point: Literal["int", "float"] = "int"
     where: Literal["post_rope", "pre_rope"] = "post_rope"
     mode: Literal["all", "decode"] = "all"
     key: KVSide | None = None
@@ -62,10 +72,18 @@ class KVCacheScheme(_Strict):
 
 
 class OverrideEntry(_Strict):
-    """``{match: REGEX, weight: {...} | null}``: later entries win."""
+    """``{match: REGEX, weight: {...} | null, activation: {...} | null}``: later entries win.
+
+    A key left out changes nothing; ``null`` keeps the matched modules in full precision.
+    """
 
     match: str
     weight: dict[str, Any] | None = None
+    activation: dict[str, Any] | None = None
+
+    def sets(self, key: str) -> bool:
+        """Whether the entry gives ``key`` (``weight`` or ``activation``), null included."""
+        return key in self.model_fields_set
 
 
 class Scheme(_Strict):
@@ -141,11 +159,6 @@ def format_validation_error(exc: ValidationError) -> str:
 
 def _check_not_yet(cfg: RunConfig) -> None:
     """Reject unknown corpora and parts of the contract this version cannot run yet, before any work."""
-    s = cfg.scheme
-    if s.activation is not None and s.activation.bits < 16:
-        raise ConfigError("scheme.activation: activation quantization is not available in this version yet")
-    if s.kv_cache is not None and s.kv_cache.bits < 16:
-        raise ConfigError("scheme.kv_cache: KV cache quantization is not available in this version yet")
     if cfg.evaluate.tasks:
         raise ConfigError("evaluate.tasks: lm-eval tasks are not available in this version yet")
     from ..data.corpora import CORPORA
@@ -177,6 +190,10 @@ def parse_config(data: dict[str, Any]) -> RunConfig:
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     cfg.weight_spec()  # QuantSpec checks bits, granularity, group size
+    from ..nn.specs import activation_spec, kv_specs
+
+    activation_spec(cfg.scheme.activation)
+    kv_specs(cfg.scheme.kv_cache)
     _check_not_yet(cfg)
     from ..methods import build_quantizer
 

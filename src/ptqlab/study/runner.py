@@ -13,7 +13,7 @@ from ..api import evaluate, plan_quantization, prepare_eval_windows, run_quantiz
 from ..models.loading import load_model, resolve_device
 from .config import RunConfig
 from .identity import git_revision, normalized, package_versions, qmodel_key, run_id
-from .store import RunRecord, Store
+from .store import Metric, RunRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
             result = evaluate(lm.model, lm.tokenizer, cfg.evaluate, windows=windows, progress=progress)
         timings.update(report.timings)
         timings.update(result.timings)
-        record.metrics = result.metrics
+        sizes = plan.size_metrics(lm.model, cfg.evaluate.seqlen)
+        record.metrics = result.metrics + [Metric(k, v) for k, v in sizes.items()]
         record.layers = [vars(r) for r in report.records]
         record.status = "done"
     except Exception as exc:  # noqa: BLE001 - any failure while running is stored as the reason

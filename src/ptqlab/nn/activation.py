@@ -1,0 +1,164 @@
+"""Activation quantizers at the inputs of linears: forward pre-hooks that fake-quantize what a linear reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..quant.core import params_from_range
+from ..quant.integer import QParams
+from .context import ForwardContext
+from .rows import fake_quantize_rows, fake_quantize_sequences, fake_quantize_static
+from .specs import ActivationSpec
+
+
+@dataclass
+class RangeObserver:
+    """Running range of a tensor over calibration batches (real tokens only)."""
+
+    xmin: float = float("inf")
+    xmax: float = float("-inf")
+    batches: int = 0
+    lows: list[float] = field(default_factory=list)
+    highs: list[float] = field(default_factory=list)
+
+    def observe(self, x: torch.Tensor, percentile: float | None) -> None:
+        """Record the range (or the percentiles) of the values of ``x``."""
+        flat = x.detach().float().reshape(-1)
+        if percentile is None or percentile >= 100.0:
+            self.xmin = min(self.xmin, float(flat.min()))
+            self.xmax = max(self.xmax, float(flat.max()))
+        else:
+            sample = flat if flat.numel() <= 1 << 24 else flat[:: flat.numel() // (1 << 24) + 1]
+            q = torch.tensor([1 - percentile / 100.0, percentile / 100.0])
+            lo, hi = torch.quantile(sample, q).tolist()
+            self.lows.append(lo)
+            self.highs.append(hi)
+        self.batches += 1
+
+    def qparams(self, act: ActivationSpec) -> QParams:
+        """The fixed per-tensor parameters from what was observed."""
+        if self.lows:
+            lo, hi = sum(self.lows) / len(self.lows), sum(self.highs) / len(self.highs)
+        else:
+            lo, hi = self.xmin, self.xmax
+        return params_from_range(torch.tensor([[lo]]), torch.tensor([[hi]]), act.spec)
+
+
+class ActivationQuantizer:
+    """Fake-quantizes the input of one or more linears that read the same tensor.
+
+    Linears of a group (q/k/v; gate/up) read one tensor: its quantized copy is computed once and reused
+    while the same input object comes back.
+    """
+
+    def __init__(self, act: ActivationSpec, ctx: ForwardContext) -> None:
+        """Create a quantizer for ``act`` that reads padding from ``ctx``."""
+        self.act = act
+        self.ctx = ctx
+        self.static: QParams | None = None
+        self.observer: RangeObserver | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the fake-quantized ``x`` (B, T, C) (observe and pass through while calibrating)."""
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        if self.observer is not None:
+            self._observe(x)
+            return x
+        out = self._quantize(x)
+        self._last = (x, out)
+        return out
+
+    def clear(self) -> None:
+        """Drop the remembered input (end of a forward pass)."""
+        self._last = None
+
+    def _valid(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.dim() < 3:
+            return None
+        return self.ctx.valid_tokens(x.shape[0], x.shape[1])
+
+    def _observe(self, x: torch.Tensor) -> None:
+        assert self.observer is not None
+        valid = self._valid(x)
+        real = x if valid is None else x[valid]
+        spec = self.act.spec
+        self.observer.observe(real, spec.percentile if spec.clipping == "percentile" else None)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.act.spec
+        if not self.act.dynamic:
+            if self.static is None:
+                raise RuntimeError("a static activation quantizer was used before calibration")
+            return fake_quantize_static(x, spec, self.static)
+        if spec.granularity == "tensor":
+            if x.dim() < 3:
+                return fake_quantize_sequences(x.unsqueeze(0), spec, None)[0]
+            return fake_quantize_sequences(x, spec, self._valid(x))
+        return fake_quantize_rows(x, spec)
+
+
+@dataclass
+class InstalledActivations:
+    """Activation quantizers installed on a model, by module name."""
+
+    quantizers: dict[str, ActivationQuantizer] = field(default_factory=dict)
+    handles: list[Any] = field(default_factory=list)
+
+    def remove(self) -> None:
+        """Remove every hook."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def clear(self) -> None:
+        """Forget remembered inputs (call after each forward)."""
+        for q in self.quantizers.values():
+            q.clear()
+
+
+def _pre_hook(quantizer: ActivationQuantizer) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        return (quantizer(args[0]), *args[1:])
+
+    return hook
+
+
+def install_activation_quantizers(
+    model: nn.Module,
+    targets: list[tuple[str, str, ActivationSpec]],
+    ctx: ForwardContext,
+) -> InstalledActivations:
+    """Install a pre-hook on each target linear that fake-quantizes its input.
+
+    Args:
+        model: The causal LM.
+        targets: ``(module name, sharing key, spec)``: linears with the same sharing key and spec read the
+            same tensor and share one quantizer.
+        ctx: The forward context (padding mask).
+
+    Returns:
+        The installed quantizers and hook handles.
+
+    """
+    installed = InstalledActivations()
+    shared: dict[tuple[str, ActivationSpec], ActivationQuantizer] = {}
+    for name, key, act in targets:
+        quantizer = shared.setdefault((key, act), ActivationQuantizer(act, ctx))
+        installed.quantizers[name] = quantizer
+        module = model.get_submodule(name)
+        installed.handles.append(module.register_forward_pre_hook(_pre_hook(quantizer)))
+
+    def clear_after(module: nn.Module, args: Any, output: Any) -> None:
+        installed.clear()
+
+    if targets:
+        installed.handles.append(model.register_forward_hook(clear_after))
+    return installed

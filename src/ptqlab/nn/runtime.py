@@ -1,0 +1,96 @@
+"""Install (and remove) everything that quantizes a model at run time: activations, attention inputs, KV."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..models.adapter import Adapter
+from .activation import InstalledActivations, install_activation_quantizers
+from .attention import install_attention_quantization
+from .context import ForwardContext, track_forward
+from .kv_cache import InstalledKV, check_kv, install_kv_quantization
+from .specs import ActivationSpec, KVSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeQuantization:
+    """What is installed on a model; ``remove()`` restores the plain model."""
+
+    ctx: ForwardContext = field(default_factory=ForwardContext)
+    activations: InstalledActivations | None = None
+    kv: InstalledKV | None = None
+    undo: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def installed(self) -> bool:
+        """Whether anything quantizes at run time."""
+        return bool(self.activations and self.activations.quantizers) or self.kv is not None or bool(self.undo)
+
+    def remove(self) -> None:
+        """Remove every hook and restore the attention implementation."""
+        if self.activations is not None:
+            self.activations.remove()
+        if self.kv is not None:
+            self.kv.remove()
+        for fn in self.undo:
+            fn()
+        self.undo.clear()
+        self.ctx.remove()
+
+
+def check_runtime(
+    model: nn.Module, adapter: Adapter, attention: ActivationSpec | None, kv: KVSpec | None
+) -> None:
+    """Check, before any work, that the runtime quantization fits the model (raises ConfigError)."""
+    if kv is not None:
+        check_kv(model, adapter, kv)
+    if attention is not None and attention.attention and not getattr(model, "_supports_attention_backend", False):
+        install_attention_quantization(model, adapter.layers(model), attention.spec, ForwardContext())
+
+
+def install_runtime(
+    model: nn.Module,
+    adapter: Adapter,
+    activation_targets: list[tuple[str, str, ActivationSpec]],
+    kv: KVSpec | None = None,
+    attention: ActivationSpec | None = None,
+) -> RuntimeQuantization:
+    """Install activation, attention-input and KV cache quantization on ``model``.
+
+    Nothing is installed for full-precision parts: with no targets, no KV spec and no attention spec
+    the model is untouched.
+
+    Args:
+        model: The causal LM.
+        adapter: Its family adapter.
+        activation_targets: From :func:`ptqlab.pipeline.plan.plan_activations`.
+        kv: KV cache quantization, or None.
+        attention: The activation spec, when the attention matmul inputs are quantized too.
+
+    Returns:
+        The installed quantization (call ``remove()`` to undo it).
+
+    """
+    rt = RuntimeQuantization()
+    if not activation_targets and kv is None and attention is None:
+        return rt
+    track_forward(model, rt.ctx)
+    if activation_targets:
+        rt.activations = install_activation_quantizers(model, activation_targets, rt.ctx)
+    if attention is not None and attention.attention:
+        rt.undo.append(install_attention_quantization(model, adapter.layers(model), attention.spec, rt.ctx))
+    if kv is not None:
+        rt.kv = install_kv_quantization(model, adapter, kv, rt.ctx)
+    log.info(
+        "runtime quantization: %d linear inputs, attention inputs %s, KV %s",
+        len(activation_targets),
+        "on" if attention is not None and attention.attention else "off",
+        "on" if kv is not None else "off",
+    )
+    return rt

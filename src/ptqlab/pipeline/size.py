@@ -1,0 +1,78 @@
+"""The size of a quantized model and its effective bits, counted from what was installed."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..models.adapter import Adapter
+from ..models.heads import attention_heads
+from ..models.weights import in_features, out_features
+from ..nn.specs import ActivationSpec, KVSpec
+from ..quant.size import bits_per_element, weight_storage_bits
+from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
+from .plan import LinearTarget
+
+
+def size_metrics(
+    model: nn.Module,
+    adapter: Adapter,
+    targets: list[LinearTarget],
+    activations: list[tuple[str, str, ActivationSpec]] | None = None,
+    kv: KVSpec | None = None,
+    kv_tokens: int = 2048,
+) -> dict[str, float]:
+    """Size in bytes and effective bits of a (planned) quantization.
+
+    Every decoder-layer linear weight counts its codes and parameters (FP16 when not quantized); every
+    other parameter (embeddings, norms, biases, an untied LM head) counts 16 bits.
+
+    Args:
+        model: The causal LM.
+        adapter: Its family adapter.
+        targets: The quantized linears and their specs.
+        activations: Quantized linear inputs, for ``bits.activation``.
+        kv: KV cache quantization, for ``bits.kv``.
+        kv_tokens: Tokens per range for KV ``channel`` granularity (ranges across tokens).
+
+    Returns:
+        ``size.model_bytes``, ``bits.weight`` (per decoder-linear weight), and where quantized
+        ``bits.activation`` (mean over quantized inputs) and ``bits.kv`` (mean of K and V).
+
+    """
+    specs = {t.name: t.spec for t in targets}
+    linear_bits = linear_params = 0
+    weights = set()
+    for li, layer in enumerate(adapter.layers(model)):
+        for rel in adapter.linear_names():
+            module = layer.get_submodule(rel)
+            rows, cols = out_features(module), in_features(module)
+            linear_bits += weight_storage_bits(specs.get(f"{adapter.layers_path}.{li}.{rel}"), rows, cols)
+            linear_params += rows * cols
+            weights.add(id(module.weight))
+    other = sum(p.numel() for p in model.parameters() if id(p) not in weights)
+    out = {
+        "size.model_bytes": (linear_bits + FULL_PRECISION_BITS * other) / 8,
+        "bits.weight": linear_bits / max(1, linear_params),
+    }
+    if activations:
+        vals = [_act_bits(model, name, a) for name, _, a in activations]
+        out["bits.activation"] = sum(vals) / len(vals)
+    if kv is not None:
+        out["bits.kv"] = (_kv_bits(model, kv.key, kv_tokens) + _kv_bits(model, kv.value, kv_tokens)) / 2
+    return out
+
+
+def _act_bits(model: nn.Module, name: str, act: ActivationSpec) -> float:
+    width = in_features(model.get_submodule(name))
+    spec = act.spec
+    if spec.granularity == "group" and spec.group_size:
+        return bits_per_element(spec, spec.group_size)
+    return bits_per_element(spec, width)
+
+
+def _kv_bits(model: nn.Module, spec: QuantSpec, tokens: int) -> float:
+    c = attention_heads(model.config)
+    size = {"head": c.head_dim, "group": spec.group_size or c.head_dim, "token": c.num_kv_heads * c.head_dim}.get(
+        spec.granularity or "head", tokens
+    )
+    return bits_per_element(spec, size)
