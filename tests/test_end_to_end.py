@@ -140,3 +140,24 @@ def test_failure_while_running_is_stored_with_reason(tmp_path, capsys, monkeypat
     code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, STORIES), "--json", "--quiet")
     assert code == 0 and json.loads(out)["status"] == "done"  # a failed run is retried, then replaced
     assert [r.status for r in Store(db).list_runs()] == ["done"]
+
+
+def test_weight_activation_kv_run_stores_effective_bits(tmp_path, capsys):
+    db = str(tmp_path / "s.db")
+    cfg = {
+        **STORIES,
+        "scheme": {
+            "weight": {"format": "nf4", "granularity": "group", "group_size": 4},
+            "activation": {"bits": 8, "dynamic": False, "granularity": "tensor"},
+            "kv_cache": {"bits": 4, "granularity": "head"},
+        },
+        "recipe": [],
+    }
+    code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, cfg), "--json", "--quiet")
+    assert code == 0
+    metrics = json.loads(out)["metrics"]
+    assert metrics["bits.weight"]["value"] == pytest.approx(4 + 16 / 4)
+    assert metrics["bits.kv"]["value"] == pytest.approx(4 + 20 / 8)  # head_dim 8: a scale and a zero per 8
+    assert metrics["bits.activation"]["value"] > 8
+    assert 0 < metrics["size.model_bytes"]["value"] < 260_000 * 2
+    assert metrics["ppl.wikitext2.s128.w2"]["value"] > 1

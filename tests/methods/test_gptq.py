@@ -9,7 +9,7 @@ import torch
 from ptqlab.methods.base import HessianAccumulator, relative_output_error
 from ptqlab.methods.gptq import GPTQ, GPTQConfig
 from ptqlab.methods.rtn import RTN
-from ptqlab.quant import QuantSpec
+from ptqlab.quant import QuantSpec, dequantize, quantize
 
 
 def _grid(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,3 +114,23 @@ def test_dead_input_columns_are_zeroed():
     H[:, 3] = 0
     res = GPTQ().quantize(W, QuantSpec(bits=4), H)
     assert torch.all(res.weight[:, 3] == 0)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(format="nf4", granularity="group", group_size=16),
+        QuantSpec(format="fp4_e2m1", granularity="channel"),
+        QuantSpec(format="mxfp4"),
+        QuantSpec(format="fp8_e4m3", granularity="group", group_size=32),
+        QuantSpec(bits=3, granularity="channel", clipping="mse"),
+    ],
+)
+def test_gptq_with_number_formats_beats_rtn_and_stays_on_the_grid(spec: QuantSpec) -> None:
+    W, H, _ = _problem()
+    gptq = GPTQ().quantize(W.float(), spec, H.float())
+    rtn = RTN().quantize(W.float(), spec)
+    err = relative_output_error(W.float(), gptq.weight, H.float())
+    assert err < relative_output_error(W.float(), rtn.weight, H.float())
+    again = dequantize(quantize(gptq.weight, gptq.qparams, spec), gptq.qparams)
+    torch.testing.assert_close(again, gptq.weight, rtol=0, atol=1e-5)

@@ -183,3 +183,17 @@ def test_bad_runtime_input_fails_before_any_work(family: str, scheme: dict, matc
         quantize(model, scheme, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_padding_independence_for_every_family(family: str) -> None:
+    model = tiny_model(family).eval()
+    scheme = {"activation": {"bits": 6, "granularity": "tensor"}, "kv_cache": {"bits": 4, "granularity": "channel"}}
+    quantize(model, scheme, progress=False)
+    a, b = _ids(1, 10, seed=3), _ids(1, 6, seed=4)
+    padded = torch.cat([a, torch.cat([b, torch.zeros(1, 4, dtype=torch.long)], dim=1)])
+    mask = torch.ones_like(padded)
+    mask[1, 6:] = 0
+    both = _logits(model, padded, attention_mask=mask)
+    torch.testing.assert_close(both[0], _logits(model, a)[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(both[1, :6], _logits(model, b)[0], rtol=0, atol=1e-4)

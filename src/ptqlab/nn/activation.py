@@ -78,15 +78,14 @@ class ActivationQuantizer:
         """Drop the remembered input (end of a forward pass)."""
         self._last = None
 
-    def _valid(self, x: torch.Tensor) -> torch.Tensor | None:
-        if x.dim() < 3:
-            return None
-        return self.ctx.valid_tokens(x.shape[0], x.shape[1])
+    def _valid(self, seqs: torch.Tensor) -> torch.Tensor | None:
+        return self.ctx.valid_tokens(seqs.shape[0], seqs.shape[1])
 
     def _observe(self, x: torch.Tensor) -> None:
         assert self.observer is not None
-        valid = self._valid(x)
-        real = x if valid is None else x[valid]
+        seqs = self.ctx.as_sequences(x)
+        valid = self._valid(seqs)
+        real = seqs if valid is None else seqs[valid]
         spec = self.act.spec
         self.observer.observe(real, spec.percentile if spec.clipping == "percentile" else None)
 
@@ -97,9 +96,8 @@ class ActivationQuantizer:
                 raise RuntimeError("a static activation quantizer was used before calibration")
             return fake_quantize_static(x, spec, self.static)
         if spec.granularity == "tensor":
-            if x.dim() < 3:
-                return fake_quantize_sequences(x.unsqueeze(0), spec, None)[0]
-            return fake_quantize_sequences(x, spec, self._valid(x))
+            seqs = self.ctx.as_sequences(x)
+            return fake_quantize_sequences(seqs, spec, self._valid(seqs)).reshape(x.shape)
         return fake_quantize_rows(x, spec)
 
 

@@ -18,12 +18,14 @@ class ForwardContext:
         attention_mask: The caller's 2-D padding mask (batch, past + new tokens), 1 for real tokens, or
             None (no padding, or a mask of another shape).
         decoding: Whether the call continues a non-empty cache (a decode step).
+        tokens: (batch, new tokens) of the call, to restore the sequences of a flattened (B*T, C) input.
         handles: Hooks installed for this context (removed with it).
 
     """
 
     attention_mask: torch.Tensor | None = None
     decoding: bool = False
+    tokens: tuple[int, int] | None = None
     handles: list[RemovableHandle] = field(default_factory=list)
 
     def valid_tokens(self, batch: int, length: int) -> torch.Tensor | None:
@@ -33,6 +35,13 @@ class ForwardContext:
             return None
         valid = mask[:, -length:].bool()
         return None if bool(valid.all()) else valid
+
+    def as_sequences(self, x: torch.Tensor) -> torch.Tensor:
+        """View ``x`` as (B, T, ...) when it is a flattened (B*T, C) tensor of this call (OPT's MLP)."""
+        if x.dim() >= 3 or self.tokens is None:
+            return x if x.dim() >= 3 else x.unsqueeze(0)
+        b, t = self.tokens
+        return x.reshape(b, t, *x.shape[1:]) if x.dim() == 2 and x.shape[0] == b * t else x.unsqueeze(0)
 
     def remove(self) -> None:
         """Remove the hooks of this context."""
@@ -46,6 +55,16 @@ def _mask_from(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | 
     if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
         mask = args[1]  # forward(input_ids, attention_mask, ...)
     return mask if isinstance(mask, torch.Tensor) else None
+
+
+def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        return int(ids.shape[0]), int(ids.shape[1])
+    embeds = kwargs.get("inputs_embeds")
+    if isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+        return int(embeds.shape[0]), int(embeds.shape[1])
+    return None
 
 
 def _past_length(kwargs: dict[str, Any]) -> int:
@@ -70,6 +89,7 @@ def track_forward(model: nn.Module, ctx: ForwardContext) -> ForwardContext:
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ctx.attention_mask = _mask_from(args, kwargs)
         ctx.decoding = _past_length(kwargs) > 0
+        ctx.tokens = _tokens(args, kwargs)
 
     ctx.handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
     return ctx
