@@ -25,14 +25,14 @@ from .data.calibration import calibration_windows
 from .data.corpora import eval_windows
 from .errors import ConfigError
 from .eval.perplexity import perplexity
-from .methods import WeightQuantizer, build_quantizer
+from .methods import Recipe, build_quantizer
 from .models.adapter import Adapter
 from .models.registry import get_adapter
 from .nn.runtime import check_runtime, install_runtime
 from .nn.specs import ActivationSpec, KVSpec, activation_spec, kv_specs
 from .pipeline.activations import calibrate_static_activations
 from .pipeline.driver import QuantizeReport, quantize_model
-from .pipeline.plan import LinearTarget, Override, plan_activations, plan_weights
+from .pipeline.plan import LinearTarget, Override, check_recipe_shapes, plan_activations, plan_weights
 from .pipeline.size import size_metrics
 from .study.config import Calibration, Evaluate, Scheme, format_validation_error
 from .study.identity import ppl_metric_name
@@ -47,7 +47,7 @@ class QuantizationPlan:
 
     adapter: Adapter
     targets: list[LinearTarget]
-    method: WeightQuantizer
+    method: Recipe
     calibration: torch.Tensor | None
     batch_size: int = 8
     activations: list[tuple[str, str, ActivationSpec]] = field(default_factory=list)
@@ -62,7 +62,9 @@ class QuantizationPlan:
 
     def size_metrics(self, model: nn.Module, kv_tokens: int = 2048) -> dict[str, float]:
         """Size in bytes and effective bits of this plan on ``model``."""
-        return size_metrics(model, self.adapter, self.targets, self.activations, self.kv, kv_tokens)
+        return size_metrics(
+            model, self.adapter, self.targets, self.activations, self.kv, kv_tokens, self.method.extra_bits
+        )
 
 
 @dataclass
@@ -115,11 +117,12 @@ def plan_quantization(
     kv = kv_specs(sch.kv_cache)
     check_runtime(model, adapter, attention, kv)
     method = build_quantizer(recipe)
+    check_recipe_shapes(model, adapter, targets, method)
     plan = QuantizationPlan(adapter, targets, method, None, 8, activations, attention, kv)
     if plan.needs_calibration:
         if calibration is None:
             what = "static activation ranges need" if not (targets and method.needs_calibration) else (
-                f"method {type(method).__name__} needs"
+                f"method {method.name} needs"
             )
             raise ConfigError(f"{what} calibration data, but none was given")
         if isinstance(calibration, torch.Tensor):

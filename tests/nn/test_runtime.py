@@ -118,7 +118,7 @@ def test_kv_quantized_in_prefill_and_every_decode_step(family: str, monkeypatch:
     assert len(calls) == n_layers
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_decode_mode_keeps_fp_prompt_logits(family: str) -> None:
     model = tiny_model(family).eval()
     ids = _ids()

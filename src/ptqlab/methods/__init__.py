@@ -1,7 +1,8 @@
 """PTQ methods: each a frozen config dataclass and a class that quantizes weight matrices.
 
-A recipe names methods in order, e.g. ``[{gptq: {damp: 0.01}}]``; :func:`build_quantizer` turns the
-recipe into the weight quantizer the pipeline runs.
+A recipe names methods in order, e.g. ``[{gptq: {damp: 0.01}}, {lorc: {rank: 8}}]``: at most one
+*quantizer* (rtn, gptq; RTN when none is named), then *compensators* (lorc) that correct its result.
+:func:`build_quantizer` turns the recipe into the weight quantizer the pipeline runs.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from ..errors import ConfigError
 from ..quant.spec import QuantSpec
 from .base import WeightResult
 from .gptq import GPTQ, GPTQConfig
+from .lorc import LoRC, LoRCConfig
 from .rtn import RTN, RTNConfig
 
 
 class WeightQuantizer(Protocol):
     """A method that chooses the quantized value of each weight."""
 
-    needs_calibration: bool
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the method needs calibration data (input Hessians)."""
+        ...
 
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         """Quantize ``W`` (out, in); calibrated methods receive the input Hessian ``H``."""
@@ -33,6 +38,52 @@ QUANTIZERS: dict[str, tuple[type[Any], type[Any]]] = {
     "rtn": (RTNConfig, RTN),
     "gptq": (GPTQConfig, GPTQ),
 }
+COMPENSATORS: dict[str, tuple[type[Any], type[Any]]] = {
+    "lorc": (LoRCConfig, LoRC),
+}
+
+
+class Recipe:
+    """A quantizer followed by compensators, run on each weight in recipe order.
+
+    Attributes:
+        steps: Method names in the order they run.
+        quantizer: The weight quantizer.
+        compensators: Corrections applied to the quantizer's result, in order.
+
+    """
+
+    def __init__(self, quantizer: WeightQuantizer, compensators: Sequence[LoRC] = (), steps: Sequence[str] = ()):
+        """Compose ``quantizer`` and ``compensators``."""
+        self.quantizer = quantizer
+        self.compensators = list(compensators)
+        self.steps = list(steps) or [type(quantizer).__name__.lower()]
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any step needs calibration data."""
+        return self.quantizer.needs_calibration or any(c.needs_calibration for c in self.compensators)
+
+    @property
+    def name(self) -> str:
+        """The steps joined by ``+``, e.g. ``gptq+lorc``."""
+        return "+".join(self.steps)
+
+    def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
+        """Quantize ``W``, then apply each compensator to the result."""
+        result = self.quantizer.quantize(W, spec, H)
+        for c in self.compensators:
+            result = c.compensate(W, result)
+        return result
+
+    def check_shape(self, module: str, rows: int, cols: int) -> None:
+        """Raise ConfigError when a step cannot work on a (rows, cols) weight (e.g. LoRC's rank)."""
+        for c in self.compensators:
+            c.check_shape(module, rows, cols)
+
+    def extra_bits(self, rows: int, cols: int) -> int:
+        """Bits the compensators add to a (rows, cols) weight."""
+        return sum(c.extra_bits(rows, cols) for c in self.compensators)
 
 
 def _config(name: str, cls: type[Any], options: Mapping[str, Any] | None, where: str) -> Any:
@@ -45,31 +96,59 @@ def _config(name: str, cls: type[Any], options: Mapping[str, Any] | None, where:
     return cls(**options)
 
 
-def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> WeightQuantizer:
+def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> Recipe:
     """Build the weight quantizer of a recipe (RTN when the recipe names none).
 
     Args:
         recipe: Steps, each a one-key mapping ``{method_name: options}``.
 
     Returns:
-        The configured quantizer.
+        The configured recipe.
 
     Raises:
-        ConfigError: Unknown method or option, or more than one quantizer.
+        ConfigError: Unknown method or option, more than one quantizer, or a compensator placed before
+            the quantizer.
 
     """
-    chosen: list[WeightQuantizer] = []
+    quantizers: list[WeightQuantizer] = []
+    compensators: list[LoRC] = []
+    steps: list[str] = []
+    known = sorted({**QUANTIZERS, **COMPENSATORS})
     for k, step in enumerate(recipe):
         if len(step) != 1:
             raise ConfigError(f"recipe[{k}] must have exactly one key (the method name), got {sorted(step)}")
         ((name, options),) = step.items()
-        if name not in QUANTIZERS:
-            raise ConfigError(f"recipe[{k}]: unknown method {name!r}; known: {', '.join(sorted(QUANTIZERS))}")
-        config_cls, method_cls = QUANTIZERS[name]
-        chosen.append(method_cls(_config(name, config_cls, options, f"recipe[{k}].{name}")))
-    if len(chosen) > 1:
+        where = f"recipe[{k}].{name}"
+        if name in QUANTIZERS:
+            if compensators:
+                raise ConfigError(f"recipe[{k}]: quantizer {name!r} comes after a compensator; compensators "
+                                  "(lorc) go after the quantizer")
+            config_cls, method_cls = QUANTIZERS[name]
+            quantizers.append(method_cls(_config(name, config_cls, options, where)))
+        elif name in COMPENSATORS:
+            config_cls, method_cls = COMPENSATORS[name]
+            compensators.append(method_cls(_config(name, config_cls, options, where)))
+        else:
+            raise ConfigError(f"recipe[{k}]: unknown method {name!r}; known: {', '.join(known)}")
+        steps.append(name)
+    if len(quantizers) > 1:
         raise ConfigError("recipe names more than one weight quantizer; use one of rtn, gptq")
-    return chosen[0] if chosen else RTN()
+    if not quantizers:
+        steps.insert(0, "rtn")
+    return Recipe(quantizers[0] if quantizers else RTN(), compensators, steps)
 
 
-__all__ = ["GPTQ", "QUANTIZERS", "RTN", "GPTQConfig", "RTNConfig", "WeightQuantizer", "WeightResult", "build_quantizer"]
+__all__ = [
+    "COMPENSATORS",
+    "GPTQ",
+    "QUANTIZERS",
+    "RTN",
+    "GPTQConfig",
+    "LoRC",
+    "LoRCConfig",
+    "RTNConfig",
+    "Recipe",
+    "WeightQuantizer",
+    "WeightResult",
+    "build_quantizer",
+]

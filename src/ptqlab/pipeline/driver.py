@@ -96,7 +96,8 @@ def quantize_model(
         _quantize_data_free(model, adapter, targets, method, report, progress)
     else:
         if calibration is None or calibration.numel() == 0:
-            raise ConfigError(f"method {type(method).__name__} needs calibration data, but none was given")
+            raise ConfigError(f"method {getattr(method, 'name', type(method).__name__)} needs calibration data, "
+                              "but none was given")
         with lean_malloc():
             _quantize_calibrated(model, adapter, targets, method, calibration, device, batch_size, report, progress)
     report.timings["quantize_s"] = time.perf_counter() - t0

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.adapter import Adapter
-from ..models.weights import in_features
+from ..models.weights import in_features, out_features
 from ..nn.specs import ActivationSpec, activation_spec
 from ..quant.spec import QuantSpec
 
@@ -158,3 +158,10 @@ def plan_activations(
 def layer_module(model: nn.Module, adapter: Adapter, layer: int, relative: str) -> nn.Module:
     """The module ``relative`` of decoder layer ``layer``."""
     return adapter.layers(model)[layer].get_submodule(relative)
+
+
+def check_recipe_shapes(model: nn.Module, adapter: Adapter, targets: list[LinearTarget], recipe: Any) -> None:
+    """Let every step of ``recipe`` check the shape of every target weight (e.g. LoRC's rank), before any work."""
+    for t in targets:
+        module = layer_module(model, adapter, t.layer, t.relative)
+        recipe.check_shape(t.name, out_features(module), in_features(module))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from ..models.adapter import Adapter
@@ -20,6 +22,7 @@ def size_metrics(
     activations: list[tuple[str, str, ActivationSpec]] | None = None,
     kv: KVSpec | None = None,
     kv_tokens: int = 2048,
+    extra_bits: Callable[[int, int], int] | None = None,
 ) -> dict[str, float]:
     """Size in bytes and effective bits of a (planned) quantization.
 
@@ -33,6 +36,7 @@ def size_metrics(
         activations: Quantized linear inputs, for ``bits.activation``.
         kv: KV cache quantization, for ``bits.kv``.
         kv_tokens: Tokens per range for KV ``channel`` granularity (ranges across tokens).
+        extra_bits: Bits a recipe adds to a quantized (rows, cols) weight (LoRC factors).
 
     Returns:
         ``size.model_bytes``, ``bits.weight`` (per decoder-linear weight), and where quantized
@@ -46,7 +50,10 @@ def size_metrics(
         for rel in adapter.linear_names():
             module = layer.get_submodule(rel)
             rows, cols = out_features(module), in_features(module)
-            linear_bits += weight_storage_bits(specs.get(f"{adapter.layers_path}.{li}.{rel}"), rows, cols)
+            spec = specs.get(f"{adapter.layers_path}.{li}.{rel}")
+            linear_bits += weight_storage_bits(spec, rows, cols)
+            if spec is not None and extra_bits is not None:
+                linear_bits += extra_bits(rows, cols)
             linear_params += rows * cols
             weights.add(id(module.weight))
     other = sum(p.numel() for p in model.parameters() if id(p) not in weights)
