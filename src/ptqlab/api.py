@@ -58,7 +58,8 @@ class QuantizationPlan:
     def needs_calibration(self) -> bool:
         """Whether the weight method or a static activation range needs calibration data."""
         static = any(not a.dynamic for _, _, a in self.activations)
-        return (bool(self.targets) and self.method.needs_calibration) or static
+        weights = bool(self.targets) or bool(self.method.transforms)
+        return (weights and self.method.needs_calibration) or static
 
     def size_metrics(self, model: nn.Module, kv_tokens: int = 2048) -> dict[str, float]:
         """Size in bytes and effective bits of this plan on ``model``."""

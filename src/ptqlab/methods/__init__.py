@@ -19,6 +19,7 @@ from .base import WeightResult
 from .gptq import GPTQ, GPTQConfig
 from .lorc import LoRC, LoRCConfig
 from .rtn import RTN, RTNConfig
+from .smoothquant import SmoothQuant, SmoothQuantConfig
 
 
 class WeightQuantizer(Protocol):
@@ -41,28 +42,43 @@ QUANTIZERS: dict[str, tuple[type[Any], type[Any]]] = {
 COMPENSATORS: dict[str, tuple[type[Any], type[Any]]] = {
     "lorc": (LoRCConfig, LoRC),
 }
+TRANSFORMS: dict[str, tuple[type[Any], type[Any]]] = {
+    "smoothquant": (SmoothQuantConfig, SmoothQuant),
+}
 
 
 class Recipe:
-    """A quantizer followed by compensators, run on each weight in recipe order.
+    """Transforms, then a quantizer, then compensators, in recipe order.
 
     Attributes:
         steps: Method names in the order they run.
+        transforms: Function-preserving rescalings folded before quantization (SmoothQuant).
         quantizer: The weight quantizer.
         compensators: Corrections applied to the quantizer's result, in order.
 
     """
 
-    def __init__(self, quantizer: WeightQuantizer, compensators: Sequence[LoRC] = (), steps: Sequence[str] = ()):
-        """Compose ``quantizer`` and ``compensators``."""
+    def __init__(
+        self,
+        quantizer: WeightQuantizer,
+        compensators: Sequence[LoRC] = (),
+        steps: Sequence[str] = (),
+        transforms: Sequence[SmoothQuant] = (),
+    ) -> None:
+        """Compose ``transforms``, ``quantizer`` and ``compensators``."""
         self.quantizer = quantizer
         self.compensators = list(compensators)
+        self.transforms = list(transforms)
         self.steps = list(steps) or [type(quantizer).__name__.lower()]
 
     @property
     def needs_calibration(self) -> bool:
         """Whether any step needs calibration data."""
-        return self.quantizer.needs_calibration or any(c.needs_calibration for c in self.compensators)
+        return (
+            self.quantizer.needs_calibration
+            or bool(self.transforms)
+            or any(c.needs_calibration for c in self.compensators)
+        )
 
     @property
     def name(self) -> str:
@@ -112,8 +128,9 @@ def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> Recipe:
     """
     quantizers: list[WeightQuantizer] = []
     compensators: list[LoRC] = []
+    transforms: list[SmoothQuant] = []
     steps: list[str] = []
-    known = sorted({**QUANTIZERS, **COMPENSATORS})
+    known = sorted({**QUANTIZERS, **COMPENSATORS, **TRANSFORMS})
     for k, step in enumerate(recipe):
         if len(step) != 1:
             raise ConfigError(f"recipe[{k}] must have exactly one key (the method name), got {sorted(step)}")
@@ -125,6 +142,12 @@ def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> Recipe:
                                   "(lorc) go after the quantizer")
             config_cls, method_cls = QUANTIZERS[name]
             quantizers.append(method_cls(_config(name, config_cls, options, where)))
+        elif name in TRANSFORMS:
+            if quantizers or compensators:
+                raise ConfigError(f"recipe[{k}]: transform {name!r} is placed after a quantizer or compensator; "
+                                  "transforms go first (e.g. [smoothquant, gptq, lorc])")
+            config_cls, method_cls = TRANSFORMS[name]
+            transforms.append(method_cls(_config(name, config_cls, options, where)))
         elif name in COMPENSATORS:
             config_cls, method_cls = COMPENSATORS[name]
             compensators.append(method_cls(_config(name, config_cls, options, where)))
@@ -134,8 +157,8 @@ def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> Recipe:
     if len(quantizers) > 1:
         raise ConfigError("recipe names more than one weight quantizer; use one of rtn, gptq")
     if not quantizers:
-        steps.insert(0, "rtn")
-    return Recipe(quantizers[0] if quantizers else RTN(), compensators, steps)
+        steps.insert(len(transforms), "rtn")
+    return Recipe(quantizers[0] if quantizers else RTN(), compensators, steps, transforms)
 
 
 __all__ = [
@@ -148,6 +171,9 @@ __all__ = [
     "LoRCConfig",
     "RTNConfig",
     "Recipe",
+    "SmoothQuant",
+    "SmoothQuantConfig",
+    "TRANSFORMS",
     "WeightQuantizer",
     "WeightResult",
     "build_quantizer",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -23,6 +23,7 @@ from .capture import LayerCall, capture_inputs
 from .malloc import lean_malloc
 from .plan import LinearTarget
 from .sequential import run_layer_pass
+from .transforms import LayerTransforms, divide_by, transform_hessian
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def quantize_model(
 
     """
     report = QuantizeReport()
-    if not targets:
+    if not targets and not getattr(method, "transforms", ()):
         return report
     t0 = time.perf_counter()
     if not method.needs_calibration:
@@ -170,8 +171,11 @@ def _quantize_calibrated(
     bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress)
     for li in bar:
         layer = layers[li].to(device)
+        tf = LayerTransforms(getattr(model, "config", None), adapter, layer, getattr(method, "transforms", ()))
         outputs = _quantize_layer(layer, li, adapter, by_layer.get(li, []), method, hidden, captured.calls[li],
-                                  report)
+                                  report, tf)
+        if tf.skipped and li == 0:
+            log.info("transforms skipped where nothing can absorb a scale: groups %s", ", ".join(tf.skipped))
         hidden = list(outputs)
         layers[li].to(home)
         errs = [r.rel_error for r in report.records if r.layer == li and r.rel_error is not None]
@@ -190,29 +194,36 @@ def _quantize_layer(
     hidden: list[torch.Tensor | None],
     calls: list[LayerCall],
     report: QuantizeReport,
+    tf: LayerTransforms,
 ) -> list[torch.Tensor]:
     """One true-sequential pass over a layer; returns its outputs (the next layer's inputs)."""
     groups = [[layer.get_submodule(rel) for rel in g.linears] for g in adapter.groups]
     members = {gi: [t for t in targets if t.group == gi] for gi in range(len(groups))}
     hessians: dict[int, HessianAccumulator] = {}
+    input_map: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def observe(gi: int, x: torch.Tensor) -> None:
+        tf.observe(gi, x)
         if members[gi]:
             acc = hessians.setdefault(gi, HessianAccumulator(x.shape[-1], x.device))
             acc.add(x)
 
     def apply(gi: int) -> None:
+        s = tf.apply(gi)
         acc = hessians.pop(gi, None)
+        if s is not None:
+            input_map[gi] = divide_by(s)
         if acc is None:
             return
+        H = acc.H if s is None else transform_hessian(acc.H, s)
         with _single_thread():
             for t in members[gi]:
                 t0 = time.perf_counter()
                 module = layer.get_submodule(t.relative)
                 W = weight_matrix(module)
-                res = method.quantize(W, t.spec, acc.H)
-                err = relative_output_error(W.float(), res.weight, acc.H)
+                res = method.quantize(W, t.spec, H)
+                err = relative_output_error(W.float(), res.weight, H)
                 set_weight_matrix(module, res.weight)
                 report.records.append(LayerRecord(li, t.name, t.spec.nbits, err, time.perf_counter() - t0))
 
-    return run_layer_pass(layer, groups, hidden, calls, observe, apply)
+    return run_layer_pass(layer, groups, hidden, calls, observe, apply, input_map)

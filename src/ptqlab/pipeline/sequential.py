@@ -49,6 +49,7 @@ def run_layer_pass(
     calls: list[LayerCall],
     observe: Observe,
     apply: Apply,
+    input_map: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """Run ``layer`` over every chunk, observing and quantizing each group on the way.
 
@@ -60,6 +61,8 @@ def run_layer_pass(
         calls: The layer's other arguments, one per chunk.
         observe: ``observe(group, x)`` is called with each chunk's input to the group.
         apply: ``apply(group)`` is called once per group after every chunk was observed.
+        input_map: Functions ``apply`` may register per group: each chunk's input to the group's linears
+            is replaced by ``input_map[group](x)`` (a transform folded into the op before the group).
 
     Returns:
         The layer's outputs, one tensor per chunk (computed with the quantized groups).
@@ -70,15 +73,18 @@ def run_layer_pass(
     outputs: list[torch.Tensor | None] = [None] * len(hidden)
     errors: list[BaseException] = []
 
-    def pre_hook(group: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+    maps = input_map if input_map is not None else {}
+
+    def pre_hook(group: int) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...] | None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             chunk = thread_group[threading.get_ident()]
             done = gate.seen.setdefault(chunk, set())
-            if group in done:
-                return
-            done.add(group)
-            observe(group, args[0])
-            gate.arrive(chunk, group)
+            if group not in done:
+                done.add(group)
+                observe(group, args[0])
+                gate.arrive(chunk, group)
+            fn = maps.get(group)
+            return None if fn is None else (fn(args[0]), *args[1:])
 
         return hook
 

@@ -1,0 +1,118 @@
+"""Fold a per-input-channel scale of a linear group into the op before it, as the adapter describes.
+
+Dividing a group's input by ``s`` and multiplying its linears' input columns by ``s`` keeps the float
+function when the op before the group can absorb ``1/s``: a norm (its weight and bias), or the output
+rows of a linear (value rows of a fused qkv, the up half of a fused gate/up, ``v_proj``, ``up_proj``).
+With grouped-query attention several query heads read one value head, so the scales are tied: each
+input channel maps to a *slot* (a row of the op before) and channels of one slot share one scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.adapter import Adapter, LinearGroup
+from ..models.heads import attention_heads, fused_qkv_rows
+from ..models.weights import out_features, set_weight_matrix, weight_matrix
+
+
+def can_fold(group: LinearGroup) -> bool:
+    """Whether the op before ``group`` can absorb a per-channel scale."""
+    return group.fold in ("norm", "linear") and group.prev_op is not None
+
+
+def _prev_rows(config: Any, adapter: Adapter, layer: nn.Module, group: LinearGroup) -> torch.Tensor:
+    """Rows of the previous linear that produce the group's input slots, in slot order."""
+    assert group.prev_op is not None
+    prev = layer.get_submodule(group.prev_op)
+    width = out_features(prev)
+    if group.prev_part == "v":
+        assert adapter.fused_qkv is not None
+        return fused_qkv_rows(adapter.fused_qkv, config, width)[2]
+    if group.prev_part == "up":
+        return torch.arange(width // 2, width)
+    return torch.arange(width)
+
+
+def slots(config: Any, adapter: Adapter, layer: nn.Module, group: LinearGroup, width: int) -> torch.Tensor:
+    """Map each of the group's ``width`` input channels to its slot (tied channels share one).
+
+    Returns:
+        Long tensor (width,) of slot indices in ``0 .. n_slots - 1``.
+
+    """
+    if group.fold == "linear":
+        n_rows = len(_prev_rows(config, adapter, layer, group))
+        if n_rows != width:  # grouped-query attention: value heads serve several query heads
+            c = attention_heads(config)
+            per_kv = c.num_heads // c.num_kv_heads
+            channel = torch.arange(width)
+            head, dim = channel // c.head_dim, channel % c.head_dim
+            return (head // per_kv) * c.head_dim + dim
+    return torch.arange(width)
+
+
+def tie(values: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Per-slot maximum of per-channel ``values``."""
+    n = int(slot.max()) + 1
+    out = torch.zeros(n, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, slot.to(values.device), values, reduce="amax", include_self=False)
+
+
+def _fold_norm(norm: nn.Module, s: torch.Tensor, norm_kind: str) -> None:
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"{type(norm).__name__} has no weight to fold a scale into")
+    s = s.to(w.device, torch.float32)
+    with torch.no_grad():
+        if norm_kind == "gemma_rmsnorm":  # y = x * (1 + w)
+            w.copy_(((1.0 + w.float()) / s - 1.0).to(w.dtype))
+        else:
+            w.copy_((w.float() / s).to(w.dtype))
+        b = getattr(norm, "bias", None)
+        if isinstance(b, torch.Tensor):
+            b.copy_((b.float() / s).to(b.dtype))
+
+
+def _fold_linear_rows(prev: nn.Module, rows: torch.Tensor, s: torch.Tensor) -> None:
+    W = weight_matrix(prev).float().clone()  # (out, in)
+    W[rows] /= s[:, None].to(W.device)
+    set_weight_matrix(prev, W)
+    b = getattr(prev, "bias", None)
+    if isinstance(b, torch.Tensor):
+        with torch.no_grad():
+            b[rows] = (b[rows].float() / s.to(b.device)).to(b.dtype)
+
+
+def fold_group_scale(
+    config: Any, adapter: Adapter, layer: nn.Module, group: LinearGroup, slot_scale: torch.Tensor, slot: torch.Tensor
+) -> torch.Tensor:
+    """Divide the group's input by the scales and multiply its linears' input columns by them.
+
+    Args:
+        config: The model config (head counts).
+        adapter: The family adapter.
+        layer: The decoder layer.
+        group: A group that :func:`can_fold`.
+        slot_scale: One positive scale per slot.
+        slot: Each input channel's slot (from :func:`slots`).
+
+    Returns:
+        The per-channel scale ``s`` (in,) the group's input is now divided by.
+
+    """
+    assert group.prev_op is not None
+    s = slot_scale[slot]
+    prev = layer.get_submodule(group.prev_op)
+    if group.fold == "norm":
+        _fold_norm(prev, slot_scale, adapter.norm_kind)
+    else:
+        _fold_linear_rows(prev, _prev_rows(config, adapter, layer, group), slot_scale)
+    for rel in group.linears:
+        module = layer.get_submodule(rel)
+        W = weight_matrix(module).float()
+        set_weight_matrix(module, W * s[None, :].to(W.device))
+    return s

@@ -1,0 +1,80 @@
+"""SmoothQuant: a transform that keeps the float function, folded as each family adapter describes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptqlab.api import quantize
+from ptqlab.errors import ConfigError
+from ptqlab.methods import build_quantizer
+from ptqlab.methods.smoothquant import SmoothQuant, SmoothQuantConfig
+from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
+
+CAL = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(7))
+
+
+def _outlier_model(family: str) -> torch.nn.Module:
+    """A tiny model whose norms make a few activation channels large (what SmoothQuant is for)."""
+    model = tiny_model(family).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight") and p.dim() == 1:
+                p[::7] *= 8.0
+    return model
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_smoothing_keeps_the_fp_output(family: str) -> None:
+    model = _outlier_model(family)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize(model, None, [{"smoothquant": {"alpha": 0.5}}], CAL, progress=False)
+    with torch.no_grad():
+        out = model(ids).logits
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed, "nothing was folded"
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_smoothing_makes_activations_easier_to_quantize() -> None:
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    errs = []
+    for recipe in ([], [{"smoothquant": {"alpha": 0.5}}]):
+        model = _outlier_model("llama")
+        with torch.no_grad():
+            ref = model(ids).logits
+        quantize(model, {"weight": {"bits": 8}, "activation": {"bits": 4, "granularity": "token"}},
+                 recipe, CAL, progress=False)
+        with torch.no_grad():
+            errs.append(float((model(ids).logits - ref).norm() / ref.norm()))
+    assert errs[1] < errs[0]
+
+
+def test_scales_follow_the_formula() -> None:
+    sq = SmoothQuant(SmoothQuantConfig(alpha=0.75))
+    act, w = torch.tensor([4.0, 1.0, 0.0]), torch.tensor([2.0, 0.5, 1.0])
+    s = sq.scales(act, w)
+    torch.testing.assert_close(s[:2], act[:2] ** 0.75 / w[:2] ** 0.25)
+    assert s[2] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("recipe", "match"),
+    [
+        ([{"smoothquant": {"alpha": 1.5}}], r"alpha=1.5 must be in \[0, 1\]"),
+        ([{"gptq": {}}, {"smoothquant": {}}], "placed after a quantizer"),
+        ([{"lorc": {}}, {"smoothquant": {}}], "placed after a quantizer or compensator"),
+    ],
+)
+def test_bad_recipes(recipe: list, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build_quantizer(recipe)
+
+
+def test_transform_without_calibration_fails_before_any_work() -> None:
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        quantize(model, {"weight": {"bits": 8}}, [{"smoothquant": {}}], None, progress=False)
