@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from ..quant.spec import QuantSpec
+from .awq import AWQClip, AWQConfig, AWQScale
 from .base import WeightResult
 from .gptq import GPTQ, GPTQConfig
 from .lorc import LoRC, LoRCConfig
@@ -44,6 +45,7 @@ COMPENSATORS: dict[str, tuple[type[Any], type[Any]]] = {
 }
 TRANSFORMS: dict[str, tuple[type[Any], type[Any]]] = {
     "smoothquant": (SmoothQuantConfig, SmoothQuant),
+    "awq": (AWQConfig, AWQScale),  # also the quantizer (AWQ's clipping search) when the recipe names none
 }
 
 
@@ -63,7 +65,7 @@ class Recipe:
         quantizer: WeightQuantizer,
         compensators: Sequence[LoRC] = (),
         steps: Sequence[str] = (),
-        transforms: Sequence[SmoothQuant] = (),
+        transforms: Sequence[Any] = (),
     ) -> None:
         """Compose ``transforms``, ``quantizer`` and ``compensators``."""
         self.quantizer = quantizer
@@ -128,7 +130,7 @@ def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> Recipe:
     """
     quantizers: list[WeightQuantizer] = []
     compensators: list[LoRC] = []
-    transforms: list[SmoothQuant] = []
+    transforms: list[Any] = []
     steps: list[str] = []
     known = sorted({**QUANTIZERS, **COMPENSATORS, **TRANSFORMS})
     for k, step in enumerate(recipe):
@@ -156,7 +158,10 @@ def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> Recipe:
         steps.append(name)
     if len(quantizers) > 1:
         raise ConfigError("recipe names more than one weight quantizer; use one of rtn, gptq")
-    if not quantizers:
+    awq = [t for t in transforms if isinstance(t, AWQScale)]
+    if not quantizers and awq:
+        quantizers.append(AWQClip(awq[-1].config))
+    elif not quantizers:
         steps.insert(len(transforms), "rtn")
     return Recipe(quantizers[0] if quantizers else RTN(), compensators, steps, transforms)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.integer import QParams
+from ..quant.spec import QuantSpec
 
 
 @dataclass
@@ -71,3 +72,27 @@ def relative_output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) ->
     num = torch.sum((D @ H) * D)
     den = torch.sum((W @ H) * W)
     return float(torch.sqrt(num / den.clamp_min(1e-30)))
+
+
+@dataclass
+class GroupInputs:
+    """What a scale transform sees of one linear group, per slot (channels tied to one scale share a slot).
+
+    Attributes:
+        act_absmax: max |x| per slot over the calibration tokens.
+        act_mean: mean |x| per slot.
+        weight_absmax: max |W| per slot over the group's weights.
+        slot: Slot of each input channel (in,).
+        weights: The group's weights (out, in) that will be quantized, after earlier transforms.
+        specs: Their specs.
+        H: Hessian of the group's input (in, in) after earlier transforms, or None.
+
+    """
+
+    act_absmax: torch.Tensor
+    act_mean: torch.Tensor
+    weight_absmax: torch.Tensor
+    slot: torch.Tensor
+    weights: list[torch.Tensor]
+    specs: list[QuantSpec]
+    H: torch.Tensor | None

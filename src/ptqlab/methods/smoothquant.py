@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from .base import GroupInputs
 
 EPS = 1e-5
 
@@ -59,3 +60,7 @@ class SmoothQuant:
         s = act.pow(a) / w.pow(1.0 - a)
         dead = (act_absmax <= 0) | (weight_absmax <= 0)
         return torch.where(dead, torch.ones_like(s), s).clamp_min(EPS)
+
+    def slot_scales(self, group: GroupInputs) -> torch.Tensor:
+        """Scales per slot of one linear group."""
+        return self.scales(group.act_absmax, group.weight_absmax)

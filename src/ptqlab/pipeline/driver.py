@@ -209,7 +209,9 @@ def _quantize_layer(
             acc.add(x)
 
     def apply(gi: int) -> None:
-        s = tf.apply(gi)
+        acc = hessians.get(gi)
+        specs = {t.relative: t.spec for t in members[gi]}
+        s = tf.apply(gi, None if acc is None else acc.H, specs)
         acc = hessians.pop(gi, None)
         if s is not None:
             input_map[gi] = divide_by(s)

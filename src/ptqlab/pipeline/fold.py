@@ -62,6 +62,13 @@ def tie(values: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     return out.scatter_reduce(0, slot.to(values.device), values, reduce="amax", include_self=False)
 
 
+def tie_mean(values: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Per-slot mean of per-channel ``values``."""
+    n = int(slot.max()) + 1
+    out = torch.zeros(n, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, slot.to(values.device), values, reduce="mean", include_self=False)
+
+
 def _fold_norm(norm: nn.Module, s: torch.Tensor, norm_kind: str) -> None:
     w = getattr(norm, "weight", None)
     if not isinstance(w, torch.Tensor):

@@ -9,29 +9,33 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..methods.base import GroupInputs
 from ..models.adapter import Adapter
 from ..models.weights import weight_matrix
-from .fold import can_fold, fold_group_scale, slots, tie
+from ..quant.spec import QuantSpec
+from .fold import can_fold, fold_group_scale, slots, tie, tie_mean
 
 log = logging.getLogger(__name__)
 
 
 class ScaleTransform(Protocol):
-    """A method that picks per-input-channel scales from activation and weight ranges (SmoothQuant)."""
+    """A method that picks per-slot input scales of a linear group (SmoothQuant, AWQ)."""
 
-    def scales(self, act_absmax: torch.Tensor, weight_absmax: torch.Tensor) -> torch.Tensor:
-        """Scales per slot from per-slot activation and weight absolute maxima."""
+    def slot_scales(self, group: GroupInputs) -> torch.Tensor:
+        """Scales per slot; the group's input is divided by them."""
         ...
 
 
 class LayerTransforms:
-    """Collects max|x| per input channel of each foldable group and folds the recipe's scales into it."""
+    """Collects |x| statistics per input channel of each foldable group and folds the recipe's scales."""
 
     def __init__(self, config: Any, adapter: Adapter, layer: nn.Module, transforms: Sequence[ScaleTransform]):
         """Prepare for one decoder layer."""
         self.config, self.adapter, self.layer = config, adapter, layer
         self.transforms = list(transforms)
         self.absmax: dict[int, torch.Tensor] = {}
+        self.abssum: dict[int, torch.Tensor] = {}
+        self.count: dict[int, int] = {}
         self.skipped: list[str] = []
 
     @property
@@ -40,30 +44,50 @@ class LayerTransforms:
         return bool(self.transforms)
 
     def observe(self, gi: int, x: torch.Tensor) -> None:
-        """Record the per-channel absolute maximum of a chunk's input to group ``gi``."""
+        """Record per-channel max and sum of |x| of a chunk's input to group ``gi``."""
         if not self.transforms or not can_fold(self.adapter.groups[gi]):
             return
-        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-        prev = self.absmax.get(gi)
-        self.absmax[gi] = m if prev is None else torch.maximum(prev, m)
+        a = x.detach().abs().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        m, total = a.amax(dim=0), a.sum(dim=0)
+        if gi in self.absmax:
+            m, total = torch.maximum(self.absmax[gi], m), self.abssum[gi] + total
+        self.absmax[gi], self.abssum[gi] = m, total
+        self.count[gi] = self.count.get(gi, 0) + a.shape[0]
 
-    def apply(self, gi: int) -> torch.Tensor | None:
-        """Fold the scales of group ``gi``; return the per-channel divisor of its input, or None."""
+    def apply(
+        self, gi: int, H: torch.Tensor | None = None, specs: dict[str, QuantSpec] | None = None
+    ) -> torch.Tensor | None:
+        """Fold the scales of group ``gi``; return the per-channel divisor of its input, or None.
+
+        Args:
+            gi: The group.
+            H: Hessian of the group's input, when a member is quantized.
+            specs: Spec of each quantized member, by relative module name.
+
+        """
         group = self.adapter.groups[gi]
         act = self.absmax.pop(gi, None)
         if act is None:
             if self.transforms and not can_fold(group):
                 self.skipped.append(group.name)
             return None
-        width = act.shape[0]
-        slot = slots(self.config, self.adapter, self.layer, group, width).to(act.device)
-        total = torch.ones(width, device=act.device)
+        mean = self.abssum.pop(gi) / max(1, self.count.pop(gi))
+        slot = slots(self.config, self.adapter, self.layer, group, act.shape[0]).to(act.device)
+        specs = specs or {}
+        total = torch.ones_like(act)
         for t in self.transforms:
-            w_absmax = torch.stack(
-                [weight_matrix(self.layer.get_submodule(rel)).detach().abs().amax(dim=0).float()
-                 for rel in group.linears]
-            ).amax(dim=0)
-            slot_scale = t.scales(tie(act / total, slot), tie(w_absmax.to(act.device), slot))
+            mods = {rel: self.layer.get_submodule(rel) for rel in group.linears}
+            w_absmax = torch.stack([weight_matrix(m).detach().abs().amax(dim=0).float() for m in mods.values()])
+            inputs = GroupInputs(
+                act_absmax=tie(act / total, slot),
+                act_mean=tie_mean(mean / total, slot),
+                weight_absmax=tie(w_absmax.amax(dim=0).to(act.device), slot),
+                slot=slot,
+                weights=[weight_matrix(mods[rel]).detach() for rel in specs],
+                specs=list(specs.values()),
+                H=None if H is None else transform_hessian(H, total),
+            )
+            slot_scale = t.slot_scales(inputs)
             total = total * fold_group_scale(self.config, self.adapter, self.layer, group, slot_scale, slot)
         return total
 
