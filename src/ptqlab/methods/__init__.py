@@ -21,6 +21,7 @@ from .gptq import GPTQ, GPTQConfig
 from .lorc import LoRC, LoRCConfig
 from .rtn import RTN, RTNConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
+from .zeroquant import LKDConfig, ZeroQuantGlobal, ZeroQuantLocal
 
 
 class WeightQuantizer(Protocol):
@@ -42,6 +43,10 @@ QUANTIZERS: dict[str, tuple[type[Any], type[Any]]] = {
 }
 COMPENSATORS: dict[str, tuple[type[Any], type[Any]]] = {
     "lorc": (LoRCConfig, LoRC),
+}
+REFINERS: dict[str, tuple[type[Any], type[Any]]] = {
+    "zeroquant_local": (LKDConfig, ZeroQuantLocal),
+    "zeroquant_global": (LKDConfig, ZeroQuantGlobal),
 }
 TRANSFORMS: dict[str, tuple[type[Any], type[Any]]] = {
     "smoothquant": (SmoothQuantConfig, SmoothQuant),
@@ -66,11 +71,13 @@ class Recipe:
         compensators: Sequence[LoRC] = (),
         steps: Sequence[str] = (),
         transforms: Sequence[Any] = (),
+        refiners: Sequence[ZeroQuantLocal] = (),
     ) -> None:
-        """Compose ``transforms``, ``quantizer`` and ``compensators``."""
+        """Compose ``transforms``, ``quantizer``, ``refiners`` (ZeroQuant LKD) and ``compensators``."""
         self.quantizer = quantizer
         self.compensators = list(compensators)
         self.transforms = list(transforms)
+        self.refiners = list(refiners)
         self.steps = list(steps) or [type(quantizer).__name__.lower()]
 
     @property
@@ -79,6 +86,7 @@ class Recipe:
         return (
             self.quantizer.needs_calibration
             or bool(self.transforms)
+            or bool(self.refiners)
             or any(c.needs_calibration for c in self.compensators)
         )
 
@@ -88,11 +96,25 @@ class Recipe:
         return "+".join(self.steps)
 
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
-        """Quantize ``W``, then apply each compensator to the result."""
+        """Quantize ``W``, then apply each compensator to the result (when no refiner runs in between)."""
         result = self.quantizer.quantize(W, spec, H)
+        return result if self.refiners else self.compensate(W, result)
+
+    def compensate(self, W: torch.Tensor, result: WeightResult) -> WeightResult:
+        """Apply the compensators to a quantized ``result`` of the original weight ``W``."""
         for c in self.compensators:
             result = c.compensate(W, result)
         return result
+
+    @property
+    def local_refiner(self) -> ZeroQuantLocal | None:
+        """The ZeroQuant-Local step, if any."""
+        return next((r for r in self.refiners if type(r) is ZeroQuantLocal), None)
+
+    @property
+    def global_refiner(self) -> ZeroQuantGlobal | None:
+        """The ZeroQuant-Global step, if any."""
+        return next((r for r in self.refiners if isinstance(r, ZeroQuantGlobal)), None)
 
     def check_shape(self, module: str, rows: int, cols: int) -> None:
         """Raise ConfigError when a step cannot work on a (rows, cols) weight (e.g. LoRC's rank)."""
@@ -131,21 +153,29 @@ def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> Recipe:
     quantizers: list[WeightQuantizer] = []
     compensators: list[LoRC] = []
     transforms: list[Any] = []
+    refiners: list[ZeroQuantLocal] = []
     steps: list[str] = []
-    known = sorted({**QUANTIZERS, **COMPENSATORS, **TRANSFORMS})
+    known = sorted({**QUANTIZERS, **COMPENSATORS, **TRANSFORMS, **REFINERS})
     for k, step in enumerate(recipe):
         if len(step) != 1:
             raise ConfigError(f"recipe[{k}] must have exactly one key (the method name), got {sorted(step)}")
         ((name, options),) = step.items()
         where = f"recipe[{k}].{name}"
         if name in QUANTIZERS:
-            if compensators:
-                raise ConfigError(f"recipe[{k}]: quantizer {name!r} comes after a compensator; compensators "
-                                  "(lorc) go after the quantizer")
+            if compensators or refiners:
+                raise ConfigError(f"recipe[{k}]: quantizer {name!r} comes after a compensator or refiner; the "
+                                  "order is transforms, quantizer, zeroquant_local/global, lorc")
             config_cls, method_cls = QUANTIZERS[name]
             quantizers.append(method_cls(_config(name, config_cls, options, where)))
+        elif name in REFINERS:
+            if compensators:
+                raise ConfigError(f"recipe[{k}]: {name!r} comes after a compensator; put lorc last")
+            if any(type(r) is REFINERS[name][1] for r in refiners):
+                raise ConfigError(f"recipe[{k}]: {name!r} is named twice")
+            config_cls, method_cls = REFINERS[name]
+            refiners.append(method_cls(_config(name, config_cls, options, where)))
         elif name in TRANSFORMS:
-            if quantizers or compensators:
+            if quantizers or compensators or refiners:
                 raise ConfigError(f"recipe[{k}]: transform {name!r} is placed after a quantizer or compensator; "
                                   "transforms go first (e.g. [smoothquant, gptq, lorc])")
             config_cls, method_cls = TRANSFORMS[name]
@@ -163,7 +193,7 @@ def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> Recipe:
         quantizers.append(AWQClip(awq[-1].config))
     elif not quantizers:
         steps.insert(len(transforms), "rtn")
-    return Recipe(quantizers[0] if quantizers else RTN(), compensators, steps, transforms)
+    return Recipe(quantizers[0] if quantizers else RTN(), compensators, steps, transforms, refiners)
 
 
 __all__ = [
@@ -174,8 +204,12 @@ __all__ = [
     "GPTQConfig",
     "LoRC",
     "LoRCConfig",
+    "LKDConfig",
+    "REFINERS",
     "RTNConfig",
     "Recipe",
+    "ZeroQuantGlobal",
+    "ZeroQuantLocal",
     "SmoothQuant",
     "SmoothQuantConfig",
     "TRANSFORMS",

@@ -22,6 +22,7 @@ from ..nn.runtime import RuntimeQuantization
 from .capture import LayerCall, capture_inputs
 from .malloc import lean_malloc
 from .plan import LinearTarget
+from .refine import Refinement
 from .sequential import run_layer_pass
 from .transforms import LayerTransforms, divide_by, transform_hessian
 
@@ -46,6 +47,7 @@ class QuantizeReport:
     records: list[LayerRecord] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     runtime: RuntimeQuantization | None = None
+    distill: list[dict[str, float]] = field(default_factory=list)
 
 
 @contextmanager
@@ -168,12 +170,15 @@ def _quantize_calibrated(
     hidden: list[torch.Tensor | None] = list(captured.hidden)
     del captured.hidden[:]
     by_layer = _by_layer(targets)
+    refine = Refinement(model, method)
     bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress)
     for li in bar:
         layer = layers[li].to(device)
         tf = LayerTransforms(getattr(model, "config", None), adapter, layer, getattr(method, "transforms", ()))
+        refine.before_layer(layer, hidden, captured.calls[li])
         outputs = _quantize_layer(layer, li, adapter, by_layer.get(li, []), method, hidden, captured.calls[li],
-                                  report, tf)
+                                  report, tf, refine)
+        outputs = refine.after_layer(layer, li, captured.calls[li], outputs)
         if tf.skipped and li == 0:
             log.info("transforms skipped where nothing can absorb a scale: groups %s", ", ".join(tf.skipped))
         hidden = list(outputs)
@@ -181,6 +186,12 @@ def _quantize_calibrated(
         errs = [r.rel_error for r in report.records if r.layer == li and r.rel_error is not None]
         if errs:
             bar.set_postfix(err=f"{sum(errs) / len(errs):.4f}")
+    del hidden
+    if refine.active:
+        model.to(device)
+        refine.after_loop(model, calibration, batch_size)
+        model.to(home)
+        report.distill = refine.losses
     if device != home:
         _move_outside_layers(model, layers, home)
 
@@ -195,6 +206,7 @@ def _quantize_layer(
     calls: list[LayerCall],
     report: QuantizeReport,
     tf: LayerTransforms,
+    refine: Refinement,
 ) -> list[torch.Tensor]:
     """One true-sequential pass over a layer; returns its outputs (the next layer's inputs)."""
     groups = [[layer.get_submodule(rel) for rel in g.linears] for g in adapter.groups]
@@ -225,6 +237,7 @@ def _quantize_layer(
                 W = weight_matrix(module)
                 res = method.quantize(W, t.spec, H)
                 err = relative_output_error(W.float(), res.weight, H)
+                refine.keep(module, W, res, t.spec)
                 set_weight_matrix(module, res.weight)
                 report.records.append(LayerRecord(li, t.name, t.spec.nbits, err, time.perf_counter() - t0))
 
