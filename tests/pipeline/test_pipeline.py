@@ -57,9 +57,9 @@ def test_sequential_pass_feeds_quantized_outputs_forward():
     seen = []
     real = sequential.run_layer_pass
 
-    def spy(layer, groups, hidden, calls, observe, apply):
+    def spy(layer, groups, hidden, calls, observe, apply, input_map=None):
         inputs = list(hidden)
-        out = real(layer, groups, hidden, calls, observe, apply)
+        out = real(layer, groups, hidden, calls, observe, apply, input_map)
         assert all(h is None for h in hidden)  # consumed
         hidden = inputs
         with torch.inference_mode():
