@@ -33,6 +33,7 @@ from .nn.specs import ActivationSpec, KVSpec, activation_spec, kv_specs
 from .pipeline.activations import calibrate_static_activations
 from .pipeline.driver import QuantizeReport, quantize_model
 from .pipeline.plan import LinearTarget, Override, check_recipe_shapes, plan_activations, plan_weights
+from .pipeline.rotate import check_rotation
 from .pipeline.size import size_metrics
 from .study.config import Calibration, Evaluate, Scheme, format_validation_error
 from .study.identity import ppl_metric_name
@@ -119,6 +120,8 @@ def plan_quantization(
     check_runtime(model, adapter, attention, kv)
     method = build_quantizer(recipe)
     check_recipe_shapes(model, adapter, targets, method)
+    if method.rotation is not None:
+        check_rotation(model, adapter)
     plan = QuantizationPlan(adapter, targets, method, None, 8, activations, attention, kv)
     if plan.needs_calibration:
         if calibration is None:

@@ -19,6 +19,7 @@ from .awq import AWQClip, AWQConfig, AWQScale
 from .base import WeightResult
 from .gptq import GPTQ, GPTQConfig
 from .lorc import LoRC, LoRCConfig
+from .rotation import RotationConfig
 from .rtn import RTN, RTNConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
 from .zeroquant import LKDConfig, ZeroQuantGlobal, ZeroQuantLocal
@@ -72,12 +73,14 @@ class Recipe:
         steps: Sequence[str] = (),
         transforms: Sequence[Any] = (),
         refiners: Sequence[ZeroQuantLocal] = (),
+        rotation: RotationConfig | None = None,
     ) -> None:
         """Compose ``transforms``, ``quantizer``, ``refiners`` (ZeroQuant LKD) and ``compensators``."""
         self.quantizer = quantizer
         self.compensators = list(compensators)
         self.transforms = list(transforms)
         self.refiners = list(refiners)
+        self.rotation = rotation
         self.steps = list(steps) or [type(quantizer).__name__.lower()]
 
     @property
@@ -154,8 +157,9 @@ def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> Recipe:
     compensators: list[LoRC] = []
     transforms: list[Any] = []
     refiners: list[ZeroQuantLocal] = []
+    rotation: RotationConfig | None = None
     steps: list[str] = []
-    known = sorted({**QUANTIZERS, **COMPENSATORS, **TRANSFORMS, **REFINERS})
+    known = sorted({**QUANTIZERS, **COMPENSATORS, **TRANSFORMS, **REFINERS, "rotation": None})
     for k, step in enumerate(recipe):
         if len(step) != 1:
             raise ConfigError(f"recipe[{k}] must have exactly one key (the method name), got {sorted(step)}")
@@ -167,6 +171,10 @@ def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> Recipe:
                                   "order is transforms, quantizer, zeroquant_local/global, lorc")
             config_cls, method_cls = QUANTIZERS[name]
             quantizers.append(method_cls(_config(name, config_cls, options, where)))
+        elif name == "rotation":
+            if quantizers or compensators or refiners or transforms:
+                raise ConfigError(f"recipe[{k}]: rotation is a model-level transform that runs first; put it first")
+            rotation = _config(name, RotationConfig, options, where)
         elif name in REFINERS:
             if compensators:
                 raise ConfigError(f"recipe[{k}]: {name!r} comes after a compensator; put lorc last")
@@ -192,8 +200,8 @@ def build_quantizer(recipe: Sequence[Mapping[str, Any]]) -> Recipe:
     if not quantizers and awq:
         quantizers.append(AWQClip(awq[-1].config))
     elif not quantizers:
-        steps.insert(len(transforms), "rtn")
-    return Recipe(quantizers[0] if quantizers else RTN(), compensators, steps, transforms, refiners)
+        steps.insert(len(transforms) + (rotation is not None), "rtn")
+    return Recipe(quantizers[0] if quantizers else RTN(), compensators, steps, transforms, refiners, rotation)
 
 
 __all__ = [
@@ -208,6 +216,7 @@ __all__ = [
     "REFINERS",
     "RTNConfig",
     "Recipe",
+    "RotationConfig",
     "ZeroQuantGlobal",
     "ZeroQuantLocal",
     "SmoothQuant",

@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from .capture import LayerCall, capture_inputs
 from .malloc import lean_malloc
 from .plan import LinearTarget
 from .refine import Refinement
+from .rotate import rotate_model
 from .sequential import run_layer_pass
 from .transforms import LayerTransforms, divide_by, transform_hessian
 
@@ -48,6 +50,7 @@ class QuantizeReport:
     timings: dict[str, float] = field(default_factory=dict)
     runtime: RuntimeQuantization | None = None
     distill: list[dict[str, float]] = field(default_factory=list)
+    hooks: list[Any] = field(default_factory=list)
 
 
 @contextmanager
@@ -92,9 +95,13 @@ def quantize_model(
 
     """
     report = QuantizeReport()
+    t0 = time.perf_counter()
+    rotation = getattr(method, "rotation", None)
+    if rotation is not None:
+        report.hooks = rotate_model(model, adapter, rotation)
+        report.timings["rotation_s"] = time.perf_counter() - t0
     if not targets and not getattr(method, "transforms", ()):
         return report
-    t0 = time.perf_counter()
     if not method.needs_calibration:
         _quantize_data_free(model, adapter, targets, method, report, progress)
     else:
