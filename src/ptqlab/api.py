@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -122,6 +123,11 @@ def plan_quantization(
     check_recipe_shapes(model, adapter, targets, method)
     if method.rotation is not None:
         check_rotation(model, adapter)
+        if method.rotation.kv:
+            if kv is None:
+                raise ConfigError("recipe rotation.kv=true rotates cached keys, but scheme.kv_cache quantizes nothing")
+            kv = dataclasses.replace(kv, rotate_keys=True)
+            check_runtime(model, adapter, None, kv)
     plan = QuantizationPlan(adapter, targets, method, None, 8, activations, attention, kv)
     if plan.needs_calibration:
         if calibration is None:

@@ -74,3 +74,31 @@ def test_rotation_helps_w4a4_on_outlier_activations() -> None:
         with torch.no_grad():
             errs[name] = float((model(IDS).logits - ref).norm() / ref.norm())
     assert errs["rotated"] < errs["plain"]
+
+
+def test_rotated_keys_spread_outlier_channels() -> None:
+    from ptqlab.nn.context import ForwardContext
+    from ptqlab.nn.kv_cache import QuantizedKVCache
+    from ptqlab.nn.specs import kv_specs
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 10, 64, generator=g)
+    k[..., 3] *= 30.0  # an outlier channel, as keys have
+    errs = {}
+    for rotate in (False, True):
+        kv = kv_specs({"bits": 4, "granularity": "head"})
+        assert kv is not None
+        kv = type(kv)(kv.key, kv.value, kv.where, kv.mode, rotate_keys=rotate)
+        cache = QuantizedKVCache(kv, ForwardContext())
+        keys, _ = cache.update(k, k.clone(), 0)
+        errs[rotate] = float((keys - k).norm() / k.norm())
+    assert errs[True] < errs[False]
+
+
+def test_rotation_kv_needs_a_kv_scheme() -> None:
+    with pytest.raises(ConfigError, match="quantizes nothing"):
+        quantize(tiny_model("llama"), {"weight": {"bits": 4}}, [{"rotation": {"kv": True}}], progress=False)
+    model = tiny_model("llama")
+    quantize(model, {"kv_cache": {"bits": 4}}, [{"rotation": {"kv": True}}], progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()

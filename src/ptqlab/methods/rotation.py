@@ -1,19 +1,13 @@
-"""Rotations (QuaRot-style): orthogonal matrices that spread outliers, fused into the weights.
-
-A width ``d = 2^k * m`` (m odd) gets ``Q = (H_{2^k} D) kron R_m``: a Sylvester Hadamard matrix with random
-signs ``D`` (normalised), times a random orthogonal ``R_m`` (QR of a Gaussian) for the odd factor; a
-power of two is a plain randomised Hadamard, a width with no power-of-two factor a random orthogonal
-matrix. ``Q`` is orthogonal, so rotating the residual stream (and the input of ``down_proj`` online)
-keeps the float function exactly where the norms allow it.
-"""
+"""The rotation method's options; the matrices are in :mod:`ptqlab.quant.rotation`, the phase in the pipeline."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import ConfigError
+from ..quant.rotation import Rotation, hadamard, random_orthogonal, random_rotation, split_power_of_two
+
+__all__ = ["Rotation", "RotationConfig", "hadamard", "random_orthogonal", "random_rotation", "split_power_of_two"]
 
 
 @dataclass(frozen=True)
@@ -23,74 +17,15 @@ class RotationConfig:
     Attributes:
         seed: Seed of the random signs and orthogonal factors.
         online_down: Also rotate the input of ``down_proj`` online (weights rotated to match).
+        kv: Quantize cached keys in a per-head Hadamard basis (needs ``scheme.kv_cache``).
 
     """
 
     seed: int = 0
     online_down: bool = True
+    kv: bool = False
 
     def __post_init__(self) -> None:
         """Check the options."""
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"rotation.seed={self.seed!r} must be an integer")
-
-
-def hadamard(n: int) -> torch.Tensor:
-    """The Sylvester Hadamard matrix of order ``n`` (a power of two), entries +-1, float64."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"no Sylvester Hadamard matrix of order {n}")
-    H = torch.ones(1, 1, dtype=torch.float64)
-    while H.shape[0] < n:
-        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
-    return H
-
-
-def split_power_of_two(d: int) -> tuple[int, int]:
-    """``(2^k, m)`` with ``d = 2^k * m`` and m odd."""
-    p = d & -d
-    return p, d // p
-
-
-@dataclass(frozen=True)
-class Rotation:
-    """A structured orthogonal matrix ``Q = A kron B`` with ``A`` (p, p) and ``B`` (m, m).
-
-    ``x @ Q`` for x (..., p*m) is computed as ``A^T``/``B`` products on the (p, m) view, never forming Q.
-    """
-
-    A: torch.Tensor
-    B: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        """The width d."""
-        return int(self.A.shape[0] * self.B.shape[0])
-
-    def matrix(self) -> torch.Tensor:
-        """The dense (d, d) matrix Q (float64)."""
-        return torch.kron(self.A, self.B)
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ Q`` for x (..., d), in x's dtype."""
-        p, m = self.A.shape[0], self.B.shape[0]
-        v = x.reshape(*x.shape[:-1], p, m)  # (..., p, m)
-        A, B = self.A.to(x.device, x.dtype), self.B.to(x.device, x.dtype)
-        out = A.transpose(0, 1) @ (v @ B)  # row-major kron: (x @ (A kron B)) viewed (p, m) = A^T V B
-        return out.reshape(x.shape)
-
-
-def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
-    """A random orthogonal (n, n) matrix (QR of a Gaussian, signs fixed), float64."""
-    G = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    Qm, R = torch.linalg.qr(G)
-    return (Qm * torch.sign(torch.diagonal(R))[None, :]).contiguous()
-
-
-def random_rotation(d: int, seed: int) -> Rotation:
-    """The randomised Hadamard (times a random orthogonal odd factor) rotation of width ``d``."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + d)
-    p, m = split_power_of_two(d)
-    signs = torch.randint(0, 2, (p,), generator=g, dtype=torch.int64).to(torch.float64) * 2 - 1
-    A = hadamard(p) * signs[:, None] / p**0.5  # D H / sqrt(p): orthogonal
-    B = random_orthogonal(m, g) if m > 1 else torch.ones(1, 1, dtype=torch.float64)
-    return Rotation(A, B)

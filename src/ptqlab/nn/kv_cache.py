@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..models.adapter import Adapter
 from ..models.heads import attention_heads, fused_qkv_rows
 from ..models.weights import out_features
+from ..quant.rotation import random_rotation
 from ..quant.spec import QuantSpec
 from .context import ForwardContext
 from .rows import fake_quantize_over_tokens, fake_quantize_rows
@@ -56,6 +57,11 @@ def quantize_kv(x: torch.Tensor, spec: QuantSpec, valid: torch.Tensor | None = N
     return out.reshape(b, t, h, d).permute(0, 2, 1, 3)
 
 
+def head_rotation(head_dim: int) -> torch.Tensor:
+    """The fixed orthogonal (head_dim, head_dim) rotation used for keys (a normalised Hadamard where it exists)."""
+    return random_rotation(head_dim, seed=0).matrix().float()
+
+
 class QuantizedKVCache(DynamicCache):
     """A DynamicCache that stores (and so attends with) fake-quantized K and V.
 
@@ -70,6 +76,12 @@ class QuantizedKVCache(DynamicCache):
         self.ctx = ctx
         self.quantized_updates = 0
 
+    def _quantize_keys(self, k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        if not self.kv.rotate_keys:
+            return quantize_kv(k, self.kv.key, valid)
+        H = head_rotation(k.shape[-1]).to(k.device, k.dtype)
+        return quantize_kv(k @ H, self.kv.key, valid) @ H.t()
+
     def _layer_empty(self, layer_idx: int) -> bool:
         return layer_idx >= len(self.layers) or self.get_seq_length(layer_idx) == 0
 
@@ -80,7 +92,7 @@ class QuantizedKVCache(DynamicCache):
         if not (self.kv.mode == "decode" and self._layer_empty(layer_idx)):
             valid = self.ctx.valid_tokens(key_states.shape[0], key_states.shape[2])
             if self.kv.where == "post_rope":
-                key_states = quantize_kv(key_states, self.kv.key, valid)
+                key_states = self._quantize_keys(key_states, valid)
             value_states = quantize_kv(value_states, self.kv.value, valid)
             self.quantized_updates += 1
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -111,6 +123,8 @@ def check_kv(model: nn.Module, adapter: Adapter, kv: KVSpec) -> None:
         ConfigError: pre_rope on a family without RoPE, or a group size that does not divide head_dim.
 
     """
+    if kv.rotate_keys and kv.where == "pre_rope":
+        raise ConfigError("rotation.kv: rotated keys are quantized after RoPE; use kv_cache.where=post_rope")
     if kv.where == "pre_rope" and not adapter.has_rope:
         raise ConfigError(f"scheme.kv_cache.where=pre_rope: family {adapter.family} has no RoPE; use post_rope")
     head_dim = _head_dim(model)

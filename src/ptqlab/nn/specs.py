@@ -45,6 +45,8 @@ class KVSpec:
         value: Spec of V.
         where: ``post_rope`` (K as cached) or ``pre_rope`` (K at the k projection's output).
         mode: ``all`` (prefill and decode) or ``decode`` (FP prefill, each new token quantized).
+        rotate_keys: Quantize K in a per-head Hadamard basis (``Q(k H) H^T``): attention scores are
+            those of rotated queries and keys, and outlier channels of K are spread before quantization.
 
     """
 
@@ -52,6 +54,7 @@ class KVSpec:
     value: QuantSpec
     where: str = "post_rope"
     mode: str = "all"
+    rotate_keys: bool = False
 
     @property
     def enabled(self) -> bool:
