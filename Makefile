@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
-.PHONY: setup demo test test-all lint bench bench-foundation bench-space clean
+.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods clean
 
 setup: $(STAMP)
 
@@ -31,13 +31,16 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/mypy
 
-bench: bench-foundation bench-space
+bench: bench-foundation bench-space bench-methods
 
 bench-foundation: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_foundation.py
 
 bench-space: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_space.py
+
+bench-methods: setup
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_methods.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
