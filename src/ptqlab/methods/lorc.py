@@ -68,9 +68,9 @@ class LoRC:
     def factors(self, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (possibly quantized) factors ``A`` (out, r) and ``B`` (r, in) of ``error``."""
         r = self.config.rank
-        U, S, Vh = torch.linalg.svd(error.double(), full_matrices=False)
+        U, S, Vh = torch.linalg.svd(error.float(), full_matrices=False)  # exact; randomized SVD misses on flat spectra
         root = S[:r].sqrt()
-        A, B = (U[:, :r] * root).float(), (root[:, None] * Vh[:r]).float()
+        A, B = U[:, :r] * root, root[:, None] * Vh[:r]
         if self.config.factor_bits != FULL_PRECISION_BITS:
             spec = QuantSpec(bits=self.config.factor_bits, symmetric=True, granularity="channel", where="lorc")
             A, B = fake_quantize(A, spec), fake_quantize(B, spec)
