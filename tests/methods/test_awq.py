@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from methods_testutil import outlier_model
 
 from ptqlab.api import quantize
 from ptqlab.methods import Recipe, build_quantizer
@@ -11,7 +12,7 @@ from ptqlab.methods.awq import AWQClip, AWQConfig, AWQScale
 from ptqlab.methods.base import WeightResult, relative_output_error
 from ptqlab.methods.rtn import RTN
 from ptqlab.models.registry import get_adapter
-from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
+from ptqlab.models.tiny import TINY_FAMILIES
 from ptqlab.pipeline.driver import quantize_model
 from ptqlab.pipeline.plan import plan_weights
 from ptqlab.quant import QuantSpec
@@ -29,18 +30,9 @@ class _KeepWeights:
         return WeightResult(W.float(), W.float(), RTN().quantize(W, spec).qparams)
 
 
-def _outliers(family: str) -> torch.nn.Module:
-    model = tiny_model(family).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight") and p.dim() == 1:
-                p[::5] *= 6.0
-    return model
-
-
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_awq_scaling_keeps_the_fp_output(family: str) -> None:
-    model = _outliers(family)
+    model = outlier_model(family, 5, 6.0)
     with torch.no_grad():
         ref = model(IDS).logits
     adapter = get_adapter(model)
@@ -57,7 +49,7 @@ def test_awq_scaling_keeps_the_fp_output(family: str) -> None:
 def test_awq_beats_rtn_on_outlier_channels() -> None:
     errs = {}
     for name, recipe in (("rtn", [{"rtn": {}}]), ("awq", [{"awq": {}}])):
-        model = _outliers("llama")
+        model = outlier_model("llama", 5, 6.0)
         with torch.no_grad():
             ref = model(IDS).logits
         quantize(model, {"weight": {"bits": 3, "granularity": "group", "group_size": 16}}, recipe, CAL, progress=False)

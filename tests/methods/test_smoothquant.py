@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from methods_testutil import outlier_model
 
 from ptqlab.api import quantize
 from ptqlab.errors import ConfigError
@@ -14,19 +15,9 @@ from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
 CAL = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(7))
 
 
-def _outlier_model(family: str) -> torch.nn.Module:
-    """A tiny model whose norms make a few activation channels large (what SmoothQuant is for)."""
-    model = tiny_model(family).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight") and p.dim() == 1:
-                p[::7] *= 8.0
-    return model
-
-
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_smoothing_keeps_the_fp_output(family: str) -> None:
-    model = _outlier_model(family)
+    model = outlier_model(family)
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
@@ -43,7 +34,7 @@ def test_smoothing_makes_activations_easier_to_quantize() -> None:
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(2))
     errs = []
     for recipe in ([], [{"smoothquant": {"alpha": 0.5}}]):
-        model = _outlier_model("llama")
+        model = outlier_model("llama")
         with torch.no_grad():
             ref = model(ids).logits
         quantize(model, {"weight": {"bits": 8}, "activation": {"bits": 4, "granularity": "token"}},
