@@ -161,3 +161,19 @@ def test_weight_activation_kv_run_stores_effective_bits(tmp_path, capsys):
     assert metrics["bits.activation"]["value"] > 8
     assert 0 < metrics["size.model_bytes"]["value"] < 260_000 * 2
     assert metrics["ppl.wikitext2.s128.w2"]["value"] > 1
+
+
+def test_recipe_of_many_methods_runs_end_to_end(tmp_path, capsys):
+    db = str(tmp_path / "s.db")
+    cfg = {
+        **STORIES,
+        "scheme": {"weight": {"bits": 4, "granularity": "channel"}, "activation": {"bits": 8}},
+        "recipe": [{"rotation": {}}, {"smoothquant": {"alpha": 0.5}}, {"gptq": {}},
+                   {"zeroquant_local": {"steps": 3}}, {"lorc": {"rank": 2}}],
+    }
+    code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, cfg), "--json", "--quiet")
+    assert code == 0
+    run = json.loads(out)
+    assert run["status"] == "done"
+    assert 0 < run["metrics"]["zeroquant.local.loss_ratio"]["value"] <= 1
+    assert run["metrics"]["bits.weight"]["value"] > 4

@@ -77,7 +77,7 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
         timings.update(report.timings)
         timings.update(result.timings)
         sizes = plan.size_metrics(lm.model, cfg.evaluate.seqlen)
-        record.metrics = result.metrics + [Metric(k, v) for k, v in sizes.items()]
+        record.metrics = result.metrics + [Metric(k, v) for k, v in sizes.items()] + _distill_metrics(report.distill)
         record.layers = [vars(r) for r in report.records]
         record.status = "done"
     except Exception as exc:  # noqa: BLE001 - any failure while running is stored as the reason
@@ -88,3 +88,15 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
     record.timings = timings
     store.save(record)
     return RunOutcome(record, reused=False)
+
+
+def _distill_metrics(losses: list[dict[str, float]]) -> list[Metric]:
+    """ZeroQuant losses: mean best/start ratio over layers (local), start and best KL (global)."""
+    out = []
+    local = [d for d in losses if d["layer"] >= 0 and d["start"] > 0]
+    if local:
+        out.append(Metric("zeroquant.local.loss_ratio", sum(d["best"] / d["start"] for d in local) / len(local)))
+    for d in losses:
+        if d["layer"] < 0:
+            out += [Metric("zeroquant.global.kl_start", d["start"]), Metric("zeroquant.global.kl_best", d["best"])]
+    return out
