@@ -106,8 +106,20 @@ class Calibration(_Strict):
     batch_size: int = Field(default=8, ge=1)
 
 
+class DivergenceConfig(_Strict):
+    """Divergence from the FP model: KL(FP || Q) and top-k agreement on the first windows of a corpus."""
+
+    corpus: str = "wikitext2"
+    seqlen: int = Field(default=512, ge=8)
+    windows: int = Field(default=16, ge=1)
+    top_k: int = Field(default=32, ge=5)
+
+
 class Evaluate(_Strict):
-    """Evaluations: perplexity corpora under the GPTQ protocol (tasks and divergence come later)."""
+    """Evaluations: perplexity corpora under the GPTQ protocol, divergence from FP (tasks come later).
+
+    ``divergence: true`` uses the defaults of :class:`DivergenceConfig` (16 windows of 512 wikitext2 tokens).
+    """
 
     perplexity: list[str] = Field(default_factory=lambda: ["wikitext2"])
     seqlen: int = Field(default=2048, ge=8)
@@ -115,7 +127,13 @@ class Evaluate(_Strict):
     batch_size: int = Field(default=1, ge=1)
     tasks: list[str] = Field(default_factory=list)
     limit: int | None = None
-    divergence: bool = False
+    divergence: bool | DivergenceConfig = False
+
+    def divergence_config(self) -> DivergenceConfig | None:
+        """The divergence settings, or None when not asked for."""
+        if isinstance(self.divergence, DivergenceConfig):
+            return self.divergence
+        return DivergenceConfig() if self.divergence else None
 
 
 class RunConfig(_Strict):
@@ -166,8 +184,9 @@ def _check_not_yet(cfg: RunConfig) -> None:
     for k, name in enumerate(cfg.evaluate.perplexity):
         if name not in CORPORA:
             raise ConfigError(f"evaluate.perplexity[{k}]={name!r} is unknown; known: {', '.join(sorted(CORPORA))}")
-    if cfg.evaluate.divergence:
-        raise ConfigError("evaluate.divergence: divergence from FP is not available in this version yet")
+    div = cfg.evaluate.divergence_config()
+    if div is not None and div.corpus not in CORPORA:
+        raise ConfigError(f"evaluate.divergence.corpus={div.corpus!r} is unknown; known: {', '.join(sorted(CORPORA))}")
 
 
 def parse_config(data: dict[str, Any]) -> RunConfig:

@@ -43,6 +43,11 @@ def ppl_metric_name(corpus: str, seqlen: int, windows: int) -> str:
     return f"ppl.{corpus}.s{seqlen}.w{windows}"
 
 
+def sized_metric_name(kind: str, corpus: str, seqlen: int, windows: int) -> str:
+    """``<kind>.<corpus>.s<seqlen>.w<windows>``, e.g. ``kl.wikitext2.s512.w16``."""
+    return f"{kind}.{corpus}.s{seqlen}.w{windows}"
+
+
 def package_versions() -> dict[str, str]:
     """Versions of the packages that decide the numbers, plus Python's."""
     out = {"python": platform.python_version()}

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from ..api import evaluate, plan_quantization, prepare_eval_windows, run_quantization
-from ..models.loading import load_model, resolve_device
+from ..data.corpora import eval_windows
+from ..eval.divergence import Reference, ReferenceCache, divergence
+from ..models.loading import LoadedModel, load_model, resolve_device
 from .config import RunConfig
-from .identity import git_revision, normalized, package_versions, qmodel_key, run_id
+from .identity import git_revision, normalized, package_versions, qmodel_key, run_id, sized_metric_name
 from .store import Metric, RunRecord, Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
     timings = {"load_s": time.perf_counter() - t_start}
     plan = plan_quantization(lm.model, cfg.scheme, cfg.recipe, cfg.calibration, lm.tokenizer)
     windows = prepare_eval_windows(lm.tokenizer, cfg.evaluate)
+    reference = _fp_reference(cfg, lm, timings)
     record = RunRecord(
         id=rid,
         qmodel_key=qmodel_key(cfg, lm.info.fingerprint),
@@ -76,8 +79,11 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
             result = evaluate(lm.model, lm.tokenizer, cfg.evaluate, windows=windows, progress=progress)
         timings.update(report.timings)
         timings.update(result.timings)
+        if reference is not None:
+            record.metrics += _divergence_metrics(cfg, lm.model, reference, timings)
         sizes = plan.size_metrics(lm.model, cfg.evaluate.seqlen)
-        record.metrics = result.metrics + [Metric(k, v) for k, v in sizes.items()] + _distill_metrics(report.distill)
+        record.metrics = result.metrics + record.metrics + [Metric(k, v) for k, v in sizes.items()]
+        record.metrics += _distill_metrics(report.distill)
         record.layers = [vars(r) for r in report.records]
         record.status = "done"
     except Exception as exc:  # noqa: BLE001 - any failure while running is stored as the reason
@@ -100,3 +106,28 @@ def _distill_metrics(losses: list[dict[str, float]]) -> list[Metric]:
         if d["layer"] < 0:
             out += [Metric("zeroquant.global.kl_start", d["start"]), Metric("zeroquant.global.kl_best", d["best"])]
     return out
+
+
+def _fp_reference(cfg: RunConfig, lm: LoadedModel, timings: dict[str, float]) -> Reference | None:
+    """The FP model's top-k reference for divergence (from the on-disk cache, or computed before quantizing)."""
+    div = cfg.evaluate.divergence_config()
+    if div is None:
+        return None
+    t0 = time.perf_counter()
+    ids = eval_windows(div.corpus, lm.tokenizer, div.seqlen, div.windows).input_ids
+    ref = ReferenceCache().get(lm.model, lm.info.fingerprint, cfg.dtype, ids, div.top_k)
+    timings["divergence.reference_s"] = time.perf_counter() - t0
+    return ref
+
+
+def _divergence_metrics(
+    cfg: RunConfig, model: torch.nn.Module, ref: Reference, timings: dict[str, float]
+) -> list[Metric]:
+    div = cfg.evaluate.divergence_config()
+    assert div is not None
+    t0 = time.perf_counter()
+    d = divergence(model, ref)
+    timings["divergence_s"] = time.perf_counter() - t0
+    n_win, seqlen = ref.ids.shape
+    return [Metric(sized_metric_name(kind, div.corpus, seqlen, n_win), value)
+            for kind, value in (("kl", d.kl), ("top1", d.top1), ("top5", d.top5))]

@@ -1,0 +1,139 @@
+"""Divergence of a quantized model from its FP model: per-token KL and top-k agreement.
+
+The FP side is computed once per (model, data, k) and cached on disk as the top-k log-probabilities
+(and their token ids) of every position; full-vocabulary logits would not fit (40 x 2048 x 49152 floats
+is 16 GB). KL(FP || Q) is computed over the top-k tokens plus one tail bucket holding the rest of the
+probability mass of both distributions:
+
+    KL = sum_{i in topk} p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail)
+
+which is a lower bound of the full KL (merging outcomes never increases a divergence) and equals it
+when the tail carries no mass. ``top1`` is the fraction of positions where both models rank the same
+token first; ``top5`` the fraction where FP's first token is among the quantized model's top 5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TOP_K = 32
+
+
+@dataclass
+class Reference:
+    """The FP model's top-k log-probabilities at every position of some windows.
+
+    Attributes:
+        ids: Token ids (windows, seqlen), the inputs.
+        top_ids: (windows, seqlen, k) ids of FP's top-k tokens, most probable first.
+        top_logp: (windows, seqlen, k) their log-probabilities.
+
+    """
+
+    ids: torch.Tensor
+    top_ids: torch.Tensor
+    top_logp: torch.Tensor
+
+
+@dataclass
+class Divergence:
+    """Mean per-token KL(FP || Q) (nats) and agreement with FP's top token."""
+
+    kl: float
+    top1: float
+    top5: float
+    tokens: int
+
+
+def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(device), use_cache=False).logits.float()
+    return torch.log_softmax(logits, dim=-1).cpu()  # (1, T, V)
+
+
+def compute_reference(model: nn.Module, ids: torch.Tensor, k: int = TOP_K) -> Reference:
+    """Run the FP model over ``ids`` (windows, seqlen), one window at a time, keeping the top-k log-probs."""
+    tops, logps = [], []
+    for row in ids.split(1):
+        logp = _logprobs(model, row)
+        val, idx = logp.topk(k, dim=-1)
+        tops.append(idx.to(torch.int32))
+        logps.append(val)
+    return Reference(ids, torch.cat(tops), torch.cat(logps))
+
+
+def _tail(logp_top: torch.Tensor) -> torch.Tensor:
+    """Log of the probability mass outside the given top-k log-probs (clamped away from log 0)."""
+    mass = logp_top.exp().sum(dim=-1).clamp(max=1.0 - 1e-7)
+    return torch.log1p(-mass)
+
+
+def divergence(model: nn.Module, ref: Reference) -> Divergence:
+    """KL(FP || Q) and top-k agreement of ``model`` against a reference computed on the FP model."""
+    kl_sum, top1, top5, n = 0.0, 0, 0, 0
+    for w in range(ref.ids.shape[0]):
+        q = _logprobs(model, ref.ids[w : w + 1])[0]  # (T, V)
+        p_top = ref.top_logp[w]  # (T, k)
+        idx = ref.top_ids[w].long()
+        q_top = q.gather(-1, idx)
+        p_tail, q_tail = _tail(p_top), _tail(q_top)
+        kl = (p_top.exp() * (p_top - q_top)).sum(-1) + p_tail.exp() * (p_tail - q_tail)
+        kl_sum += float(kl.clamp_min(0).sum())
+        q_best = q.topk(5, dim=-1).indices
+        top1 += int((q_best[:, 0] == idx[:, 0]).sum())
+        top5 += int((q_best == idx[:, :1]).any(-1).sum())
+        n += q.shape[0]
+    return Divergence(kl_sum / n, top1 / n, top5 / n, n)
+
+
+def divergence_cache_dir() -> Path:
+    """Where FP references are kept (``$PTQLAB_CACHE/divergence`` or ~/.cache/ptqlab/divergence)."""
+    root = Path(os.environ.get("PTQLAB_CACHE") or Path.home() / ".cache" / "ptqlab")
+    return root / "divergence"
+
+
+class ReferenceCache:
+    """FP references on disk, keyed by the model's fingerprint, dtype and the exact token ids.
+
+    Attributes:
+        computed: How many references this cache has computed (the rest were read from disk).
+
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        """Use ``root`` (default :func:`divergence_cache_dir`)."""
+        self.root = root or divergence_cache_dir()
+        self.computed = 0
+
+    def key(self, fingerprint: str, dtype: str, ids: torch.Tensor, k: int) -> str:
+        """The file name of a reference."""
+        h = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+        return hashlib.sha256(f"{fingerprint}|{dtype}|{h}|{k}".encode()).hexdigest()[:24]
+
+    def get(self, model: nn.Module, fingerprint: str, dtype: str, ids: torch.Tensor, k: int = TOP_K) -> Reference:
+        """The FP reference of ``model`` on ``ids``: from disk, or computed now and written."""
+        path = self.root / f"{self.key(fingerprint, dtype, ids, k)}.safetensors"
+        if path.is_file():
+            data = load_file(str(path))
+            if torch.equal(data["ids"], ids.to(data["ids"].dtype)):
+                return Reference(data["ids"], data["top_ids"], data["top_logp"])
+        ref = compute_reference(model, ids, k)
+        self.computed += 1
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"ids": ref.ids.contiguous(), "top_ids": ref.top_ids.contiguous(),
+                   "top_logp": ref.top_logp.contiguous()}, str(tmp))
+        tmp.replace(path)  # never a half-written reference
+        log.info("FP reference for divergence written to %s", path)
+        return ref
