@@ -43,10 +43,12 @@ def test_run_store_show_and_resume(tmp_path, capsys):
     assert 1.0 < ppl < 1e4
     assert len(run["layers"]) == 5 * 7 and all(r["rel_error"] > 0 for r in run["layers"])
     assert run["versions"]["torch"] and run["model_fingerprint"].split("-")[0].isdigit()
+    assert run["texts"]["sample"].startswith("Once upon a time") and len(run["texts"]["sample"]) > 20
 
     code, out, _ = _cli(capsys, "--store", db, "show", run["id"][:6], "--json")
     shown = json.loads(out)
     assert shown["metrics"] == run["metrics"] and shown["config"] == run["config"]
+    assert shown["texts"] == run["texts"]
 
     code, out, _ = _cli(capsys, "--store", db, "run", cfg, "--quiet")  # resumes: not recomputed
     assert code == 0 and "already in the store" in out

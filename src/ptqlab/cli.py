@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from .errors import PtqlabError
 from .study.store import RunRecord, Store
@@ -20,14 +20,31 @@ def _store(args: argparse.Namespace) -> Store:
     return Store(args.store or os.environ.get("PTQLAB_STORE") or DEFAULT_STORE)
 
 
+def _part(prefix: str, section: dict[str, Any] | None) -> str | None:
+    """``W4 group64`` / ``Anf4`` / ``KV4``, or None for a full-precision part."""
+    if not section:
+        return None
+    fmt = section.get("format") or "int"
+    bits = section.get("bits")
+    if fmt == "int" and (bits is None or bits >= 16):
+        return None
+    size = fmt if fmt != "int" else str(bits)
+    gran = section.get("granularity") or ""
+    return f"{prefix}{size} {gran}{section.get('group_size') or ''}".strip()
+
+
+def describe_scheme(scheme: dict[str, Any]) -> str:
+    """A short description of a scheme, e.g. ``W4 group64 + A8 token + KV4 head`` (``FP`` if none)."""
+    parts = [_part(prefix, scheme.get(key)) for prefix, key in (("W", "weight"), ("A", "activation"), ("KV", "kv_cache"))]
+    return " + ".join(p for p in parts if p) or "FP"
+
+
 def _run_table(run: RunRecord, out: TextIO) -> None:
     cfg = run.config
     weight = (cfg.get("scheme") or {}).get("weight") or {}
     recipe = ", ".join(next(iter(s)) for s in cfg.get("recipe") or []) or ("rtn" if weight else "-")
     out.write(f"run {run.id}  status {run.status}  model {run.model} ({run.architecture})\n")
-    bits = weight.get("bits", 16)
-    desc = f"W{bits} {weight.get('granularity', '')}{weight.get('group_size') or ''}" if bits < 16 else "FP"
-    out.write(f"scheme {desc}  recipe {recipe}\n")
+    out.write(f"scheme {describe_scheme(cfg.get('scheme') or {})}  recipe {recipe}\n")
     if run.error:
         out.write(f"error: {run.error}\n")
     if run.metrics:
@@ -36,6 +53,8 @@ def _run_table(run: RunRecord, out: TextIO) -> None:
         for m in run.metrics:
             err = f" ± {m.stderr:.4g}" if m.stderr is not None else ""
             out.write(f"{m.name:<{width}}  {m.value:.4f}{err}\n")
+    if run.texts.get("sample"):
+        out.write(f"sample: {run.texts['sample']!r}\n")
     if run.timings:
         t = run.timings
         out.write(f"time: quantize {t.get('quantize_s', 0):.1f} s, total {t.get('total_s', 0):.1f} s\n")

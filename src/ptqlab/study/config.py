@@ -115,6 +115,13 @@ class DivergenceConfig(_Strict):
     top_k: int = Field(default=32, ge=5)
 
 
+class SampleConfig(_Strict):
+    """A fixed greedy generation sample stored with the run (``sample: null`` to skip it)."""
+
+    prompt: str = "Once upon a time"
+    max_new_tokens: int = Field(default=32, ge=1, le=1024)
+
+
 class Evaluate(_Strict):
     """Evaluations: perplexity corpora under the GPTQ protocol, divergence from FP (tasks come later).
 
@@ -128,6 +135,7 @@ class Evaluate(_Strict):
     tasks: list[str] = Field(default_factory=list)
     limit: int | None = None
     divergence: bool | DivergenceConfig = False
+    sample: SampleConfig | None = Field(default_factory=SampleConfig)
 
     def divergence_config(self) -> DivergenceConfig | None:
         """The divergence settings, or None when not asked for."""

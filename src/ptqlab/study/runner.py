@@ -12,6 +12,7 @@ import torch
 from ..api import evaluate, plan_quantization, prepare_eval_windows, run_quantization
 from ..data.corpora import eval_windows
 from ..eval.divergence import Reference, ReferenceCache, divergence
+from ..eval.generation import greedy_sample
 from ..models.loading import LoadedModel, load_model, resolve_device
 from .config import RunConfig
 from .identity import git_revision, normalized, package_versions, qmodel_key, run_id, sized_metric_name
@@ -81,6 +82,9 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
         timings.update(result.timings)
         if reference is not None:
             record.metrics += _divergence_metrics(cfg, lm.model, reference, timings)
+        if cfg.evaluate.sample is not None:
+            sample = cfg.evaluate.sample
+            record.texts["sample"] = greedy_sample(lm.model, lm.tokenizer, sample.prompt, sample.max_new_tokens)
         sizes = plan.size_metrics(lm.model, cfg.evaluate.seqlen)
         record.metrics = result.metrics + record.metrics + [Metric(k, v) for k, v in sizes.items()]
         record.metrics += _distill_metrics(report.distill)

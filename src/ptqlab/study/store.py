@@ -35,6 +35,12 @@ CREATE TABLE IF NOT EXISTS metrics (
     stderr REAL,
     PRIMARY KEY (run_id, name)
 );
+CREATE TABLE IF NOT EXISTS texts (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    text TEXT NOT NULL,
+    PRIMARY KEY (run_id, name)
+);
 CREATE TABLE IF NOT EXISTS layer_records (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     layer INTEGER NOT NULL,
@@ -77,6 +83,7 @@ class RunRecord:
     timings: dict[str, float] = field(default_factory=dict)
     metrics: list[Metric] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The run as a JSON-ready mapping (metrics as ``{name: {value, stderr}}``)."""
@@ -98,6 +105,7 @@ class RunRecord:
             "device": self.device,
             "created_at": self.created_at,
             "layers": self.layers,
+            "texts": self.texts,
         }
 
 
@@ -141,6 +149,7 @@ class Store:
             con.executemany(
                 "INSERT INTO metrics VALUES (?,?,?,?)", [(run.id, m.name, m.value, m.stderr) for m in run.metrics]
             )
+            con.executemany("INSERT INTO texts VALUES (?,?,?)", [(run.id, k, v) for k, v in run.texts.items()])
             con.executemany(
                 "INSERT INTO layer_records VALUES (?,?,?,?,?,?)",
                 [(run.id, r["layer"], r["module"], r["bits"], r["rel_error"], r["seconds"]) for r in run.layers],
@@ -164,7 +173,10 @@ class Store:
                     "ORDER BY layer, rowid", (row["id"],)
                 )
             ]
-        return _record(row, metrics, layers)
+            texts = {r["name"]: r["text"] for r in con.execute("SELECT * FROM texts WHERE run_id = ?", (row["id"],))}
+        record = _record(row, metrics, layers)
+        record.texts = texts
+        return record
 
     def list_runs(self) -> list[RunRecord]:
         """All runs, oldest first, with their metrics (layer records left out)."""
