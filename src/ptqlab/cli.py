@@ -35,7 +35,8 @@ def _part(prefix: str, section: dict[str, Any] | None) -> str | None:
 
 def describe_scheme(scheme: dict[str, Any]) -> str:
     """A short description of a scheme, e.g. ``W4 group64 + A8 token + KV4 head`` (``FP`` if none)."""
-    parts = [_part(prefix, scheme.get(key)) for prefix, key in (("W", "weight"), ("A", "activation"), ("KV", "kv_cache"))]
+    keys = (("W", "weight"), ("A", "activation"), ("KV", "kv_cache"))
+    parts = [_part(prefix, scheme.get(key)) for prefix, key in keys]
     return " + ".join(p for p in parts if p) or "FP"
 
 
