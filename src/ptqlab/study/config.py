@@ -115,6 +115,22 @@ class DivergenceConfig(_Strict):
     top_k: int = Field(default=32, ge=5)
 
 
+class LongContextConfig(_Strict):
+    """Long-context retrieval: accuracy by prompt length (see :mod:`ptqlab.eval.retrieval`)."""
+
+    lengths: list[int] = Field(default_factory=lambda: [512, 1024, 2048])
+    samples: int = Field(default=10, ge=1)
+    pairs: int = Field(default=1, ge=1, le=500)
+    seed: int = 0
+
+    @field_validator("lengths")
+    @classmethod
+    def _lengths(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 32 for n in v):
+            raise ValueError("lengths must be a non-empty list of token counts of at least 32")
+        return v
+
+
 class SampleConfig(_Strict):
     """A fixed greedy generation sample stored with the run (``sample: null`` to skip it)."""
 
@@ -136,6 +152,7 @@ class Evaluate(_Strict):
     limit: int | None = None
     divergence: bool | DivergenceConfig = False
     sample: SampleConfig | None = Field(default_factory=SampleConfig)
+    long_context: LongContextConfig | None = None
 
     def divergence_config(self) -> DivergenceConfig | None:
         """The divergence settings, or None when not asked for."""

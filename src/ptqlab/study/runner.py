@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -11,10 +12,12 @@ import torch
 
 from ..api import evaluate, plan_quantization, prepare_eval_windows, run_quantization
 from ..data.corpora import eval_windows
+from ..errors import ConfigError
 from ..eval.divergence import Reference, ReferenceCache, divergence
 from ..eval.generation import greedy_sample
+from ..eval.retrieval import ANSWER_TOKENS, model_max_length, retrieval_accuracy
 from ..models.loading import LoadedModel, load_model, resolve_device
-from .config import RunConfig
+from .config import LongContextConfig, RunConfig
 from .identity import git_revision, normalized, package_versions, qmodel_key, run_id, sized_metric_name
 from .store import Metric, RunRecord, Store
 
@@ -57,6 +60,7 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
     timings = {"load_s": time.perf_counter() - t_start}
     plan = plan_quantization(lm.model, cfg.scheme, cfg.recipe, cfg.calibration, lm.tokenizer)
     windows = prepare_eval_windows(lm.tokenizer, cfg.evaluate)
+    _check_long_context(cfg, lm.model)
     reference = _fp_reference(cfg, lm, timings)
     record = RunRecord(
         id=rid,
@@ -82,6 +86,8 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
         timings.update(result.timings)
         if reference is not None:
             record.metrics += _divergence_metrics(cfg, lm.model, reference, timings)
+        if cfg.evaluate.long_context is not None:
+            record.metrics += _long_context(cfg.evaluate.long_context, lm, record, timings)
         if cfg.evaluate.sample is not None:
             sample = cfg.evaluate.sample
             record.texts["sample"] = greedy_sample(lm.model, lm.tokenizer, sample.prompt, sample.max_new_tokens)
@@ -135,3 +141,26 @@ def _divergence_metrics(
     n_win, seqlen = ref.ids.shape
     return [Metric(sized_metric_name(kind, div.corpus, seqlen, n_win), value)
             for kind, value in (("kl", d.kl), ("top1", d.top1), ("top5", d.top5))]
+
+
+def _long_context(lc: LongContextConfig, lm: LoadedModel, record: RunRecord, timings: dict[str, float]) -> list[Metric]:
+    """Retrieval accuracy at each length; the generated answers go to the run's texts."""
+    out = []
+    for length in lc.lengths:
+        t0 = time.perf_counter()
+        acc, answers = retrieval_accuracy(lm.model, lm.tokenizer, length, lc.samples, lc.seed, lc.pairs)
+        timings[f"retrieval.len{length}_s"] = time.perf_counter() - t0
+        name = f"retrieval.len{length}.p{lc.pairs}.n{lc.samples}"
+        out.append(Metric(name, acc))
+        record.texts[name] = json.dumps(answers)
+    return out
+
+
+def _check_long_context(cfg: RunConfig, model: torch.nn.Module) -> None:
+    """Lengths past the model's context are an error before any work."""
+    lc = cfg.evaluate.long_context
+    limit = model_max_length(model)
+    if lc is not None and limit is not None:
+        too_long = [n for n in lc.lengths if n + ANSWER_TOKENS > limit]
+        if too_long:
+            raise ConfigError(f"evaluate.long_context.lengths {too_long} exceed the model's context of {limit} tokens")
