@@ -194,3 +194,14 @@ def test_long_context_accuracy_by_length_is_stored(tmp_path, capsys):
     too_long = {**cfg, "evaluate": {"perplexity": [], "long_context": {"lengths": [100_000]}}}
     code, _, err = _cli(capsys, "--store", db, "run", _write(tmp_path, too_long, "t.yaml"), "--quiet")
     assert code == 2 and "exceed the model's context" in err
+
+
+def test_sensitivity_is_stored_per_module(tmp_path, capsys):
+    db = str(tmp_path / "s.db")
+    code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, STORIES), "--json", "--quiet")
+    run = json.loads(out)
+    sens = run["sensitivity"]
+    assert len(sens) == 5 * (7 + 1)  # every linear and every decoder layer
+    assert all(s["rel_error"] > 0 for s in sens)
+    code, out, _ = _cli(capsys, "--store", db, "show", run["id"], "--json")
+    assert json.loads(out)["sensitivity"] == sens

@@ -131,6 +131,14 @@ class LongContextConfig(_Strict):
         return v
 
 
+class SensitivityConfig(_Strict):
+    """Per-module deviation from FP (relative error, SQNR) on the first windows of a corpus."""
+
+    corpus: str = "wikitext2"
+    seqlen: int = Field(default=256, ge=8)
+    windows: int = Field(default=1, ge=1)
+
+
 class SampleConfig(_Strict):
     """A fixed greedy generation sample stored with the run (``sample: null`` to skip it)."""
 
@@ -153,6 +161,7 @@ class Evaluate(_Strict):
     divergence: bool | DivergenceConfig = False
     sample: SampleConfig | None = Field(default_factory=SampleConfig)
     long_context: LongContextConfig | None = None
+    sensitivity: SensitivityConfig | None = Field(default_factory=SensitivityConfig)
 
     def divergence_config(self) -> DivergenceConfig | None:
         """The divergence settings, or None when not asked for."""
@@ -210,8 +219,12 @@ def _check_not_yet(cfg: RunConfig) -> None:
         if name not in CORPORA:
             raise ConfigError(f"evaluate.perplexity[{k}]={name!r} is unknown; known: {', '.join(sorted(CORPORA))}")
     div = cfg.evaluate.divergence_config()
+    known = ", ".join(sorted(CORPORA))
     if div is not None and div.corpus not in CORPORA:
-        raise ConfigError(f"evaluate.divergence.corpus={div.corpus!r} is unknown; known: {', '.join(sorted(CORPORA))}")
+        raise ConfigError(f"evaluate.divergence.corpus={div.corpus!r} is unknown; known: {known}")
+    sens = cfg.evaluate.sensitivity
+    if sens is not None and sens.corpus not in CORPORA:
+        raise ConfigError(f"evaluate.sensitivity.corpus={sens.corpus!r} is unknown; known: {known}")
 
 
 def parse_config(data: dict[str, Any]) -> RunConfig:

@@ -16,6 +16,8 @@ from ..errors import ConfigError
 from ..eval.divergence import Reference, ReferenceCache, divergence
 from ..eval.generation import greedy_sample
 from ..eval.retrieval import ANSWER_TOKENS, model_max_length, retrieval_accuracy
+from ..eval.sensitivity import Outputs, compare, record_outputs
+from ..models.adapter import Adapter
 from ..models.loading import LoadedModel, load_model, resolve_device
 from .config import LongContextConfig, RunConfig
 from .identity import git_revision, normalized, package_versions, qmodel_key, run_id, sized_metric_name
@@ -62,6 +64,7 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
     windows = prepare_eval_windows(lm.tokenizer, cfg.evaluate)
     _check_long_context(cfg, lm.model)
     reference = _fp_reference(cfg, lm, timings)
+    sens_ids, fp_outputs = _fp_outputs(cfg, lm, plan.adapter)
     record = RunRecord(
         id=rid,
         qmodel_key=qmodel_key(cfg, lm.info.fingerprint),
@@ -86,6 +89,9 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
         timings.update(result.timings)
         if reference is not None:
             record.metrics += _divergence_metrics(cfg, lm.model, reference, timings)
+        if fp_outputs is not None and sens_ids is not None:
+            found = compare(lm.model, plan.adapter, sens_ids, fp_outputs)
+            record.sensitivity = [vars(x) for x in found]
         if cfg.evaluate.long_context is not None:
             record.metrics += _long_context(cfg.evaluate.long_context, lm, record, timings)
         if cfg.evaluate.sample is not None:
@@ -164,3 +170,12 @@ def _check_long_context(cfg: RunConfig, model: torch.nn.Module) -> None:
         too_long = [n for n in lc.lengths if n + ANSWER_TOKENS > limit]
         if too_long:
             raise ConfigError(f"evaluate.long_context.lengths {too_long} exceed the model's context of {limit} tokens")
+
+
+def _fp_outputs(cfg: RunConfig, lm: LoadedModel, adapter: Adapter) -> tuple[torch.Tensor | None, Outputs | None]:
+    """The FP outputs of every decoder linear and layer, recorded before quantization."""
+    sc = cfg.evaluate.sensitivity
+    if sc is None:
+        return None, None
+    ids = eval_windows(sc.corpus, lm.tokenizer, sc.seqlen, sc.windows).input_ids
+    return ids, record_outputs(lm.model, adapter, ids)

@@ -35,6 +35,15 @@ CREATE TABLE IF NOT EXISTS metrics (
     stderr REAL,
     PRIMARY KEY (run_id, name)
 );
+CREATE TABLE IF NOT EXISTS sensitivity (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    module TEXT NOT NULL,
+    layer INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    rel_error REAL,
+    sqnr_db REAL,
+    PRIMARY KEY (run_id, module)
+);
 CREATE TABLE IF NOT EXISTS texts (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     name TEXT NOT NULL,
@@ -84,6 +93,7 @@ class RunRecord:
     metrics: list[Metric] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The run as a JSON-ready mapping (metrics as ``{name: {value, stderr}}``)."""
@@ -106,6 +116,7 @@ class RunRecord:
             "created_at": self.created_at,
             "layers": self.layers,
             "texts": self.texts,
+            "sensitivity": self.sensitivity,
         }
 
 
@@ -151,6 +162,11 @@ class Store:
             )
             con.executemany("INSERT INTO texts VALUES (?,?,?)", [(run.id, k, v) for k, v in run.texts.items()])
             con.executemany(
+                "INSERT INTO sensitivity VALUES (?,?,?,?,?,?)",
+                [(run.id, r["module"], r["layer"], r["kind"], r["rel_error"], _finite(r["sqnr_db"]))
+                 for r in run.sensitivity],
+            )
+            con.executemany(
                 "INSERT INTO layer_records VALUES (?,?,?,?,?,?)",
                 [(run.id, r["layer"], r["module"], r["bits"], r["rel_error"], r["seconds"]) for r in run.layers],
             )
@@ -174,8 +190,10 @@ class Store:
                 )
             ]
             texts = {r["name"]: r["text"] for r in con.execute("SELECT * FROM texts WHERE run_id = ?", (row["id"],))}
+            query = "SELECT module, layer, kind, rel_error, sqnr_db FROM sensitivity WHERE run_id = ? ORDER BY "
+            sens = [dict(r) for r in con.execute(query + "layer, rowid", (row["id"],))]
         record = _record(row, metrics, layers)
-        record.texts = texts
+        record.texts, record.sensitivity = texts, sens
         return record
 
     def list_runs(self) -> list[RunRecord]:
@@ -193,6 +211,11 @@ class Store:
         with self._connect() as con:
             row = con.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
         return bool(row and row[0] == "done")
+
+
+def _finite(x: float) -> float | None:
+    """SQLite has no infinity in JSON exports: store an exact match (infinite SQNR) as NULL."""
+    return None if x == float("inf") else x
 
 
 def _record(row: sqlite3.Row, metrics: list[Metric], layers: list[dict[str, Any]]) -> RunRecord:
