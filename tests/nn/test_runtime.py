@@ -110,6 +110,8 @@ def test_kv_quantized_in_prefill_and_every_decode_step(family: str, monkeypatch:
     out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     assert out.shape[1] == 6 + new
     assert len(calls) == n_layers * new  # one prefill + (new - 1) decode steps, every layer
+    lengths = sorted(keys.shape[2] for _, keys, _ in calls[::n_layers])
+    assert lengths == [6, 7, 8, 9]  # decode steps attend to the growing quantized cache, not a fresh one
     for k_in, keys, _ in calls:  # what attention reads ends with the quantized new keys
         t = k_in.shape[2]
         torch.testing.assert_close(keys[:, :, -t:], kv_cache.quantize_kv(k_in, spec), rtol=0, atol=0)

@@ -68,7 +68,7 @@ def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | 
 
 
 def _past_length(kwargs: dict[str, Any]) -> int:
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None or not hasattr(cache, "get_seq_length"):
         return 0
     return int(cache.get_seq_length())

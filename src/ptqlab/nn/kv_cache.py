@@ -9,6 +9,7 @@ Pre-RoPE K is quantized at the k projection's output instead (a forward hook on 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,17 +137,29 @@ def check_kv(model: nn.Module, adapter: Adapter, kv: KVSpec) -> None:
             )
 
 
+CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.24 names it ``cache``
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes its KV cache."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _cache_hook(model: nn.Module, kv: KVSpec, ctx: ForwardContext) -> Any:
+    name = cache_kwarg(model)
+
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-        cache = kwargs.get("past_key_values")
-        if isinstance(cache, QuantizedKVCache):
-            return args, kwargs
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError(
-                "KV quantization: the model was given a non-empty cache that ptqlab did not create; "
-                "pass no cache (or an empty one) so that every cached K/V is quantized"
-            )
-        kwargs["past_key_values"] = QuantizedKVCache(kv, ctx, config=model.config)
+        given = [kwargs.pop(k) for k in CACHE_KWARGS if kwargs.get(k) is not None]
+        cache = given[0] if given else None
+        if not isinstance(cache, QuantizedKVCache):
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError(
+                    "KV quantization: the model was given a non-empty cache that ptqlab did not create; "
+                    "pass no cache (or an empty one) so that every cached K/V is quantized"
+                )
+            cache = QuantizedKVCache(kv, ctx, config=model.config)
+        kwargs[name] = cache
         kwargs["use_cache"] = True
         return args, kwargs
 
