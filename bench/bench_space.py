@@ -40,6 +40,7 @@ def _kv(bits: int) -> dict[str, Any]:
     return {"kv_cache": {"bits": bits, **G64}}
 
 
+DOWN_FP = {"match": r".*down_proj", "activation": None}
 CONFIGS: dict[str, dict[str, Any]] = {
     "FP": {},
     "W8": _w(8),
@@ -61,8 +62,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "W FP8 e4m3 g64": {"weight": {"format": "fp8_e4m3", **G64}},
     "W NF4 g64": {"weight": {"format": "nf4", **G64}},
     # why 8-bit activations lose more than 1 % here: the same with down_proj's input left in FP
-    "A8 sym (down_proj FP)": {"activation": _a(8, True), "overrides": [{"match": r".*down_proj", "activation": None}]},
-    "A8 asym (down_proj FP)": {"activation": _a(8, False), "overrides": [{"match": r".*down_proj", "activation": None}]},
+    "A8 sym (down_proj FP)": {"activation": _a(8, True), "overrides": [DOWN_FP]},
+    "A8 asym (down_proj FP)": {"activation": _a(8, False), "overrides": [DOWN_FP]},
     # why KV4 loses more than the seeds report: keys per channel (KIVI), or in a Hadamard basis
     "KV4 (K per channel)": {"kv_cache": {"bits": 4, "granularity": "head", "key": {"granularity": "channel"}}},
     "KV4 (K rotated)": {"kv_cache": {"bits": 4, **G64}, "_recipe": [{"rotation": {"kv": True, "online_down": False}}]},
