@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,9 @@ from torch import nn
 from .data.calibration import calibration_windows
 from .data.corpora import eval_windows
 from .errors import ConfigError
+from .eval.generation import greedy_sample
 from .eval.perplexity import perplexity
+from .eval.retrieval import retrieval_accuracy
 from .methods import Recipe, build_quantizer
 from .models.adapter import Adapter
 from .models.registry import get_adapter
@@ -36,7 +39,7 @@ from .pipeline.driver import QuantizeReport, quantize_model
 from .pipeline.plan import LinearTarget, Override, check_recipe_shapes, plan_activations, plan_weights
 from .pipeline.rotate import check_rotation
 from .pipeline.size import size_metrics
-from .study.config import Calibration, Evaluate, Scheme, format_validation_error
+from .study.config import Calibration, Evaluate, LongContextConfig, Scheme, format_validation_error
 from .study.identity import ppl_metric_name
 from .study.store import Metric
 
@@ -72,10 +75,11 @@ class QuantizationPlan:
 
 @dataclass
 class Evaluation:
-    """Metrics of one evaluation and the time each part took."""
+    """Metrics of one evaluation, texts for a person to read (samples, answers) and the time of each part."""
 
     metrics: list[Metric] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
 
 
 def _as(model_cls: type[Any], value: Any) -> Any:
@@ -239,4 +243,19 @@ def evaluate(
         result.timings[f"eval.{corpus}_s"] = time.perf_counter() - t0
         result.timings[f"eval.{corpus}_tok_per_s"] = res.tokens_per_second
         log.info("%s = %.4f (%.1f tok/s)", name, res.ppl, res.tokens_per_second)
+    if cfg.long_context is not None:
+        _long_context(model, tokenizer, cfg.long_context, result)
+    if cfg.sample is not None:
+        result.texts["sample"] = greedy_sample(model, tokenizer, cfg.sample.prompt, cfg.sample.max_new_tokens)
     return result
+
+
+def _long_context(model: nn.Module, tokenizer: Any, lc: LongContextConfig, result: Evaluation) -> None:
+    """Retrieval accuracy at each length; the generated answers go to the texts."""
+    for length in lc.lengths:
+        t0 = time.perf_counter()
+        acc, answers = retrieval_accuracy(model, tokenizer, length, lc.samples, lc.seed, lc.pairs)
+        result.timings[f"retrieval.len{length}_s"] = time.perf_counter() - t0
+        name = f"retrieval.len{length}.p{lc.pairs}.n{lc.samples}"
+        result.metrics.append(Metric(name, acc))
+        result.texts[name] = json.dumps(answers)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -14,12 +13,11 @@ from ..api import evaluate, plan_quantization, prepare_eval_windows, run_quantiz
 from ..data.corpora import eval_windows
 from ..errors import ConfigError
 from ..eval.divergence import Reference, ReferenceCache, divergence
-from ..eval.generation import greedy_sample
-from ..eval.retrieval import ANSWER_TOKENS, model_max_length, retrieval_accuracy
+from ..eval.retrieval import ANSWER_TOKENS, model_max_length
 from ..eval.sensitivity import Outputs, compare, record_outputs
 from ..models.adapter import Adapter
 from ..models.loading import LoadedModel, load_model, resolve_device
-from .config import LongContextConfig, RunConfig
+from .config import RunConfig
 from .identity import git_revision, normalized, package_versions, qmodel_key, run_id, sized_metric_name
 from .store import Metric, RunRecord, Store
 
@@ -92,11 +90,7 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
         if fp_outputs is not None and sens_ids is not None:
             found = compare(lm.model, plan.adapter, sens_ids, fp_outputs)
             record.sensitivity = [vars(x) for x in found]
-        if cfg.evaluate.long_context is not None:
-            record.metrics += _long_context(cfg.evaluate.long_context, lm, record, timings)
-        if cfg.evaluate.sample is not None:
-            sample = cfg.evaluate.sample
-            record.texts["sample"] = greedy_sample(lm.model, lm.tokenizer, sample.prompt, sample.max_new_tokens)
+        record.texts.update(result.texts)
         sizes = plan.size_metrics(lm.model, cfg.evaluate.seqlen)
         record.metrics = result.metrics + record.metrics + [Metric(k, v) for k, v in sizes.items()]
         record.metrics += _distill_metrics(report.distill)
@@ -147,19 +141,6 @@ def _divergence_metrics(
     n_win, seqlen = ref.ids.shape
     return [Metric(sized_metric_name(kind, div.corpus, seqlen, n_win), value)
             for kind, value in (("kl", d.kl), ("top1", d.top1), ("top5", d.top5))]
-
-
-def _long_context(lc: LongContextConfig, lm: LoadedModel, record: RunRecord, timings: dict[str, float]) -> list[Metric]:
-    """Retrieval accuracy at each length; the generated answers go to the run's texts."""
-    out = []
-    for length in lc.lengths:
-        t0 = time.perf_counter()
-        acc, answers = retrieval_accuracy(lm.model, lm.tokenizer, length, lc.samples, lc.seed, lc.pairs)
-        timings[f"retrieval.len{length}_s"] = time.perf_counter() - t0
-        name = f"retrieval.len{length}.p{lc.pairs}.n{lc.samples}"
-        out.append(Metric(name, acc))
-        record.texts[name] = json.dumps(answers)
-    return out
 
 
 def _check_long_context(cfg: RunConfig, model: torch.nn.Module) -> None:
