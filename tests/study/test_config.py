@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ptqlab.errors import ConfigError
@@ -67,3 +69,8 @@ def test_run_id_ignores_path_and_device_but_not_scheme():
     assert run_id(a, "fp1") != run_id(c, "fp1")
     d = parse_config(_with(evaluate={"max_windows": 4}))
     assert qmodel_key(a, "fp1") == qmodel_key(d, "fp1") and run_id(a, "fp1") != run_id(d, "fp1")
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].glob("configs/examples/*.yaml")))
+def test_example_configs_are_valid(path):
+    assert load_config(path).model
