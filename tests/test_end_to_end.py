@@ -205,3 +205,23 @@ def test_sensitivity_is_stored_per_module(tmp_path, capsys):
     assert all(s["rel_error"] > 0 for s in sens)
     code, out, _ = _cli(capsys, "--store", db, "show", run["id"], "--json")
     assert json.loads(out)["sensitivity"] == sens
+
+
+def test_lm_eval_tasks_with_paired_measures(tmp_path, capsys, monkeypatch):
+    from ptqlab.eval import tasks as T
+
+    monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))
+    db = str(tmp_path / "s.db")
+    runs = []
+    for bits in (8, 3):
+        cfg = {**STORIES, "scheme": {"weight": {"bits": bits, "granularity": "channel"}}, "recipe": [],
+               "evaluate": {"perplexity": [], "tasks": ["piqa"], "limit": 6, "sample": None, "sensitivity": None}}
+        code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, cfg, f"c{bits}.yaml"), "--json", "--quiet")
+        assert code == 0
+        runs.append(json.loads(out)["metrics"])
+    for m in runs:
+        assert 0 <= m["lm_eval.piqa.acc"]["value"] <= 1 and m["lm_eval.piqa.acc"]["stderr"] is not None
+        assert 0 <= m["lm_eval.piqa.agree_fp"]["value"] <= 1
+        assert m["lm_eval.piqa.lost"]["value"] + m["lm_eval.piqa.gained"]["value"] <= 1
+    assert len(list((tmp_path / "cache" / "lm_eval").glob("*.json"))) == 1  # FP computed once for both
+    assert T.LOCAL_TASKS

@@ -147,7 +147,7 @@ class SampleConfig(_Strict):
 
 
 class Evaluate(_Strict):
-    """Evaluations: perplexity corpora under the GPTQ protocol, divergence from FP (tasks come later).
+    """Evaluations: perplexity (GPTQ protocol), lm-eval tasks, divergence from FP, sensitivity, long context.
 
     ``divergence: true`` uses the defaults of :class:`DivergenceConfig` (16 windows of 512 wikitext2 tokens).
     """
@@ -157,7 +157,10 @@ class Evaluate(_Strict):
     max_windows: int | None = Field(default=40, ge=1)
     batch_size: int = Field(default=1, ge=1)
     tasks: list[str] = Field(default_factory=list)
-    limit: int | None = None
+    limit: int | None = Field(default=None, ge=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    tasks_dir: str | None = None
+    seed: int = 0
     divergence: bool | DivergenceConfig = False
     sample: SampleConfig | None = Field(default_factory=SampleConfig)
     long_context: LongContextConfig | None = None
@@ -211,8 +214,10 @@ def format_validation_error(exc: ValidationError) -> str:
 
 def _check_not_yet(cfg: RunConfig) -> None:
     """Reject unknown corpora and parts of the contract this version cannot run yet, before any work."""
-    if cfg.evaluate.tasks:
-        raise ConfigError("evaluate.tasks: lm-eval tasks are not available in this version yet")
+    if cfg.evaluate.tasks or cfg.evaluate.tasks_dir:
+        from ..eval.tasks import check_tasks
+
+        check_tasks(cfg.evaluate.tasks, cfg.evaluate.tasks_dir)
     from ..data.corpora import CORPORA
 
     for k, name in enumerate(cfg.evaluate.perplexity):

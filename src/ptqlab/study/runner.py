@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,6 +16,7 @@ from ..errors import ConfigError
 from ..eval.divergence import Reference, ReferenceCache, divergence
 from ..eval.retrieval import ANSWER_TOKENS, model_max_length
 from ..eval.sensitivity import Outputs, compare, record_outputs
+from ..eval.tasks import FPTaskCache, TaskResults, paired, run_tasks
 from ..models.adapter import Adapter
 from ..models.loading import LoadedModel, load_model, resolve_device
 from .config import RunConfig
@@ -63,6 +65,7 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
     _check_long_context(cfg, lm.model)
     reference = _fp_reference(cfg, lm, timings)
     sens_ids, fp_outputs = _fp_outputs(cfg, lm, plan.adapter)
+    fp_tasks = _fp_tasks(cfg, lm, timings)
     record = RunRecord(
         id=rid,
         qmodel_key=qmodel_key(cfg, lm.info.fingerprint),
@@ -91,6 +94,8 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
             found = compare(lm.model, plan.adapter, sens_ids, fp_outputs)
             record.sensitivity = [vars(x) for x in found]
         record.texts.update(result.texts)
+        if cfg.evaluate.tasks:
+            record.metrics += _task_metrics(cfg, lm, fp_tasks, timings)
         sizes = plan.size_metrics(lm.model, cfg.evaluate.seqlen)
         record.metrics = result.metrics + record.metrics + [Metric(k, v) for k, v in sizes.items()]
         record.metrics += _distill_metrics(report.distill)
@@ -160,3 +165,35 @@ def _fp_outputs(cfg: RunConfig, lm: LoadedModel, adapter: Adapter) -> tuple[torc
         return None, None
     ids = eval_windows(sc.corpus, lm.tokenizer, sc.seqlen, sc.windows).input_ids
     return ids, record_outputs(lm.model, adapter, ids)
+
+
+def _task_settings(cfg: RunConfig) -> dict[str, Any]:
+    ev = cfg.evaluate
+    return {"limit": ev.limit, "batch_size": ev.batch_size, "num_fewshot": ev.num_fewshot, "seed": ev.seed,
+            "tasks_dir": ev.tasks_dir}
+
+
+def _fp_tasks(cfg: RunConfig, lm: LoadedModel, timings: dict[str, float]) -> TaskResults | None:
+    """The FP model's task results (cached on disk), for the paired measures."""
+    if not cfg.evaluate.tasks:
+        return None
+    t0 = time.perf_counter()
+    res = FPTaskCache().get(lm.model, lm.tokenizer, lm.info.fingerprint, cfg.dtype, cfg.evaluate.tasks,
+                            **_task_settings(cfg))
+    timings["lm_eval.fp_s"] = time.perf_counter() - t0
+    return res
+
+
+def _task_metrics(
+    cfg: RunConfig, lm: LoadedModel, fp: TaskResults | None, timings: dict[str, float]
+) -> list[Metric]:
+    """lm-eval metrics of the quantized model (names kept, with stderr) and paired measures against FP."""
+    t0 = time.perf_counter()
+    res = run_tasks(lm.model, lm.tokenizer, cfg.evaluate.tasks, **_task_settings(cfg))
+    timings["lm_eval_s"] = time.perf_counter() - t0
+    out = []
+    for task, metrics in res.metrics.items():
+        out += [Metric(f"lm_eval.{task}.{name}", value, err) for name, (value, err) in metrics.items()]
+        if fp is not None:
+            out += [Metric(f"lm_eval.{task}.{name}", value) for name, value in paired(fp, res, task).items()]
+    return out
