@@ -52,10 +52,12 @@ class Rotation:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ Q`` for x (..., d), in x's dtype."""
         p, m = self.A.shape[0], self.B.shape[0]
-        v = x.reshape(*x.shape[:-1], p, m)  # (..., p, m)
         A, B = self.A.to(x.device, x.dtype), self.B.to(x.device, x.dtype)
-        out = A.transpose(0, 1) @ (v @ B)  # row-major kron: (x @ (A kron B)) viewed (p, m) = A^T V B
-        return out.reshape(x.shape)
+        v = x.reshape(-1, p, m)  # (N, p, m); row-major kron: (x @ (A kron B)) viewed (p, m) = A^T V B
+        if m > 1:
+            v = v @ B
+        w = v.transpose(1, 2).reshape(-1, p) @ A  # (N*m, p): one GEMM for A^T V, all tokens at once
+        return w.reshape(-1, m, p).transpose(1, 2).reshape(x.shape)
 
 
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
