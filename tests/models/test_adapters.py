@@ -20,6 +20,7 @@ from ptqlab.models import (
     get_adapter,
     in_features,
     out_features,
+    prev_rows_read,
     set_weight_matrix,
     supported_classes,
     weight_matrix,
@@ -173,24 +174,13 @@ def test_norm_and_activation_feed_their_group(family_model: tuple[str, nn.Module
             torch.testing.assert_close(_flat(inp[name]), _flat(out[str(group.prev_op)]), msg=name)
 
 
-def _rows_read(layer: nn.Module, adapter: Adapter, group: LinearGroup, config: object) -> torch.Tensor:
-    assert group.prev_op is not None
-    total = out_features(layer.get_submodule(group.prev_op))
-    if group.prev_part == "v":
-        assert adapter.fused_qkv is not None
-        return fused_qkv_rows(adapter.fused_qkv, config, total)[2]
-    if group.prev_part == "up":
-        return torch.arange(total // 2, total)
-    return torch.arange(total)
-
-
 def test_linear_prev_op_rows_drive_the_group(family_model: tuple[str, nn.Module, Adapter]) -> None:
     """Zeroing the prev_op rows a fold='linear' group reads zeroes that group's input, and only those."""
     _, model, adapter = family_model
     for group in (g for g in adapter.groups if g.fold == "linear"):
         layer = _first_layer(model, adapter)
         prev = layer.get_submodule(str(group.prev_op))
-        rows = _rows_read(layer, adapter, group, model.config)
+        rows = prev_rows_read(model.config, adapter, layer, group)
         saved_w = weight_matrix(prev).detach().clone()
         bias: torch.Tensor | None = getattr(prev, "bias", None)
         saved_b = None if bias is None else bias.detach().clone()

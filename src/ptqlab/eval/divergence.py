@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ def divergence(model: nn.Module, ref: Reference) -> Divergence:
 
 def divergence_cache_dir() -> Path:
     """Where FP references are kept (``$PTQLAB_CACHE/divergence`` or ~/.cache/ptqlab/divergence)."""
-    root = Path(os.environ.get("PTQLAB_CACHE") or Path.home() / ".cache" / "ptqlab")
-    return root / "divergence"
+    return cache_root() / "divergence"
 
 
 class ReferenceCache:

@@ -94,6 +94,12 @@ def model_max_length(model: nn.Module) -> int | None:
     return int(value) if value else None
 
 
+def too_long(model: nn.Module, lengths: list[int]) -> list[int]:
+    """The prompt lengths that, with the answer tokens, do not fit the model's context."""
+    limit = model_max_length(model)
+    return [] if limit is None else [n for n in lengths if n + ANSWER_TOKENS > limit]
+
+
 def retrieval_accuracy(
     model: nn.Module, tokenizer: Any, length: int, samples: int, seed: int = 0, pairs: int = 1
 ) -> tuple[float, list[str]]:
@@ -103,8 +109,8 @@ def retrieval_accuracy(
         ValueError: ``length`` exceeds the model's context.
 
     """
-    limit = model_max_length(model)
-    if limit is not None and length + ANSWER_TOKENS > limit:
+    if too_long(model, [length]):
+        limit = model_max_length(model)
         raise ValueError(f"long-context length {length} exceeds the model's context of {limit} tokens")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

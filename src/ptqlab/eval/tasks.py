@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 
 from ..errors import ConfigError
+from ..paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +267,7 @@ class FPTaskCache:
 
     def __init__(self, root: Path | None = None) -> None:
         """Use ``root`` (default ``$PTQLAB_CACHE/lm_eval`` or ~/.cache/ptqlab/lm_eval)."""
-        import os
-
-        base = Path(os.environ.get("PTQLAB_CACHE") or Path.home() / ".cache" / "ptqlab")
-        self.root = root or base / "lm_eval"
+        self.root = root or cache_root() / "lm_eval"
         self.computed = 0
 
     def get(self, model: nn.Module, tokenizer: Any, fingerprint: str, dtype: str, tasks: Sequence[str],

@@ -21,7 +21,8 @@ from ..errors import ConfigError
 from ..quant.core import choose_qparams, dequantize, fake_quantize, params_from_range, quantize
 from ..quant.integer import QParams
 from ..quant.spec import QuantSpec
-from .base import GroupInputs, WeightResult
+from .base import GroupInputs, WeightResult, output_error, scaled_hessian
+from .rtn import round_with
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,6 @@ class AWQConfig:
             raise ConfigError(f"awq.grid={self.grid!r} must be a positive integer")
         if not 0.0 < self.max_shrink <= 1.0:
             raise ConfigError(f"awq.max_shrink={self.max_shrink} must be in (0, 1]")
-
-
-def output_error(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """``tr(D H D^T)``: the squared output error of a weight change ``D`` on inputs with Hessian ``H``."""
-    return torch.sum((D @ H) * D)
 
 
 class AWQScale:
@@ -97,7 +93,7 @@ class AWQScale:
             s_slot = base.pow(alpha)
             s_slot = s_slot / (s_slot.max() * s_slot.min()).sqrt()
             s = s_slot[slot.to(H.device)]
-            Hs = H / s[:, None] / s[None, :]
+            Hs = scaled_hessian(H, s)
             err = 0.0
             for W, spec in zip(weights, specs, strict=True):
                 Ws = W.float().to(H.device) * s[None, :]
@@ -129,11 +125,9 @@ class AWQClip:
 
         """
         Wf = W.detach().float()
-        qp = choose_qparams(Wf, spec)
         if H is not None and self.config.clip and spec.granularity in ("channel", "group"):
-            qp = self._search(Wf, spec, H.float().to(Wf.device))
-        codes = quantize(Wf, qp, spec)
-        return WeightResult(weight=dequantize(codes, qp), codes=codes, qparams=qp)
+            return round_with(Wf, self._search(Wf, spec, H.float().to(Wf.device)), spec)
+        return round_with(Wf, choose_qparams(Wf, spec), spec)
 
     def _search(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor) -> QParams:
         rows, cols = W.shape

@@ -53,6 +53,17 @@ class HessianAccumulator:
         self.H.addmm_(x.t(), x)
 
 
+def output_error(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``tr(D H D^T)``: the squared output error of a weight change ``D`` on inputs with Hessian ``H``."""
+    return torch.sum((D @ H) * D)
+
+
+def scaled_hessian(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Hessian of the inputs divided by ``s`` per channel: ``diag(1/s) H diag(1/s)``."""
+    inv = (1.0 / s).to(H.device, H.dtype)
+    return H * inv[:, None] * inv[None, :]
+
+
 def relative_output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     """Relative error of the layer output on the calibration inputs, from their Hessian.
 
@@ -69,8 +80,8 @@ def relative_output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) ->
     """
     W = W.to(H.dtype)
     D = Wq.to(H.dtype) - W
-    num = torch.sum((D @ H) * D)
-    den = torch.sum((W @ H) * W)
+    num = output_error(D, H)
+    den = output_error(W, H)
     return float(torch.sqrt(num / den.clamp_min(1e-30)))
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.core import choose_qparams, dequantize, quantize
+from ..quant.integer import QParams
 from ..quant.spec import QuantSpec
 from .base import WeightResult
 
@@ -37,6 +38,10 @@ class RTN:
 
         """
         Wf = W.detach().float()
-        qp = choose_qparams(Wf, spec)
-        codes = quantize(Wf, qp, spec)
-        return WeightResult(weight=dequantize(codes, qp), codes=codes, qparams=qp)
+        return round_with(Wf, choose_qparams(Wf, spec), spec)
+
+
+def round_with(W: torch.Tensor, qp: QParams, spec: QuantSpec) -> WeightResult:
+    """Round ``W`` (out, in) float32 to the nearest grid points of the given parameters."""
+    codes = quantize(W, qp, spec)
+    return WeightResult(weight=dequantize(codes, qp), codes=codes, qparams=qp)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ptqlab.models.adapter import Adapter, FusedQKV, LinearGroup
     from ptqlab.models.families import ADAPTERS
-    from ptqlab.models.heads import HeadCounts, fused_head_counts, fused_qkv_rows
+    from ptqlab.models.heads import HeadCounts, fused_head_counts, fused_qkv_rows, prev_rows_read
     from ptqlab.models.loading import ALIASES, LoadedModel, ModelInfo, fingerprint_files, load_model, resolve_device
     from ptqlab.models.registry import get_adapter, supported_classes
     from ptqlab.models.weights import in_features, out_features, set_weight_matrix, weight_matrix
@@ -26,6 +26,7 @@ _HOMES = {
     "HeadCounts": "heads",
     "fused_head_counts": "heads",
     "fused_qkv_rows": "heads",
+    "prev_rows_read": "heads",
     "ALIASES": "loading",
     "LoadedModel": "loading",
     "ModelInfo": "loading",
@@ -56,6 +57,7 @@ __all__ = [
     "in_features",
     "load_model",
     "out_features",
+    "prev_rows_read",
     "resolve_device",
     "set_weight_matrix",
     "supported_classes",

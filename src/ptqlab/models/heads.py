@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from ptqlab.models.adapter import FusedQKV
+from ptqlab.models.adapter import Adapter, FusedQKV, LinearGroup
+from ptqlab.models.weights import out_features
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,19 @@ def attention_heads(config: Any) -> HeadCounts:
         num_kv = 1
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // num_heads
     return HeadCounts(num_heads, int(num_kv or num_heads), int(head_dim))
+
+
+def prev_rows_read(config: Any, adapter: Adapter, layer: nn.Module, group: LinearGroup) -> torch.Tensor:
+    """Output rows of a group's ``prev_op`` linear that its input is made of, in input order.
+
+    The value rows of a fused qkv projection (``prev_part="v"``), the up half of a fused ``[gate; up]``
+    (``prev_part="up"``), or every row.
+    """
+    assert group.prev_op is not None
+    width = out_features(layer.get_submodule(group.prev_op))
+    if group.prev_part == "v":
+        assert adapter.fused_qkv is not None
+        return fused_qkv_rows(adapter.fused_qkv, config, width)[2]
+    if group.prev_part == "up":
+        return torch.arange(width // 2, width)
+    return torch.arange(width)

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ptqlab.errors import ConfigError, ModelLoadError, PtqlabError
 from ptqlab.models.registry import get_adapter
+from ptqlab.paths import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -289,8 +290,7 @@ def _load_hf_dir(
 
 def gguf_cache_dir(fingerprint: str) -> Path:
     """Where the dequantized float32 copy of a GGUF file is kept (``$PTQLAB_CACHE`` or ~/.cache/ptqlab)."""
-    root = Path(os.environ.get("PTQLAB_CACHE") or Path.home() / ".cache" / "ptqlab")
-    return root / "gguf" / fingerprint.replace("-", "_")[:48]
+    return cache_root() / "gguf" / fingerprint.replace("-", "_")[:48]
 
 
 def _convert_gguf(path: Path, target: Path, trust_remote_code: bool) -> None:

@@ -21,7 +21,6 @@ class RangeObserver:
 
     xmin: float = float("inf")
     xmax: float = float("-inf")
-    batches: int = 0
     lows: list[float] = field(default_factory=list)
     highs: list[float] = field(default_factory=list)
 
@@ -37,7 +36,6 @@ class RangeObserver:
             lo, hi = torch.quantile(sample, q).tolist()
             self.lows.append(lo)
             self.highs.append(hi)
-        self.batches += 1
 
     def qparams(self, act: ActivationSpec) -> QParams:
         """The fixed per-tensor parameters from what was observed."""

@@ -70,6 +70,15 @@ def _attention_modules(model: nn.Module, layers: nn.ModuleList) -> list[nn.Modul
     return out
 
 
+def check_attention(model: nn.Module) -> None:
+    """Raise ConfigError when the family hard-codes its attention (no transformers attention interface)."""
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ConfigError(
+            f"scheme.activation.attention: {type(model).__name__} hard-codes its attention (no transformers "
+            "attention interface), so the attention matmul inputs cannot be quantized; set attention: false"
+        )
+
+
 def install_attention_quantization(
     model: nn.Module, layers: nn.ModuleList, spec: QuantSpec, ctx: ForwardContext
 ) -> Callable[[], None]:
@@ -79,11 +88,7 @@ def install_attention_quantization(
         ConfigError: The family hard-codes its attention (no attention interface).
 
     """
-    if not getattr(model, "_supports_attention_backend", False):
-        raise ConfigError(
-            f"scheme.activation.attention: {type(model).__name__} hard-codes its attention (no transformers "
-            "attention interface), so the attention matmul inputs cannot be quantized; set attention: false"
-        )
+    check_attention(model)
     config: Any = model.config
     previous = str(config._attn_implementation or "sdpa")
     inner = AttentionInterface().get_interface(previous, sdpa_attention_forward) if previous != "eager" else None

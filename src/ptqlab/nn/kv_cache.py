@@ -9,6 +9,7 @@ Pre-RoPE K is quantized at the k projection's output instead (a forward hook on 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ def quantize_kv(x: torch.Tensor, spec: QuantSpec, valid: torch.Tensor | None = N
     return out.reshape(b, t, h, d).permute(0, 2, 1, 3)
 
 
+@functools.lru_cache(maxsize=8)
 def head_rotation(head_dim: int) -> torch.Tensor:
     """The fixed orthogonal (head_dim, head_dim) rotation used for keys (a normalised Hadamard where it exists)."""
     return random_rotation(head_dim, seed=0).matrix().float()
@@ -75,7 +77,6 @@ class QuantizedKVCache(DynamicCache):
         super().__init__(config=config)
         self.kv = kv
         self.ctx = ctx
-        self.quantized_updates = 0
 
     def _quantize_keys(self, k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         if not self.kv.rotate_keys:
@@ -95,7 +96,6 @@ class QuantizedKVCache(DynamicCache):
             if self.kv.where == "post_rope":
                 key_states = self._quantize_keys(key_states, valid)
             value_states = quantize_kv(value_states, self.kv.value, valid)
-            self.quantized_updates += 1
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 

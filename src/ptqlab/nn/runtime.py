@@ -10,7 +10,7 @@ from torch import nn
 
 from ..models.adapter import Adapter
 from .activation import InstalledActivations, install_activation_quantizers
-from .attention import install_attention_quantization
+from .attention import check_attention, install_attention_quantization
 from .context import ForwardContext, track_forward
 from .kv_cache import InstalledKV, check_kv, install_kv_quantization
 from .specs import ActivationSpec, KVSpec
@@ -50,8 +50,8 @@ def check_runtime(
     """Check, before any work, that the runtime quantization fits the model (raises ConfigError)."""
     if kv is not None:
         check_kv(model, adapter, kv)
-    if attention is not None and attention.attention and not getattr(model, "_supports_attention_backend", False):
-        install_attention_quantization(model, adapter.layers(model), attention.spec, ForwardContext())
+    if attention is not None and attention.attention:
+        check_attention(model)
 
 
 def install_runtime(

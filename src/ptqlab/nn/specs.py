@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..quant.formats import MX_FORMATS
 from ..quant.spec import QuantSpec
 
 ACTIVATION_GRANULARITIES = ("token", "group", "tensor")
@@ -89,7 +90,7 @@ def activation_spec(section: Any, where: str = "scheme.activation") -> Activatio
         return None
     runtime = {k: fields.pop(k) for k in _RUNTIME_KEYS if k in fields}
     if fields.get("granularity") is None:
-        fields["granularity"] = None if str(fields.get("format", "int")).startswith("mx") else "token"
+        fields["granularity"] = None if fields.get("format") in MX_FORMATS else "token"
     try:
         spec = QuantSpec(**fields, where=where)
     except TypeError as exc:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..methods import WeightQuantizer
-from ..methods.base import HessianAccumulator, relative_output_error
+from ..methods.base import HessianAccumulator, relative_output_error, scaled_hessian
 from ..models.adapter import Adapter
 from ..models.weights import set_weight_matrix, weight_matrix
 from ..nn.runtime import RuntimeQuantization
@@ -26,7 +26,7 @@ from .plan import LinearTarget
 from .refine import Refinement
 from .rotate import rotate_model
 from .sequential import run_layer_pass
-from .transforms import LayerTransforms, divide_by, transform_hessian
+from .transforms import LayerTransforms, divide_by
 
 log = logging.getLogger(__name__)
 
@@ -228,15 +228,14 @@ def _quantize_layer(
             acc.add(x)
 
     def apply(gi: int) -> None:
-        acc = hessians.get(gi)
+        acc = hessians.pop(gi, None)
         specs = {t.relative: t.spec for t in members[gi]}
         s = tf.apply(gi, None if acc is None else acc.H, specs)
-        acc = hessians.pop(gi, None)
         if s is not None:
             input_map[gi] = divide_by(s)
         if acc is None:
             return
-        H = acc.H if s is None else transform_hessian(acc.H, s)
+        H = acc.H if s is None else scaled_hessian(acc.H, s)
         with _single_thread():
             for t in members[gi]:
                 t0 = time.perf_counter()

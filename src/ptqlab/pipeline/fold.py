@@ -15,26 +15,13 @@ import torch
 from torch import nn
 
 from ..models.adapter import Adapter, LinearGroup
-from ..models.heads import attention_heads, fused_qkv_rows
-from ..models.weights import out_features, set_weight_matrix, weight_matrix
+from ..models.heads import attention_heads, prev_rows_read
+from ..models.weights import set_weight_matrix, weight_matrix
 
 
 def can_fold(group: LinearGroup) -> bool:
     """Whether the op before ``group`` can absorb a per-channel scale."""
     return group.fold in ("norm", "linear") and group.prev_op is not None
-
-
-def _prev_rows(config: Any, adapter: Adapter, layer: nn.Module, group: LinearGroup) -> torch.Tensor:
-    """Rows of the previous linear that produce the group's input slots, in slot order."""
-    assert group.prev_op is not None
-    prev = layer.get_submodule(group.prev_op)
-    width = out_features(prev)
-    if group.prev_part == "v":
-        assert adapter.fused_qkv is not None
-        return fused_qkv_rows(adapter.fused_qkv, config, width)[2]
-    if group.prev_part == "up":
-        return torch.arange(width // 2, width)
-    return torch.arange(width)
 
 
 def slots(config: Any, adapter: Adapter, layer: nn.Module, group: LinearGroup, width: int) -> torch.Tensor:
@@ -45,7 +32,7 @@ def slots(config: Any, adapter: Adapter, layer: nn.Module, group: LinearGroup, w
 
     """
     if group.fold == "linear":
-        n_rows = len(_prev_rows(config, adapter, layer, group))
+        n_rows = len(prev_rows_read(config, adapter, layer, group))
         if n_rows != width:  # grouped-query attention: value heads serve several query heads
             c = attention_heads(config)
             per_kv = c.num_heads // c.num_kv_heads
@@ -55,18 +42,11 @@ def slots(config: Any, adapter: Adapter, layer: nn.Module, group: LinearGroup, w
     return torch.arange(width)
 
 
-def tie(values: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """Per-slot maximum of per-channel ``values``."""
+def tie(values: torch.Tensor, slot: torch.Tensor, reduce: str = "amax") -> torch.Tensor:
+    """Per-slot reduction (``amax`` or ``mean``) of per-channel ``values``."""
     n = int(slot.max()) + 1
     out = torch.zeros(n, dtype=values.dtype, device=values.device)
-    return out.scatter_reduce(0, slot.to(values.device), values, reduce="amax", include_self=False)
-
-
-def tie_mean(values: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """Per-slot mean of per-channel ``values``."""
-    n = int(slot.max()) + 1
-    out = torch.zeros(n, dtype=values.dtype, device=values.device)
-    return out.scatter_reduce(0, slot.to(values.device), values, reduce="mean", include_self=False)
+    return out.scatter_reduce(0, slot.to(values.device), values, reduce=reduce, include_self=False)
 
 
 def _fold_norm(norm: nn.Module, s: torch.Tensor, norm_kind: str) -> None:
@@ -117,7 +97,7 @@ def fold_group_scale(
     if group.fold == "norm":
         _fold_norm(prev, slot_scale, adapter.norm_kind)
     else:
-        _fold_linear_rows(prev, _prev_rows(config, adapter, layer, group), slot_scale)
+        _fold_linear_rows(prev, prev_rows_read(config, adapter, layer, group), slot_scale)
     for rel in group.linears:
         module = layer.get_submodule(rel)
         W = weight_matrix(module).float()

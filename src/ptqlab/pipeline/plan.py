@@ -101,16 +101,30 @@ def plan_weights(
     return targets
 
 
+def _merged(
+    name: str,
+    part: str,
+    base: Mapping[str, Any] | None,
+    compiled: list[tuple[int, re.Pattern[str], Override]],
+) -> tuple[dict[str, Any] | None, str]:
+    """The ``part`` (``weight`` or ``activation``) fields of module ``name`` after the overrides.
+
+    Returns the fields (None: full precision) and the config path they came from; later entries win.
+    """
+    fields: dict[str, Any] | None = dict(base) if base else None
+    where = f"scheme.{part}"
+    for k, pattern, ov in compiled:
+        if getattr(ov, f"sets_{part}") and pattern.fullmatch(name):
+            where = f"scheme.overrides[{k}].{part}"
+            given = getattr(ov, part)
+            fields = None if given is None else {**(fields or {}), **dict(given)}
+    return fields, where
+
+
 def _resolve(
     name: str, weight: Mapping[str, Any] | None, compiled: list[tuple[int, re.Pattern[str], Override]]
 ) -> QuantSpec:
-    fields: dict[str, Any] | None = dict(weight) if weight else None
-    where = "scheme.weight"
-    for k, pattern, ov in compiled:
-        if ov.sets_weight and pattern.fullmatch(name):
-            where = f"scheme.overrides[{k}].weight"
-            fields = None if ov.weight is None else {**(fields or {}), **dict(ov.weight)}
-    return _spec_from(fields, where)
+    return _spec_from(*_merged(name, "weight", weight, compiled))
 
 
 def plan_activations(
@@ -135,19 +149,13 @@ def plan_activations(
         ConfigError: An invalid field, or a pattern that matches no module.
 
     """
-    compiled = [c for c in _compile(model, overrides) if c[2].sets_activation]
+    compiled = _compile(model, overrides)
     out = []
     for li in range(len(adapter.layers(model))):
         for gi, group in enumerate(adapter.groups):
             for rel in group.linears:
                 full = f"{adapter.layers_path}.{li}.{rel}"
-                fields: dict[str, Any] | None = dict(activation) if activation else None
-                where = "scheme.activation"
-                for k, pattern, ov in compiled:
-                    if pattern.fullmatch(full):
-                        where = f"scheme.overrides[{k}].activation"
-                        fields = None if ov.activation is None else {**(fields or {}), **dict(ov.activation)}
-                act = activation_spec(fields, where)
+                act = activation_spec(*_merged(full, "activation", activation, compiled))
                 if act is not None:
                     if act.spec.granularity == "group":
                         act.spec.check_width(in_features(layer_module(model, adapter, li, rel)), full)

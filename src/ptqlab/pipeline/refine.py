@@ -31,7 +31,7 @@ class Refinement:
         self.local = getattr(recipe, "local_refiner", None)
         self.global_ = getattr(recipe, "global_refiner", None)
         self.teacher = fp_copy(model) if self.global_ is not None else None
-        self.kept: list[tuple[nn.Module, torch.Tensor, WeightResult, QuantSpec]] = []
+        self.kept: list[Trainable] = []
         self.losses: list[dict[str, float]] = []
         self._inputs: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
@@ -51,7 +51,7 @@ class Refinement:
     def keep(self, module: nn.Module, W: torch.Tensor, result: WeightResult, spec: QuantSpec) -> None:
         """Remember a quantized linear: its weight before quantization and the quantizer's result."""
         if self.active:
-            self.kept.append((module, W.detach().float().clone(), result, spec))
+            self.kept.append(Trainable(module, result, spec, W.detach().float().clone()))
 
     def after_layer(
         self, layer: nn.Module, li: int, calls: list[LayerCall], outputs: list[torch.Tensor]
@@ -59,9 +59,8 @@ class Refinement:
         """Distil the layer (local), then return its outputs on the kept inputs for the next layer."""
         if self.local is None:
             return outputs
-        mine = [k for k in self.kept if any(k[0] is m for m in layer.modules())]
-        trainables = [Trainable(m, r, s, w) for m, w, r, s in mine]
-        start, best = distill_layer(layer, trainables, self._inputs, calls, self._targets, self.local.config)
+        mine = [k for k in self.kept if any(k.module is m for m in layer.modules())]
+        start, best = distill_layer(layer, mine, self._inputs, calls, self._targets, self.local.config)
         self.losses.append({"layer": float(li), "start": start, "best": best})
         log.info("zeroquant_local layer %d: output MSE %.3g -> %.3g", li, start, best)
         if self.global_ is None:
@@ -73,8 +72,7 @@ class Refinement:
     def after_loop(self, model: nn.Module, calibration: torch.Tensor, batch_size: int) -> None:
         """Distil the whole model (global), then apply the compensators still pending."""
         if self.global_ is not None and self.teacher is not None:
-            trainables = [Trainable(m, r, s, w) for m, w, r, s in self.kept]
-            start, best = distill_model(model, self.teacher, trainables, calibration, batch_size, self.global_.config)
+            start, best = distill_model(model, self.teacher, self.kept, calibration, batch_size, self.global_.config)
             self.losses.append({"layer": -1.0, "start": start, "best": best})
             log.info("zeroquant_global: KL %.3g -> %.3g", start, best)
             self.teacher = None
@@ -82,12 +80,13 @@ class Refinement:
             self._compensate(self.kept)
         self.kept = []
 
-    def _compensate(self, kept: list[tuple[nn.Module, torch.Tensor, WeightResult, QuantSpec]]) -> None:
+    def _compensate(self, kept: list[Trainable]) -> None:
         if not getattr(self.recipe, "compensators", None):
             return
-        for module, W, result, _ in kept:
-            now = WeightResult(weight_matrix(module).detach().float(), result.codes, result.qparams, result.g_idx)
-            set_weight_matrix(module, self.recipe.compensate(W, now).weight)
+        for t in kept:
+            r = t.result
+            now = WeightResult(weight_matrix(t.module).detach().float(), r.codes, r.qparams, r.g_idx)
+            set_weight_matrix(t.module, self.recipe.compensate(t.original, now).weight)
 
 
 def _run(layer: nn.Module, inputs: list[torch.Tensor], calls: list[LayerCall]) -> list[torch.Tensor]:

@@ -9,11 +9,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..methods.base import GroupInputs
+from ..methods.base import GroupInputs, scaled_hessian
 from ..models.adapter import Adapter
 from ..models.weights import weight_matrix
 from ..quant.spec import QuantSpec
-from .fold import can_fold, fold_group_scale, slots, tie, tie_mean
+from .fold import can_fold, fold_group_scale, slots, tie
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,6 @@ class LayerTransforms:
         self.abssum: dict[int, torch.Tensor] = {}
         self.count: dict[int, int] = {}
         self.skipped: list[str] = []
-
-    @property
-    def active(self) -> bool:
-        """Whether the recipe has transforms."""
-        return bool(self.transforms)
 
     def observe(self, gi: int, x: torch.Tensor) -> None:
         """Record per-channel max and sum of |x| of a chunk's input to group ``gi``."""
@@ -80,12 +75,12 @@ class LayerTransforms:
             w_absmax = torch.stack([weight_matrix(m).detach().abs().amax(dim=0).float() for m in mods.values()])
             inputs = GroupInputs(
                 act_absmax=tie(act / total, slot),
-                act_mean=tie_mean(mean / total, slot),
+                act_mean=tie(mean / total, slot, "mean"),
                 weight_absmax=tie(w_absmax.amax(dim=0).to(act.device), slot),
                 slot=slot,
                 weights=[weight_matrix(mods[rel]).detach() for rel in specs],
                 specs=list(specs.values()),
-                H=None if H is None else transform_hessian(H, total),
+                H=None if H is None else scaled_hessian(H, total),
             )
             slot_scale = t.slot_scales(inputs)
             total = total * fold_group_scale(self.config, self.adapter, self.layer, group, slot_scale, slot)
@@ -99,9 +94,3 @@ def divide_by(s: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         return x / s.to(x.device, x.dtype)
 
     return fn
-
-
-def transform_hessian(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The Hessian of inputs divided by ``s``: ``diag(1/s) H diag(1/s)``."""
-    inv = (1.0 / s).to(H.device, H.dtype)
-    return H * inv[:, None] * inv[None, :]

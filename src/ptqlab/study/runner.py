@@ -14,7 +14,7 @@ from ..api import evaluate, plan_quantization, prepare_eval_windows, run_quantiz
 from ..data.corpora import eval_windows
 from ..errors import ConfigError
 from ..eval.divergence import Reference, ReferenceCache, divergence
-from ..eval.retrieval import ANSWER_TOKENS, model_max_length
+from ..eval.retrieval import model_max_length, too_long
 from ..eval.sensitivity import Outputs, compare, record_outputs
 from ..eval.tasks import FPTaskCache, TaskResults, paired, run_tasks
 from ..models.adapter import Adapter
@@ -88,17 +88,17 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
             result = evaluate(lm.model, lm.tokenizer, cfg.evaluate, windows=windows, progress=progress)
         timings.update(report.timings)
         timings.update(result.timings)
+        metrics = list(result.metrics)
         if reference is not None:
-            record.metrics += _divergence_metrics(cfg, lm.model, reference, timings)
+            metrics += _divergence_metrics(cfg, lm.model, reference, timings)
         if fp_outputs is not None and sens_ids is not None:
             found = compare(lm.model, plan.adapter, sens_ids, fp_outputs)
             record.sensitivity = [vars(x) for x in found]
         record.texts.update(result.texts)
         if cfg.evaluate.tasks:
-            record.metrics += _task_metrics(cfg, lm, fp_tasks, timings)
-        sizes = plan.size_metrics(lm.model, cfg.evaluate.seqlen)
-        record.metrics = result.metrics + record.metrics + [Metric(k, v) for k, v in sizes.items()]
-        record.metrics += _distill_metrics(report.distill)
+            metrics += _task_metrics(cfg, lm, fp_tasks, timings)
+        metrics += [Metric(k, v) for k, v in plan.size_metrics(lm.model, cfg.evaluate.seqlen).items()]
+        record.metrics = metrics + _distill_metrics(report.distill)
         record.layers = [vars(r) for r in report.records]
         record.status = "done"
     except Exception as exc:  # noqa: BLE001 - any failure while running is stored as the reason
@@ -151,11 +151,10 @@ def _divergence_metrics(
 def _check_long_context(cfg: RunConfig, model: torch.nn.Module) -> None:
     """Lengths past the model's context are an error before any work."""
     lc = cfg.evaluate.long_context
-    limit = model_max_length(model)
-    if lc is not None and limit is not None:
-        too_long = [n for n in lc.lengths if n + ANSWER_TOKENS > limit]
-        if too_long:
-            raise ConfigError(f"evaluate.long_context.lengths {too_long} exceed the model's context of {limit} tokens")
+    bad = too_long(model, lc.lengths) if lc is not None else []
+    if bad:
+        limit = model_max_length(model)
+        raise ConfigError(f"evaluate.long_context.lengths {bad} exceed the model's context of {limit} tokens")
 
 
 def _fp_outputs(cfg: RunConfig, lm: LoadedModel, adapter: Adapter) -> tuple[torch.Tensor | None, Outputs | None]:
