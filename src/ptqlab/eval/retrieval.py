@@ -7,8 +7,8 @@ index, pairs, tokenizer); the answer is scored by exact match of the first numbe
 (a near miss such as a dropped or extra digit scores 0). Generation is greedy, so the KV cache is
 quantized in prefill and in every decode step when KV quantization is installed.
 
-Tuning on SmolLM2-135M (10 samples of 512 tokens): one record 100 %, four 40 %, eight 70 %; the default
-is one record (passkey retrieval), ``pairs`` raises it for stronger models.
+FP SmolLM2-135M on 10 samples of 512 tokens (``retrieval_accuracy(model, tok, 512, 10, seed=0, pairs=p)``):
+one record 10/10, four 9/10, eight 5/10. The default is one record (passkey retrieval); ``pairs`` raises it.
 """
 
 from __future__ import annotations
