@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
-.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods clean
+.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/mypy
 
-bench: bench-foundation bench-space bench-methods
+bench: bench-foundation bench-space bench-methods bench-eval
 
 bench-foundation: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_foundation.py
@@ -41,6 +41,9 @@ bench-space: setup
 
 bench-methods: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_methods.py
+
+bench-eval: setup
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_eval.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,6 @@
 """`make bench-methods`: the PTQ methods of ZeroQuant-V2 / qllm-eval and beyond on SmolLM2-135M.
 
-Quality is the mean perplexity of wikitext2, ptb_new and c4local_new (first 20 windows of 2048 each);
+FP first; quality is the mean perplexity of wikitext2, ptb_new and c4local_new (first 20 windows of 2048 each);
 calibration 128 x 512 from c4local (seed 0); groups of 64 where groups are used. Tables:
 
 1. RTN, GPTQ, ZeroQuant-Local and AWQ, each without and with LoRC (rank 8, INT8 factors, applied to the
@@ -11,7 +11,7 @@ calibration 128 x 512 from c4local (seed 0); groups of 64 where groups are used.
 Every finished row is appended to bench/results/methods.json, so a killed run resumes where it stopped.
 
     python bench/bench_methods.py                      # everything (hours on 2 CPU cores)
-    python bench/bench_methods.py --only base:W4       # one part
+    python bench/bench_methods.py --only base:W4       # one part (parts: fp, base:W4, pair:W8A8, ...)
     python bench/bench_methods.py --windows 2 --samples 16 --out methods-smoke.json   # a quick check
 """
 
@@ -133,6 +133,15 @@ def run_pair(scheme_name: str, label: str, recipe: list[dict[str, Any]], windows
     return row
 
 
+def run_fp(windows: dict[str, torch.Tensor]) -> dict:
+    """The unquantized model: the reference row."""
+    import ptqlab
+
+    lm = ptqlab.load_model("smollm2-135m")
+    return {"table": "fp", "scheme": "FP", "method": "-", "quant_s": 0.0, **_ppl(lm.model, windows),
+            "bits.weight": 32.0}
+
+
 def fmt(rows: list[dict]) -> str:
     lines = ["| table | scheme | method | wikitext2 | ptb_new | c4local_new | mean | quantize s | bits/weight |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -168,10 +177,16 @@ def main() -> None:
     tok = ptqlab.load_model("smollm2-135m").tokenizer
     windows = _windows(tok, args.windows)
     cal = calibration_windows(tok, "c4local", args.samples, 512, 0)
-    parts = args.only.split(",") if args.only else [f"base:{s}" for s in BASE_SCHEMES] + [f"pair:{s}" for s in PAIRS]
+    parts = (args.only.split(",") if args.only else
+             ["fp"] + [f"base:{s}" for s in BASE_SCHEMES] + [f"pair:{s}" for s in PAIRS])
     for part in parts:
         kind, _, scheme = part.partition(":")
-        if kind == "base":
+        if kind == "fp":
+            if ("fp", "FP", "-") not in done:
+                rows.insert(0, run_fp(windows))
+                out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+                print(fmt(rows[:1]), flush=True)
+        elif kind == "base":
             for name in BASE_METHODS:
                 if ("base", scheme, name) not in done:
                     rows += run_base(name, scheme, windows, cal)

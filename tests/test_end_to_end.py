@@ -184,16 +184,19 @@ def test_recipe_of_many_methods_runs_end_to_end(tmp_path, capsys):
 def test_long_context_accuracy_by_length_is_stored(tmp_path, capsys):
     db = str(tmp_path / "s.db")
     cfg = {**STORIES, "scheme": {"kv_cache": {"bits": 4}}, "recipe": [],
-           "evaluate": {"perplexity": [], "long_context": {"lengths": [64, 128], "samples": 2}}}
+           "evaluate": {"perplexity": [], "long_context": {"lengths": [256, 400], "samples": 2}}}
     code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, cfg), "--json", "--quiet")
     assert code == 0
     run = json.loads(out)
-    for n in (64, 128):
-        assert 0 <= run["metrics"][f"retrieval.len{n}.p1.n2"]["value"] <= 1
-        assert len(json.loads(run["texts"][f"retrieval.len{n}.p1.n2"])) == 2
+    for n in (256, 400):
+        assert 0 <= run["metrics"][f"retrieval.len{n}.p4.n2"]["value"] <= 1
+        assert len(json.loads(run["texts"][f"retrieval.len{n}.p4.n2"])) == 2
     too_long = {**cfg, "evaluate": {"perplexity": [], "long_context": {"lengths": [100_000]}}}
     code, _, err = _cli(capsys, "--store", db, "run", _write(tmp_path, too_long, "t.yaml"), "--quiet")
     assert code == 2 and "exceed the model's context" in err
+    too_short = {**cfg, "evaluate": {"perplexity": [], "long_context": {"lengths": [40], "pairs": 8}}}
+    code, _, err = _cli(capsys, "--store", db, "run", _write(tmp_path, too_short, "s.yaml"), "--quiet")
+    assert code == 2 and "too short for 8 records" in err
 
 
 def test_sensitivity_is_stored_per_module(tmp_path, capsys):

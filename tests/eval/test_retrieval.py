@@ -25,6 +25,11 @@ def test_generator_is_deterministic_and_fits_the_length(stories) -> None:
     assert a.prompt.count(f" is {a.answer}.") == 1 and 0 <= a.position <= 1
 
 
+def test_a_length_too_short_for_the_records_is_an_error(stories) -> None:
+    with pytest.raises(ValueError, match="too short for 4 records"):
+        make_sample(stories.tokenizer, 40, 0, 0, pairs=4)
+
+
 def test_scorer_accepts_the_answer_and_rejects_near_misses() -> None:
     assert score(" 48213. Remember it.", "48213")
     assert score("48213", "48213")
@@ -33,10 +38,10 @@ def test_scorer_accepts_the_answer_and_rejects_near_misses() -> None:
 
 
 def test_accuracy_runs_with_quantized_kv_and_rejects_too_long_prompts(stories) -> None:
-    acc, answers = retrieval_accuracy(stories.model, stories.tokenizer, 120, 2)
+    acc, answers = retrieval_accuracy(stories.model, stories.tokenizer, 256, 2)
     assert 0.0 <= acc <= 1.0 and len(answers) == 2
     quantize(stories.model, {"kv_cache": {"bits": 2}}, progress=False)
-    acc2, _ = retrieval_accuracy(stories.model, stories.tokenizer, 120, 2)
+    acc2, _ = retrieval_accuracy(stories.model, stories.tokenizer, 256, 2)
     assert 0.0 <= acc2 <= 1.0
     with pytest.raises(ValueError, match="exceeds the model's context"):
         retrieval_accuracy(stories.model, stories.tokenizer, 100_000, 1)

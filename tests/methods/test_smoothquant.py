@@ -25,7 +25,7 @@ def test_smoothing_keeps_the_fp_output(family: str) -> None:
     quantize(model, None, [{"smoothquant": {"alpha": 0.5}}], CAL, progress=False)
     with torch.no_grad():
         out = model(ids).logits
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    changed = [k for k, v in model.state_dict().items() if k not in before or not torch.equal(before[k], v)]
     assert changed, "nothing was folded"
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
@@ -69,3 +69,24 @@ def test_transform_without_calibration_fails_before_any_work() -> None:
     model = tiny_model("llama")
     with pytest.raises(ConfigError, match="needs calibration data"):
         quantize(model, {"weight": {"bits": 8}}, [{"smoothquant": {}}], None, progress=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "bloom", "gpt_neox", "falcon"])
+def test_groups_after_gelu_get_an_explicit_scale(family: str) -> None:
+    """Nothing absorbs a scale after GELU/ReLU: a scale op is inserted, exact, and saved in the state dict."""
+    from ptqlab.models.registry import get_adapter
+    from ptqlab.pipeline.fold import ScaledOutput
+
+    model = outlier_model(family)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    quantize(model, None, [{"smoothquant": {"alpha": 0.5}}, {"awq": {"grid": 5}}], CAL, progress=False)
+    fc2 = next(g for g in get_adapter(model).groups if g.name == "fc2")
+    scaled = [m for m in model.modules() if isinstance(m, ScaledOutput)]
+    assert fc2.fold == "scale" and len(scaled) == model.config.num_hidden_layers
+    assert all(not isinstance(m.inner, ScaledOutput) for m in scaled), "a second transform wraps twice"
+    assert any(k.endswith(".scale") for k in model.state_dict())
+    assert all(not torch.equal(m.scale, torch.ones_like(m.scale)) for m in scaled)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-5)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from torch import nn
 
-FoldKind = Literal["norm", "linear", "none"]
+FoldKind = Literal["norm", "linear", "scale", "none"]
 WeightLayout = Literal["linear", "conv1d"]
 PrevPart = Literal["v", "up"]
 ConfigCondition = tuple[str, tuple[object, ...]]
@@ -27,7 +27,8 @@ class LinearGroup:
         linears: Module names relative to the decoder layer, e.g. ``("self_attn.q_proj", ...)``.
         prev_op: Relative name of the op whose output the group reads, or None.
         fold: How a per-input-channel scale folds into ``prev_op``: ``norm`` (its weight, and bias),
-            ``linear`` (the output rows of a linear), or ``none`` (nothing can absorb it, e.g. GELU).
+            ``linear`` (the output rows of a linear), ``scale`` (nothing can absorb it, e.g. GELU: an
+            explicit scale op is inserted after ``prev_op``), or ``none`` (no transform at this group).
         prev_part: When ``prev_op`` is a fused linear, which of its output rows the group reads:
             ``v`` (the value rows of the fused qkv projection, located with ``Adapter.fused_qkv``) or
             ``up`` (the second half of a fused ``[gate; up]`` projection, Phi-3). None: all its rows.

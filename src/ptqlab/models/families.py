@@ -7,8 +7,8 @@ Each decoder layer's linears are grouped by the activation they read, in forward
   scale folds into the output rows of ``v_proj`` / ``up_proj`` (``fold="linear"``). With grouped-query
   attention ``v_proj`` is narrower than ``o_proj``'s input: scales must be tied across the query heads
   that share a key/value head;
-- a group that reads a GELU/ReLU output cannot absorb a scale (``fold="none"``; ``prev_op`` names the
-  activation module, where a hook can still observe the activation).
+- nothing absorbs a scale of a group that reads a GELU/ReLU output: an explicit scale op is inserted
+  after the activation module that ``prev_op`` names (``fold="scale"``).
 
 Some classes build different layers depending on their config (OPT's post-LayerNorm 350M, Falcon's
 four layouts); those get one adapter per variant, told apart by ``Adapter.when``.
@@ -106,7 +106,7 @@ def _opt(pre_norm: bool) -> Adapter:
             fc1,
             # ReLU is positively homogeneous, but like the SmoothQuant/AWQ references we do not fold
             # through it.
-            LinearGroup("fc2", ("fc2",), "activation_fn", "none"),
+            LinearGroup("fc2", ("fc2",), "activation_fn", "scale"),
         ),
         has_rope=False,
         norm_kind="layernorm",
@@ -127,7 +127,7 @@ BLOOM = Adapter(
         LinearGroup("qkv", ("self_attention.query_key_value",), "input_layernorm", "norm"),
         LinearGroup("o", ("self_attention.dense",), "self_attention.query_key_value", "linear", prev_part="v"),
         LinearGroup("fc1", ("mlp.dense_h_to_4h",), "post_attention_layernorm", "norm"),
-        LinearGroup("fc2", ("mlp.dense_4h_to_h",), "mlp.gelu_impl", "none"),
+        LinearGroup("fc2", ("mlp.dense_4h_to_h",), "mlp.gelu_impl", "scale"),
     ),
     fused_qkv=FusedQKV("self_attention.query_key_value", interleaved=True),
     has_rope=False,  # ALiBi
@@ -143,7 +143,7 @@ GPT2 = Adapter(
         LinearGroup("qkv", ("attn.c_attn",), "ln_1", "norm"),
         LinearGroup("o", ("attn.c_proj",), "attn.c_attn", "linear", prev_part="v"),
         LinearGroup("fc1", ("mlp.c_fc",), "ln_2", "norm"),
-        LinearGroup("fc2", ("mlp.c_proj",), "mlp.act", "none"),
+        LinearGroup("fc2", ("mlp.c_proj",), "mlp.act", "scale"),
     ),
     weight_layout="conv1d",
     fused_qkv=FusedQKV("attn.c_attn", interleaved=False),
@@ -163,7 +163,7 @@ GPT_NEOX = Adapter(
         # the layer INPUT x, in parallel with attention; without it, of x + attention(x). Either way
         # fc1 reads post_attention_layernorm's output.
         LinearGroup("fc1", ("mlp.dense_h_to_4h",), "post_attention_layernorm", "norm"),
-        LinearGroup("fc2", ("mlp.dense_4h_to_h",), "mlp.act", "none"),
+        LinearGroup("fc2", ("mlp.dense_4h_to_h",), "mlp.act", "scale"),
     ),
     fused_qkv=FusedQKV("attention.query_key_value", interleaved=True),
     norm_kind="layernorm",
@@ -172,7 +172,7 @@ GPT_NEOX = Adapter(
 
 _FALCON_QKV = "self_attention.query_key_value"
 _FALCON_O = LinearGroup("o", ("self_attention.dense",), _FALCON_QKV, "linear", prev_part="v")
-_FALCON_FC2 = LinearGroup("fc2", ("mlp.dense_4h_to_h",), "mlp.act", "none")
+_FALCON_FC2 = LinearGroup("fc2", ("mlp.dense_4h_to_h",), "mlp.act", "scale")
 
 
 def _falcon(

@@ -3,6 +3,8 @@
 Dividing a group's input by ``s`` and multiplying its linears' input columns by ``s`` keeps the float
 function when the op before the group can absorb ``1/s``: a norm (its weight and bias), or the output
 rows of a linear (value rows of a fused qkv, the up half of a fused gate/up, ``v_proj``, ``up_proj``).
+Where nothing can absorb it (the output of GELU), an explicit scale op is inserted after the op before
+(:class:`ScaledOutput`, ``fold="scale"``): one elementwise division per token, kept in the state dict.
 With grouped-query attention several query heads read one value head, so the scales are tied: each
 input channel maps to a *slot* (a row of the op before) and channels of one slot share one scale.
 """
@@ -21,7 +23,40 @@ from ..models.weights import set_weight_matrix, weight_matrix
 
 def can_fold(group: LinearGroup) -> bool:
     """Whether the op before ``group`` can absorb a per-channel scale."""
-    return group.fold in ("norm", "linear") and group.prev_op is not None
+    return group.fold in ("norm", "linear", "scale") and group.prev_op is not None
+
+
+class ScaledOutput(nn.Module):
+    """``inner(x) / scale``: an explicit per-channel scale after an op that cannot absorb one (GELU).
+
+    Attributes:
+        inner: The wrapped op.
+        scale: Float32 buffer (channels,), saved with the model's state dict.
+
+    """
+
+    def __init__(self, inner: nn.Module, scale: torch.Tensor) -> None:
+        """Wrap ``inner``; its output is divided by ``scale``."""
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("scale", scale.detach().to(torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the op, then divide by the scale."""
+        y = self.inner(x)
+        return y / self.scale.to(y.device, y.dtype)
+
+
+def _scale_after(layer: nn.Module, name: str, s: torch.Tensor) -> None:
+    """Divide the output of ``layer.<name>`` by ``s``, wrapping it once (later scales multiply in)."""
+    op = layer.get_submodule(name)
+    if isinstance(op, ScaledOutput):
+        scale: torch.Tensor = op.scale  # type: ignore[assignment]
+        scale.mul_(s.to(scale.device, torch.float32))
+        return
+    parent_name, _, child = name.rpartition(".")
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    setattr(parent, child, ScaledOutput(op, s))
 
 
 def slots(config: Any, adapter: Adapter, layer: nn.Module, group: LinearGroup, width: int) -> torch.Tensor:
@@ -96,6 +131,8 @@ def fold_group_scale(
     prev = layer.get_submodule(group.prev_op)
     if group.fold == "norm":
         _fold_norm(prev, slot_scale, adapter.norm_kind)
+    elif group.fold == "scale":
+        _scale_after(layer, group.prev_op, s)
     else:
         _fold_linear_rows(prev, prev_rows_read(config, adapter, layer, group), slot_scale)
     for rel in group.linears:

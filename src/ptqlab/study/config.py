@@ -120,7 +120,7 @@ class LongContextConfig(_Strict):
 
     lengths: list[int] = Field(default_factory=lambda: [512, 1024, 2048])
     samples: int = Field(default=10, ge=1)
-    pairs: int = Field(default=1, ge=1, le=500)
+    pairs: int = Field(default=4, ge=1, le=500)
     seed: int = 0
 
     @field_validator("lengths")

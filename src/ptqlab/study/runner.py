@@ -14,7 +14,7 @@ from ..api import evaluate, plan_quantization, prepare_eval_windows, run_quantiz
 from ..data.corpora import eval_windows
 from ..errors import ConfigError
 from ..eval.divergence import Reference, ReferenceCache, divergence
-from ..eval.retrieval import model_max_length, too_long
+from ..eval.retrieval import make_sample, model_max_length, too_long
 from ..eval.sensitivity import Outputs, compare, record_outputs
 from ..eval.tasks import FPTaskCache, TaskResults, paired, run_tasks
 from ..models.adapter import Adapter
@@ -62,7 +62,7 @@ def execute(cfg: RunConfig, store: Store, *, force: bool = False, progress: bool
     timings = {"load_s": time.perf_counter() - t_start}
     plan = plan_quantization(lm.model, cfg.scheme, cfg.recipe, cfg.calibration, lm.tokenizer)
     windows = prepare_eval_windows(lm.tokenizer, cfg.evaluate)
-    _check_long_context(cfg, lm.model)
+    _check_long_context(cfg, lm.model, lm.tokenizer)
     reference = _fp_reference(cfg, lm, timings)
     sens_ids, fp_outputs = _fp_outputs(cfg, lm, plan.adapter)
     fp_tasks = _fp_tasks(cfg, lm, timings)
@@ -148,13 +148,19 @@ def _divergence_metrics(
             for kind, value in (("kl", d.kl), ("top1", d.top1), ("top5", d.top5))]
 
 
-def _check_long_context(cfg: RunConfig, model: torch.nn.Module) -> None:
-    """Lengths past the model's context are an error before any work."""
+def _check_long_context(cfg: RunConfig, model: torch.nn.Module, tokenizer: Any) -> None:
+    """Lengths past the model's context, or too short for the records, are an error before any work."""
     lc = cfg.evaluate.long_context
-    bad = too_long(model, lc.lengths) if lc is not None else []
+    if lc is None:
+        return
+    bad = too_long(model, lc.lengths)
     if bad:
         limit = model_max_length(model)
         raise ConfigError(f"evaluate.long_context.lengths {bad} exceed the model's context of {limit} tokens")
+    try:
+        make_sample(tokenizer, min(lc.lengths), lc.seed, 0, lc.pairs)
+    except ValueError as exc:
+        raise ConfigError(f"evaluate.long_context: {exc}") from None
 
 
 def _fp_outputs(cfg: RunConfig, lm: LoadedModel, adapter: Adapter) -> tuple[torch.Tensor | None, Outputs | None]:
