@@ -19,17 +19,14 @@ Parts (each finished row is appended to bench/results/eval.json, so a killed run
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import RESULTS, open_results
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 TASKS = ("lambada_openai", "piqa", "arc_easy", "arc_challenge", "hellaswag_local")
 G64 = {"granularity": "group", "group_size": 64}
 A8 = {"bits": 8, "granularity": "token", "symmetric": False}
@@ -179,15 +176,8 @@ def main() -> None:
     import ptqlab
     from ptqlab.data.corpora import eval_windows
 
-    out = RESULTS / args.out
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "model": "smollm2-135m fp32", "limit": args.limit, "samples": args.samples,
-            "batch_size": args.batch_size, "command": "python bench/bench_eval.py"}
-    saved = json.loads(out.read_text()) if out.exists() else {}
-    keep = ("limit", "samples", "batch_size")  # a change of protocol starts over
-    if {k: saved.get("meta", {}).get(k) for k in keep} != {k: meta[k] for k in keep}:
-        saved = {}
+    out, meta, saved = open_results(args.out, "python bench/bench_eval.py", limit=args.limit,
+                                    samples=args.samples, batch_size=args.batch_size)
     data: dict[str, Any] = {"meta": meta, "tasks": saved.get("tasks", {}), "long": saved.get("long", {}),
                             "speed": saved.get("speed")}
     windows = eval_windows("wikitext2", ptqlab.load_model("smollm2-135m").tokenizer, 512, 16).input_ids

@@ -18,17 +18,14 @@ Every finished row is appended to bench/results/methods.json, so a killed run re
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import RESULTS, open_results
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 CORPORA = ("wikitext2", "ptb_new", "c4local_new")
 
 W_CH = {"granularity": "channel"}
@@ -163,15 +160,8 @@ def main() -> None:
     import ptqlab
     from ptqlab.data.calibration import calibration_windows
 
-    out = RESULTS / args.out
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "model": "smollm2-135m fp32", "windows": args.windows, "samples": args.samples,
-            "command": "python bench/bench_methods.py"}
-    saved = json.loads(out.read_text()) if out.exists() else {}
-    if {k: saved.get("meta", {}).get(k) for k in ("windows", "samples")} != {"windows": args.windows,
-                                                                             "samples": args.samples}:
-        saved = {}
+    out, meta, saved = open_results(args.out, "python bench/bench_methods.py", windows=args.windows,
+                                    samples=args.samples)
     rows: list[dict] = saved.get("rows", [])
     done = {(r["table"], r["scheme"], r["method"]) for r in rows}
     tok = ptqlab.load_model("smollm2-135m").tokenizer

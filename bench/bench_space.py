@@ -13,17 +13,12 @@ in the same process, alternating the two.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from benchlib import RESULTS, open_results
 
 G64 = {"granularity": "group", "group_size": 64}
 
@@ -141,14 +136,9 @@ def main() -> None:
     import ptqlab
     from ptqlab.data.corpora import eval_windows
 
-    out = RESULTS / "space.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    saved: dict[str, Any] = {} if args.fresh or not out.exists() else json.loads(out.read_text())
-    if saved.get("meta", {}).get("windows") != args.windows:
+    out, meta, saved = open_results("space.json", "python bench/bench_space.py", windows=args.windows)
+    if args.fresh:
         saved = {}
-    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()}",
-            "threads": torch.get_num_threads(), "model": "smollm2-135m fp32", "windows": args.windows,
-            "command": "python bench/bench_space.py"}
     rows: dict[str, Any] = saved.get("rows", {})
     tok = ptqlab.load_model("smollm2-135m").tokenizer
     windows = eval_windows("wikitext2", tok, 2048, args.windows).input_ids
