@@ -71,6 +71,42 @@ def _ppl(model: torch.nn.Module, windows: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+def _record_inputs(method: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Wrap ``method.quantize`` to keep each call's FP input and quantized output, in call order."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    inner = method.quantize
+
+    def quantize(W: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        res = inner(W, *args, **kwargs)
+        calls.append((W.detach().float().clone(), res.weight.detach().float().clone()))
+        return res
+
+    method.quantize = quantize
+    return calls
+
+
+def _fp_references(model: torch.nn.Module, names: list[str], calls: list[tuple[torch.Tensor, torch.Tensor]]
+                   ) -> dict[str, torch.Tensor]:
+    """The FP weight each quantized linear now stands for.
+
+    That is the weight the quantizer was given (after the transforms folded into its columns), with the
+    output rows divided since by a later group's fold (AWQ and SmoothQuant scale ``v_proj``/``up_proj`` rows
+    after they are quantized). The row factors are read off the quantized weight itself, and checked.
+    """
+    from ptqlab.models.weights import weight_matrix
+
+    refs = {}
+    for name, (W, q_then) in zip(names, calls, strict=True):
+        q_now = weight_matrix(model.get_submodule(name)).detach().float()
+        norm = (q_then * q_then).sum(dim=1)
+        d = torch.where(norm > 0, (q_now * q_then).sum(dim=1) / norm.clamp_min(1e-30), torch.ones_like(norm))
+        residual = (q_now - d[:, None] * q_then).norm() / q_now.norm().clamp_min(1e-30)
+        if residual > 1e-4:
+            raise RuntimeError(f"{name}: the quantized weight changed by more than a row scaling ({residual:.2e})")
+        refs[name] = d[:, None] * W
+    return refs
+
+
 def _lorc_on_same_base(model: torch.nn.Module, fp: dict[str, torch.Tensor], plan: Any) -> float:
     """Add LoRC (rank 8, INT8 factors) to every quantized linear of an already quantized model."""
     from ptqlab.methods.base import WeightResult
@@ -96,9 +132,12 @@ def run_base(name: str, scheme_name: str, windows: dict[str, torch.Tensor], cal:
     lm = ptqlab.load_model("smollm2-135m")
     plan = plan_quantization(lm.model, BASE_SCHEMES[scheme_name], BASE_METHODS[name], cal)
     fp = {t.name: weight_matrix(lm.model.get_submodule(t.name)).detach().float().clone() for t in plan.targets}
+    calls = _record_inputs(plan.method) if plan.method.transforms else None
     t0 = time.perf_counter()
     report = run_quantization(lm.model, plan, progress=True)
     quant_s = time.perf_counter() - t0
+    if calls is not None:  # LoRC must compensate against the transformed FP weights
+        fp = _fp_references(lm.model, [r.module for r in report.records], calls)
     sizes = plan.size_metrics(lm.model)
     rows = [{"table": "base", "scheme": scheme_name, "method": name, "quant_s": quant_s,
              **_ppl(lm.model, windows), **sizes}]
@@ -136,7 +175,7 @@ def run_fp(windows: dict[str, torch.Tensor]) -> dict:
 
     lm = ptqlab.load_model("smollm2-135m")
     return {"table": "fp", "scheme": "FP", "method": "-", "quant_s": 0.0, **_ppl(lm.model, windows),
-            "bits.weight": 32.0}
+            "bits.weight": 16.0}  # counted at 16 bits, as the size accounting does
 
 
 def fmt(rows: list[dict]) -> str:
@@ -154,7 +193,11 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=20)
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--out", default="methods.json")
+    p.add_argument("--methods", help="comma list of base methods to run (default: all)")
     args = p.parse_args()
+    unknown = set(args.methods.split(",") if args.methods else []) - set(BASE_METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; known: {', '.join(BASE_METHODS)}")
     torch.set_num_threads(2)
 
     import ptqlab
@@ -177,7 +220,7 @@ def main() -> None:
                 out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
                 print(fmt(rows[:1]), flush=True)
         elif kind == "base":
-            for name in BASE_METHODS:
+            for name in args.methods.split(",") if args.methods else BASE_METHODS:
                 if ("base", scheme, name) not in done:
                     rows += run_base(name, scheme, windows, cal)
                     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

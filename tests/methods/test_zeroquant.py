@@ -53,3 +53,26 @@ def test_global_lowers_kl_and_lorc_runs_after_it() -> None:
 def test_bad_recipes(recipe: list, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         build_quantizer(recipe)
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(CAL[:2]).logits
+
+
+@pytest.mark.parametrize("transform", ["smoothquant", "awq"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_zeroquant_after_a_transform_keeps_the_rows_it_folded(transform: str, family: str) -> None:
+    """A transform divides rows of an already quantized v_proj/up_proj; distillation must start from them.
+
+    With no steps, ZeroQuant-Local leaves the transformed, quantized model as it was; LoRC after it
+    compensates against the transformed FP weights, so it brings the model closer to FP.
+    """
+    fp = _logits(tiny_model(family).eval())
+    outs = []
+    for tail in ([], [{"zeroquant_local": {"steps": 0}}], [{"zeroquant_local": {"steps": 0}}, {"lorc": {"rank": 16}}]):
+        model = tiny_model(family).eval()
+        quantize(model, SCHEME, [{transform: {}}, {"rtn": {}}, *tail], CAL, progress=False)
+        outs.append(_logits(model))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    assert (outs[2] - fp).pow(2).mean() < 0.5 * (outs[1] - fp).pow(2).mean()

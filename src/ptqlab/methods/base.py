@@ -27,6 +27,19 @@ class WeightResult:
     qparams: QParams
     g_idx: torch.Tensor | None = None
 
+    def divide_rows(self, rows: torch.Tensor, s: torch.Tensor) -> WeightResult:
+        """The same codes with output ``rows`` divided by ``s`` (their scales too: still on the grid).
+
+        A transform that folds a scale into the rows of an already quantized linear (AWQ, SmoothQuant into
+        ``v_proj``/``up_proj``) keeps it quantized this way, since ``scale * (code - zero)`` is linear in
+        the scale.
+        """
+        d = s.to(self.weight.device, torch.float32)[:, None]
+        weight, scale = self.weight.clone(), self.qparams.scale.clone()
+        weight[rows] = (weight[rows].float() / d).to(weight.dtype)
+        scale[rows] = (scale[rows].float() / d.to(scale.device)).to(scale.dtype)
+        return WeightResult(weight, self.codes, QParams(scale, self.qparams.zero), self.g_idx)
+
 
 class HessianAccumulator:
     """Running ``H = 2/n * sum x x^T`` over the input rows seen so far, kept in float32.

@@ -181,7 +181,9 @@ def _quantize_calibrated(
     bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress)
     for li in bar:
         layer = layers[li].to(device)
-        tf = LayerTransforms(getattr(model, "config", None), adapter, layer, getattr(method, "transforms", ()))
+        tf = LayerTransforms(
+            getattr(model, "config", None), adapter, layer, getattr(method, "transforms", ()), refine.rows_divided
+        )
         refine.before_layer(layer, hidden, captured.calls[li])
         outputs = _quantize_layer(layer, li, adapter, by_layer.get(li, []), method, hidden, captured.calls[li],
                                   report, tf, refine)

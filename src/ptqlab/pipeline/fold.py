@@ -11,6 +11,7 @@ input channel maps to a *slot* (a row of the op before) and channels of one slot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,8 +110,17 @@ def _fold_linear_rows(prev: nn.Module, rows: torch.Tensor, s: torch.Tensor) -> N
             b[rows] = (b[rows].float() / s.to(b.device)).to(b.dtype)
 
 
+RowsDivided = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+
+
 def fold_group_scale(
-    config: Any, adapter: Adapter, layer: nn.Module, group: LinearGroup, slot_scale: torch.Tensor, slot: torch.Tensor
+    config: Any,
+    adapter: Adapter,
+    layer: nn.Module,
+    group: LinearGroup,
+    slot_scale: torch.Tensor,
+    slot: torch.Tensor,
+    on_rows: RowsDivided | None = None,
 ) -> torch.Tensor:
     """Divide the group's input by the scales and multiply its linears' input columns by them.
 
@@ -121,6 +131,8 @@ def fold_group_scale(
         group: A group that :func:`can_fold`.
         slot_scale: One positive scale per slot.
         slot: Each input channel's slot (from :func:`slots`).
+        on_rows: Told ``(linear, rows, s)`` when rows of the linear before are divided (it may already be
+            quantized, and whoever kept its quantization result must divide it too).
 
     Returns:
         The per-channel scale ``s`` (in,) the group's input is now divided by.
@@ -134,7 +146,10 @@ def fold_group_scale(
     elif group.fold == "scale":
         _scale_after(layer, group.prev_op, s)
     else:
-        _fold_linear_rows(prev, prev_rows_read(config, adapter, layer, group), slot_scale)
+        rows = prev_rows_read(config, adapter, layer, group)
+        _fold_linear_rows(prev, rows, slot_scale)
+        if on_rows is not None:
+            on_rows(prev, rows, slot_scale)
     for rel in group.linears:
         module = layer.get_submodule(rel)
         W = weight_matrix(module).float()

@@ -53,6 +53,15 @@ class Refinement:
         if self.active:
             self.kept.append(Trainable(module, result, spec, W.detach().float().clone()))
 
+    def rows_divided(self, module: nn.Module, rows: torch.Tensor, s: torch.Tensor) -> None:
+        """A transform divided ``rows`` of ``module`` by ``s`` after it was kept: divide what was kept too."""
+        for t in self.kept:
+            if t.module is module:
+                t.result = t.result.divide_rows(rows, s)
+                if t.original is not None:
+                    t.original = t.original.clone()
+                    t.original[rows] /= s.to(t.original.device, t.original.dtype)[:, None]
+
     def after_layer(
         self, layer: nn.Module, li: int, calls: list[LayerCall], outputs: list[torch.Tensor]
     ) -> list[torch.Tensor]:

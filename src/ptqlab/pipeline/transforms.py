@@ -13,7 +13,7 @@ from ..methods.base import GroupInputs, scaled_hessian
 from ..models.adapter import Adapter
 from ..models.weights import weight_matrix
 from ..quant.spec import QuantSpec
-from .fold import can_fold, fold_group_scale, slots, tie
+from .fold import RowsDivided, can_fold, fold_group_scale, slots, tie
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,17 @@ class ScaleTransform(Protocol):
 class LayerTransforms:
     """Collects |x| statistics per input channel of each foldable group and folds the recipe's scales."""
 
-    def __init__(self, config: Any, adapter: Adapter, layer: nn.Module, transforms: Sequence[ScaleTransform]):
-        """Prepare for one decoder layer."""
+    def __init__(
+        self,
+        config: Any,
+        adapter: Adapter,
+        layer: nn.Module,
+        transforms: Sequence[ScaleTransform],
+        on_rows: RowsDivided | None = None,
+    ) -> None:
+        """Prepare for one decoder layer; ``on_rows`` is told of rows divided in a linear before a group."""
         self.config, self.adapter, self.layer = config, adapter, layer
+        self.on_rows = on_rows
         self.transforms = list(transforms)
         self.absmax: dict[int, torch.Tensor] = {}
         self.abssum: dict[int, torch.Tensor] = {}
@@ -83,7 +91,9 @@ class LayerTransforms:
                 H=None if H is None else scaled_hessian(H, total),
             )
             slot_scale = t.slot_scales(inputs)
-            total = total * fold_group_scale(self.config, self.adapter, self.layer, group, slot_scale, slot)
+            total = total * fold_group_scale(
+                self.config, self.adapter, self.layer, group, slot_scale, slot, self.on_rows
+            )
         return total
 
 
