@@ -187,6 +187,22 @@ def fmt(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot(rows: list[dict]) -> str:
+    """The ZeroQuant-V2-style table: mean perplexity of each base method without / with LoRC per scheme."""
+    by = {(r["scheme"], r["method"]): r for r in rows if r["table"] == "base"}
+    schemes = [s for s in BASE_SCHEMES if any(k[0] == s for k in by)]
+    head = " | ".join(f"{s} | {s} +LoRC" for s in schemes)
+    lines = [f"| method | {head} | quantize s ({', '.join(schemes)}) |", "|---" * (2 * len(schemes) + 2) + "|"]
+    for name in BASE_METHODS:
+        cells, times = [], []
+        for s in schemes:
+            base, lorc = by.get((s, name)), by.get((s, f"{name}+LoRC"))
+            cells += [f"{base['mean']:.2f}" if base else "-", f"{lorc['mean']:.2f}" if lorc else "-"]
+            times.append(f"{base['quant_s']:.0f}" if base else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {' / '.join(times)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="comma list of base:SCHEME / pair:SCHEME parts")
@@ -231,7 +247,7 @@ def main() -> None:
                     rows.append(run_pair(scheme, label, recipe, windows, cal))
                     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
                     print(fmt(rows[-1:]), flush=True)
-    table = fmt(rows)
+    table = fmt(rows) + "\n\n" + pivot(rows)
     print(table)
     (RESULTS / Path(args.out).with_suffix(".md").name).write_text(table + "\n")
 
