@@ -131,12 +131,15 @@ def run_base(name: str, scheme_name: str, windows: dict[str, torch.Tensor], cal:
 
     lm = ptqlab.load_model("smollm2-135m")
     plan = plan_quantization(lm.model, BASE_SCHEMES[scheme_name], BASE_METHODS[name], cal)
-    fp = {t.name: weight_matrix(lm.model.get_submodule(t.name)).detach().float().clone() for t in plan.targets}
+    # LoRC compensates against the FP weights the quantizer was given: with transforms, read at quantization
     calls = _record_inputs(plan.method) if plan.method.transforms else None
+    fp = {} if calls is not None else {
+        t.name: weight_matrix(lm.model.get_submodule(t.name)).detach().float().clone() for t in plan.targets
+    }
     t0 = time.perf_counter()
     report = run_quantization(lm.model, plan, progress=True)
     quant_s = time.perf_counter() - t0
-    if calls is not None:  # LoRC must compensate against the transformed FP weights
+    if calls is not None:
         fp = _fp_references(lm.model, [r.module for r in report.records], calls)
     sizes = plan.size_metrics(lm.model)
     rows = [{"table": "base", "scheme": scheme_name, "method": name, "quant_s": quant_s,

@@ -34,11 +34,16 @@ class WeightResult:
         ``v_proj``/``up_proj``) keeps it quantized this way, since ``scale * (code - zero)`` is linear in
         the scale.
         """
-        d = s.to(self.weight.device, torch.float32)[:, None]
-        weight, scale = self.weight.clone(), self.qparams.scale.clone()
-        weight[rows] = (weight[rows].float() / d).to(weight.dtype)
-        scale[rows] = (scale[rows].float() / d.to(scale.device)).to(scale.dtype)
-        return WeightResult(weight, self.codes, QParams(scale, self.qparams.zero), self.g_idx)
+        qparams = QParams(divide_rows(self.qparams.scale, rows, s), self.qparams.zero)
+        return WeightResult(divide_rows(self.weight, rows, s), self.codes, qparams, self.g_idx)
+
+
+def divide_rows(x: torch.Tensor, rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` (rows, ...) with ``rows`` divided by ``s`` (one value per row), in float32 math."""
+    out = x.clone()
+    d = s.to(x.device, torch.float32).reshape(-1, *([1] * (x.dim() - 1)))
+    out[rows] = (x[rows].float() / d).to(x.dtype)
+    return out
 
 
 class HessianAccumulator:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..methods.base import divide_rows
 from ..models.adapter import Adapter, LinearGroup
 from ..models.heads import attention_heads, prev_rows_read
 from ..models.weights import set_weight_matrix, weight_matrix
@@ -101,13 +102,11 @@ def _fold_norm(norm: nn.Module, s: torch.Tensor, norm_kind: str) -> None:
 
 
 def _fold_linear_rows(prev: nn.Module, rows: torch.Tensor, s: torch.Tensor) -> None:
-    W = weight_matrix(prev).float().clone()  # (out, in)
-    W[rows] /= s[:, None].to(W.device)
-    set_weight_matrix(prev, W)
+    set_weight_matrix(prev, divide_rows(weight_matrix(prev).float(), rows, s))
     b = getattr(prev, "bias", None)
     if isinstance(b, torch.Tensor):
         with torch.no_grad():
-            b[rows] = (b[rows].float() / s.to(b.device)).to(b.dtype)
+            b.copy_(divide_rows(b, rows, s))
 
 
 RowsDivided = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..methods.base import WeightResult
+from ..methods.base import WeightResult, divide_rows
 from ..models.weights import set_weight_matrix, weight_matrix
 from ..quant.spec import QuantSpec
 from .capture import LayerCall, layer_output
@@ -59,8 +59,7 @@ class Refinement:
             if t.module is module:
                 t.result = t.result.divide_rows(rows, s)
                 if t.original is not None:
-                    t.original = t.original.clone()
-                    t.original[rows] /= s.to(t.original.device, t.original.dtype)[:, None]
+                    t.original = divide_rows(t.original, rows, s)
 
     def after_layer(
         self, layer: nn.Module, li: int, calls: list[LayerCall], outputs: list[torch.Tensor]
