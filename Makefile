@@ -30,6 +30,7 @@ test-all: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: bench-foundation bench-space bench-methods bench-eval
 

@@ -59,34 +59,32 @@ def _quantized(name: str) -> Any:
     return lm
 
 
-def run_tasks_row(name: str, limit: int, batch_size: int, windows: torch.Tensor) -> dict[str, Any]:
-    """Tasks, paired measures, divergence and perplexity of one config."""
-    import ptqlab
-    from ptqlab.eval.divergence import ReferenceCache, divergence
-    from ptqlab.eval.perplexity import perplexity
-    from ptqlab.eval.tasks import FPTaskCache, paired, run_tasks
+def run_tasks_row(name: str, limit: int, batch_size: int) -> dict[str, Any]:
+    """Tasks, paired measures, divergence and perplexity of one config, through ptqlab's one evaluation path."""
+    from ptqlab.eval import build_reference, evaluate, plan_evaluation
+    from ptqlab.metrics import divergence_name, perplexity_name, task_name
+    from ptqlab.schema import Evaluate
 
-    fp_lm = ptqlab.load_model("smollm2-135m")
-    settings = {"limit": limit, "batch_size": batch_size}
+    config = Evaluate(perplexity=["wikitext2"], seqlen=512, max_windows=16, tasks=list(TASKS), limit=limit,
+                      batch_size=batch_size, divergence=True, sample=None, sensitivity=None)
+    lm = _quantized("FP")
+    plan = plan_evaluation(config, lm.tokenizer, lm.model)
+    ref = build_reference(lm.model, lm.tokenizer, plan, fingerprint=lm.info.fingerprint, progress=False)
+    if name != "FP":
+        lm = _quantized(name)
     t0 = time.perf_counter()
-    cache = FPTaskCache()
-    fp = cache.get(fp_lm.model, fp_lm.tokenizer, fp_lm.info.fingerprint, "float32", TASKS, **settings)
-    fp_s = time.perf_counter() - t0 if cache.computed else None
-    ref = ReferenceCache().get(fp_lm.model, fp_lm.info.fingerprint, "float32", windows)
-    del fp_lm
-    lm = _quantized(name)
-    t0 = time.perf_counter()
-    if name == "FP":  # the FP row is the cached FP results themselves (FP vs FP: agreement 1, nothing lost)
-        res, tasks_s = fp, fp_s
-    else:
-        res = run_tasks(lm.model, lm.tokenizer, TASKS, limit=limit, batch_size=batch_size)
-        tasks_s = time.perf_counter() - t0
-    div = divergence(lm.model, ref)
-    with torch.inference_mode():
-        ppl = perplexity(lm.model, windows, progress=False).ppl
-    tasks = {t: {"metrics": {m: list(v) for m, v in res.metrics[t].items()}, **paired(fp, res, t)} for t in TASKS}
-    return {"config": name, "scheme": CONFIGS[name], "tasks": tasks, "tasks_s": tasks_s, "kl": div.kl,
-            "top1": div.top1, "top5": div.top5, "kl_tokens": div.tokens, "ppl": ppl}
+    result = evaluate(lm.model, lm.tokenizer, plan, ref, progress=False)
+    m = {x.name: (x.value, x.stderr) for x in result.metrics}
+    tasks = {}
+    for t in TASKS:
+        measures = {k.rsplit(".", 1)[1]: v for k, v in m.items() if k.startswith(task_name(t, ""))}
+        paired = {k: measures.pop(k)[0] for k in ("agree_fp", "lost", "gained")}
+        tasks[t] = {"metrics": {k: list(v) for k, v in measures.items()}, **paired}
+    kl = {kind: m[divergence_name(kind, "wikitext2", 512, 16)][0] for kind in ("kl", "top1", "top5")}
+    return {"config": name, "scheme": CONFIGS[name], "tasks": tasks, "tasks_s": result.timings.get("lm_eval_s"),
+            "fp_tasks_s": ref.timings.get("lm_eval.fp_s") if "tasks" in ref.computed else None,
+            "eval_s": time.perf_counter() - t0, **kl, "kl_tokens": 16 * 512,
+            "ppl": m[perplexity_name("wikitext2", 512, 16)][0]}
 
 
 def run_long_row(name: str, samples: int, lengths: tuple[int, ...]) -> dict[str, Any]:
@@ -173,20 +171,16 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
 
-    import ptqlab
-    from ptqlab.data.corpora import eval_windows
-
     out, meta, saved = open_results(args.out, "python bench/bench_eval.py", limit=args.limit,
                                     samples=args.samples, batch_size=args.batch_size)
     data: dict[str, Any] = {"meta": meta, "tasks": saved.get("tasks", {}), "long": saved.get("long", {}),
                             "speed": saved.get("speed")}
-    windows = eval_windows("wikitext2", ptqlab.load_model("smollm2-135m").tokenizer, 512, 16).input_ids
     parts = (args.only.split(",") if args.only else
              [f"tasks:{c}" for c in TASK_CONFIGS] + [f"long:{c}" for c in LONG_CONFIGS] + ["speed"])
     for part in parts:
         kind, _, name = part.partition(":")
         if kind == "tasks" and name not in data["tasks"]:
-            data["tasks"][name] = run_tasks_row(name, args.limit, args.batch_size, windows)
+            data["tasks"][name] = run_tasks_row(name, args.limit, args.batch_size)
         elif kind == "long" and name not in data["long"]:
             data["long"][name] = run_long_row(name, args.samples, tuple(int(n) for n in args.lengths.split(",")))
         elif kind == "speed" and (data["speed"] is None or args.only):

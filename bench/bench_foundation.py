@@ -51,11 +51,11 @@ def prepare_tokens(path: Path, samples: int, seqlen: int, windows: int) -> None:
 
 def job_ptqlab(tokens: Path, method: str, scheme: str) -> dict:
     import torch
+    from benchlib import perplexity_on
     from safetensors.torch import load_file
 
     import ptqlab
     from ptqlab.api import plan_quantization, run_quantization
-    from ptqlab.eval.perplexity import perplexity
 
     torch.set_num_threads(2)
     data = load_file(str(tokens))
@@ -68,10 +68,10 @@ def job_ptqlab(tokens: Path, method: str, scheme: str) -> dict:
         out["quant_seconds"] = time.perf_counter() - t0
         out["timings"] = report.timings
     out["peak_rss_quant_mb"] = peak_rss_mb()  # load + quantization, before the evaluation
-    res = perplexity(lm.model, data["eval"], batch_size=1, progress=False)
-    out.update(ppl=res.ppl, eval_seconds=res.seconds, eval_tok_per_s=res.tokens_per_second,
+    ppl, timings = perplexity_on(lm.model, lm.tokenizer, "wikitext2", data["eval"])
+    out.update(ppl=ppl, eval_seconds=timings["eval.wikitext2_s"], eval_tok_per_s=timings["eval.wikitext2_tok_per_s"],
                peak_rss_mb=peak_rss_mb(), n_calibration=int(data["calibration"].shape[0]),
-               n_eval=int(data["eval"].shape[0]))
+               n_eval=int(data["eval"].shape[0]), threads=torch.get_num_threads())
     return out
 
 
@@ -190,6 +190,10 @@ def redo(tokens: Path, jobs: list[str]) -> None:
     """Rerun some ptqlab jobs of the last full run (e.g. after a fix) and replace their rows."""
     saved = json.loads((RESULTS / "foundation.json").read_text())
     rows, fwd = saved["rows"], saved["forward"]
+    unknown = [j for j in jobs if j not in ("fp", "forward") and j.partition(":")[2] not in SCHEMES]
+    if unknown:
+        raise SystemExit(f"--redo: unknown jobs {unknown}; use fp, forward, rtn:SCHEME or gptq:SCHEME with SCHEME "
+                         f"one of {', '.join(SCHEMES)}")
     for job in jobs:
         if job == "forward":
             fwd = run_job(["--job", "forward", "--tokens", str(tokens)])

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import RESULTS, open_results
+from benchlib import RESULTS, open_results, perplexities
 
 CORPORA = ("wikitext2", "ptb_new", "c4local_new")
 
@@ -54,25 +54,14 @@ PAIRS: dict[str, tuple[dict[str, Any], list[tuple[str, list[dict[str, Any]]]]]] 
 }
 
 
-def _windows(tokenizer: Any, n: int) -> dict[str, torch.Tensor]:
-    from ptqlab.data.corpora import eval_windows
-
-    return {c: eval_windows(c, tokenizer, 2048, n).input_ids for c in CORPORA}
-
-
-def _ppl(model: torch.nn.Module, windows: dict[str, torch.Tensor]) -> dict[str, float]:
-    from ptqlab.eval.perplexity import perplexity
-
-    out = {}
-    with torch.inference_mode():
-        for corpus, ids in windows.items():
-            out[corpus] = perplexity(model, ids, progress=False).ppl
+def _ppl(lm: Any, windows: int) -> dict[str, float]:
+    out = perplexities(lm.model, lm.tokenizer, CORPORA, 2048, windows)
     out["mean"] = sum(out[c] for c in CORPORA) / len(CORPORA)
     return out
 
 
 def _record_inputs(method: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Wrap ``method.quantize`` to keep each call's FP input and quantized output, in call order."""
+    """Wrap the quantizer's ``quantize`` to keep each call's FP input and quantized output, in call order."""
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
     inner = method.quantize
 
@@ -123,7 +112,7 @@ def _lorc_on_same_base(model: torch.nn.Module, fp: dict[str, torch.Tensor], plan
     return time.perf_counter() - t0
 
 
-def run_base(name: str, scheme_name: str, windows: dict[str, torch.Tensor], cal: torch.Tensor) -> list[dict]:
+def run_base(name: str, scheme_name: str, windows: int, cal: torch.Tensor) -> list[dict]:
     """One base method at one scheme, then LoRC on the same base: two rows."""
     import ptqlab
     from ptqlab.api import plan_quantization, run_quantization
@@ -132,7 +121,7 @@ def run_base(name: str, scheme_name: str, windows: dict[str, torch.Tensor], cal:
     lm = ptqlab.load_model("smollm2-135m")
     plan = plan_quantization(lm.model, BASE_SCHEMES[scheme_name], BASE_METHODS[name], cal)
     # LoRC compensates against the FP weights the quantizer was given: with transforms, read at quantization
-    calls = _record_inputs(plan.method) if plan.method.transforms else None
+    calls = _record_inputs(plan.recipe.quantizer) if plan.recipe.layer_transforms else None
     fp = {} if calls is not None else {
         t.name: weight_matrix(lm.model.get_submodule(t.name)).detach().float().clone() for t in plan.targets
     }
@@ -143,18 +132,17 @@ def run_base(name: str, scheme_name: str, windows: dict[str, torch.Tensor], cal:
         fp = _fp_references(lm.model, [r.module for r in report.records], calls)
     sizes = plan.size_metrics(lm.model)
     rows = [{"table": "base", "scheme": scheme_name, "method": name, "quant_s": quant_s,
-             **_ppl(lm.model, windows), **sizes}]
+             **_ppl(lm, windows), **sizes}]
     lorc_s = _lorc_on_same_base(lm.model, fp, plan)
     with_lorc = plan_quantization(lm.model, BASE_SCHEMES[scheme_name], [*BASE_METHODS[name], {"lorc": {}}], cal)
     rows.append({"table": "base", "scheme": scheme_name, "method": f"{name}+LoRC", "quant_s": quant_s + lorc_s,
-                 **_ppl(lm.model, windows), **with_lorc.size_metrics(lm.model)})
+                 **_ppl(lm, windows), **with_lorc.size_metrics(lm.model)})
     if report.runtime is not None:
         report.runtime.remove()
     return rows
 
 
-def run_pair(scheme_name: str, label: str, recipe: list[dict[str, Any]], windows: dict[str, torch.Tensor],
-             cal: torch.Tensor) -> dict:
+def run_pair(scheme_name: str, label: str, recipe: list[dict[str, Any]], windows: int, cal: torch.Tensor) -> dict:
     """One method of a pairwise comparison."""
     import ptqlab
     from ptqlab.api import plan_quantization, run_quantization
@@ -165,19 +153,19 @@ def run_pair(scheme_name: str, label: str, recipe: list[dict[str, Any]], windows
     t0 = time.perf_counter()
     report = run_quantization(lm.model, plan, progress=True)
     quant_s = time.perf_counter() - t0
-    row = {"table": "pair", "scheme": scheme_name, "method": label, "quant_s": quant_s, **_ppl(lm.model, windows),
+    row = {"table": "pair", "scheme": scheme_name, "method": label, "quant_s": quant_s, **_ppl(lm, windows),
            **plan.size_metrics(lm.model)}
     if report.runtime is not None:
         report.runtime.remove()
     return row
 
 
-def run_fp(windows: dict[str, torch.Tensor]) -> dict:
+def run_fp(windows: int) -> dict:
     """The unquantized model: the reference row."""
     import ptqlab
 
     lm = ptqlab.load_model("smollm2-135m")
-    return {"table": "fp", "scheme": "FP", "method": "-", "quant_s": 0.0, **_ppl(lm.model, windows),
+    return {"table": "fp", "scheme": "FP", "method": "-", "quant_s": 0.0, **_ppl(lm, windows),
             "bits.weight": 16.0}  # counted at 16 bits, as the size accounting does
 
 
@@ -227,7 +215,7 @@ def main() -> None:
     rows: list[dict] = saved.get("rows", [])
     done = {(r["table"], r["scheme"], r["method"]) for r in rows}
     tok = ptqlab.load_model("smollm2-135m").tokenizer
-    windows = _windows(tok, args.windows)
+    windows = args.windows
     cal = calibration_windows(tok, "c4local", args.samples, 512, 0)
     parts = (args.only.split(",") if args.only else
              ["fp"] + [f"base:{s}" for s in BASE_SCHEMES] + [f"pair:{s}" for s in PAIRS])

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import torch
-from benchlib import RESULTS, open_results
+from benchlib import RESULTS, open_results, perplexity_on
 
 G64 = {"granularity": "group", "group_size": 64}
 
@@ -69,7 +69,6 @@ def evaluate_config(name: str, scheme: dict[str, Any], windows: torch.Tensor) ->
     """Quantize a fresh SmolLM2 with ``scheme`` (RTN), evaluate wikitext2 ppl, count its size."""
     import ptqlab
     from ptqlab.api import plan_quantization, run_quantization
-    from ptqlab.eval.perplexity import perplexity
 
     lm = ptqlab.load_model("smollm2-135m")
     t0 = time.perf_counter()
@@ -78,12 +77,12 @@ def evaluate_config(name: str, scheme: dict[str, Any], windows: torch.Tensor) ->
     plan = plan_quantization(lm.model, scheme, recipe)
     report = run_quantization(lm.model, plan, progress=False)
     quant_s = time.perf_counter() - t0
-    with torch.inference_mode():
-        res = perplexity(lm.model, windows, batch_size=1, progress=True, desc=name)
+    ppl, timings = perplexity_on(lm.model, lm.tokenizer, "wikitext2", windows)
     sizes = plan.size_metrics(lm.model, windows.shape[1])
     if report.runtime is not None:
         report.runtime.remove()
-    return {"config": name, "scheme": scheme, "ppl": res.ppl, "eval_s": res.seconds, "quant_s": quant_s, **sizes}
+    return {"config": name, "scheme": scheme, "ppl": ppl, "eval_s": timings["eval.wikitext2_s"], "quant_s": quant_s,
+            **sizes}
 
 
 def time_eval(windows: torch.Tensor, rounds: int = 2) -> dict[str, float]:

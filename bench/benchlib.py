@@ -27,3 +27,36 @@ def open_results(name: str, command: str, **protocol: Any) -> tuple[Path, dict[s
     if {k: saved.get("meta", {}).get(k) for k in protocol} != protocol:
         saved = {}
     return out, meta, saved
+
+
+def perplexities(model: torch.nn.Module, tokenizer: Any, corpora: tuple[str, ...], seqlen: int, windows: int,
+                 progress: bool = False) -> dict[str, float]:
+    """Perplexity per corpus through ptqlab's one evaluation path (first ``windows`` windows of ``seqlen``)."""
+    from ptqlab.eval import plan_evaluation
+    from ptqlab.schema import Evaluate
+
+    config = Evaluate(perplexity=list(corpora), seqlen=seqlen, max_windows=windows, sample=None, sensitivity=None)
+    return _perplexities(model, tokenizer, plan_evaluation(config, tokenizer), progress)[0]
+
+
+def perplexity_on(model: torch.nn.Module, tokenizer: Any, corpus: str, ids: torch.Tensor
+                  ) -> tuple[float, dict[str, float]]:
+    """Perplexity of given windows (windows, seqlen) of ``corpus`` through the one evaluation path, and its timings."""
+    from ptqlab.eval import EvalPlan
+    from ptqlab.schema import Evaluate
+
+    config = Evaluate(perplexity=[corpus], seqlen=int(ids.shape[1]), max_windows=int(ids.shape[0]), sample=None,
+                      sensitivity=None)
+    ppl, timings = _perplexities(model, tokenizer, EvalPlan(config, windows={corpus: ids}), False)
+    return ppl[corpus], timings
+
+
+def _perplexities(model: torch.nn.Module, tokenizer: Any, plan: Any, progress: bool
+                  ) -> tuple[dict[str, float], dict[str, float]]:
+    from ptqlab.eval import evaluate
+    from ptqlab.metrics import perplexity_name
+
+    result = evaluate(model, tokenizer, plan, progress=progress)
+    metrics = {m.name: m.value for m in result.metrics}
+    ppl = {c: metrics[perplexity_name(c, int(ids.shape[1]), int(ids.shape[0]))] for c, ids in plan.windows.items()}
+    return ppl, result.timings

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ptqlab.cli import main
@@ -44,6 +46,10 @@ def test_run_store_show_and_resume(tmp_path, capsys):
     assert len(run["layers"]) == 5 * 7 and all(r["rel_error"] > 0 for r in run["layers"])
     assert run["versions"]["torch"] and run["model_fingerprint"].split("-")[0].isdigit()
     assert run["texts"]["sample"].startswith("Once upon a time") and len(run["texts"]["sample"]) > 20
+    assert run["threads"] == torch.get_num_threads()
+    window = run["windows"]["ppl.wikitext2.s128.w2"]  # each window's NLL beside the FP model's
+    assert math.exp(sum(window["nll"]) / 2) == pytest.approx(ppl) and len(window["fp_nll"]) == 2
+    assert sum(window["fp_nll"]) < sum(window["nll"])
 
     code, out, _ = _cli(capsys, "--store", db, "show", run["id"][:6], "--json")
     shown = json.loads(out)
@@ -54,6 +60,10 @@ def test_run_store_show_and_resume(tmp_path, capsys):
     assert code == 0 and "already in the store" in out
     code, out, _ = _cli(capsys, "--store", db, "ls")
     assert out.count("\n") == 1 and run["id"] in out
+    code, after, _ = _cli(capsys, "ls", "--store", db)  # global options after the subcommand, as typed
+    assert code == 0 and after == out
+    code, out, _ = _cli(capsys, "run", cfg, "--quiet", "--store", db)
+    assert code == 0 and "already in the store" in out
 
 
 def test_fp_run_has_same_ppl_as_bits16(tmp_path, capsys):
@@ -132,7 +142,7 @@ def test_failure_while_running_is_stored_with_reason(tmp_path, capsys, monkeypat
     def boom(*_args, **_kwargs):
         raise RuntimeError("simulated crash in layer 3")
 
-    monkeypatch.setattr(runner, "run_quantization", boom)
+    monkeypatch.setattr(runner, "quantize", boom)
     db = str(tmp_path / "s.db")
     code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, STORIES), "--json", "--quiet")
     run = json.loads(out)
@@ -211,14 +221,13 @@ def test_sensitivity_is_stored_per_module(tmp_path, capsys):
 
 
 def test_lm_eval_tasks_with_paired_measures(tmp_path, capsys, monkeypatch):
-    from ptqlab.eval import tasks as T
-
     monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))
     db = str(tmp_path / "s.db")
+    evaluate = {"perplexity": [], "tasks": ["piqa"], "limit": 6, "sample": None, "sensitivity": None}
     runs = []
     for bits in (8, 3):
         cfg = {**STORIES, "scheme": {"weight": {"bits": bits, "granularity": "channel"}}, "recipe": [],
-               "evaluate": {"perplexity": [], "tasks": ["piqa"], "limit": 6, "sample": None, "sensitivity": None}}
+               "evaluate": evaluate}
         code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, cfg, f"c{bits}.yaml"), "--json", "--quiet")
         assert code == 0
         runs.append(json.loads(out)["metrics"])
@@ -226,5 +235,42 @@ def test_lm_eval_tasks_with_paired_measures(tmp_path, capsys, monkeypatch):
         assert 0 <= m["lm_eval.piqa.acc"]["value"] <= 1 and m["lm_eval.piqa.acc"]["stderr"] is not None
         assert 0 <= m["lm_eval.piqa.agree_fp"]["value"] <= 1
         assert m["lm_eval.piqa.lost"]["value"] + m["lm_eval.piqa.gained"]["value"] <= 1
-    assert len(list((tmp_path / "cache" / "lm_eval").glob("*.json"))) == 1  # FP computed once for both
-    assert T.LOCAL_TASKS
+    cached = list((tmp_path / "cache" / "lm_eval").glob("*.json"))
+    assert len(cached) == 1  # FP computed once for both
+    fp = json.loads(cached[0].read_text())
+    assert len(fp["correct"]["piqa"]) == 6
+    fp_acc = fp["metrics"]["piqa"]["acc"][0]
+    for m in runs:  # paired identity on the same items: acc(Q) = acc(FP) - lost + gained
+        paired = fp_acc - m["lm_eval.piqa.lost"]["value"] + m["lm_eval.piqa.gained"]["value"]
+        assert m["lm_eval.piqa.acc"]["value"] == pytest.approx(paired)
+
+
+def test_python_evaluate_honours_every_key_with_the_run_names(tmp_path, capsys, monkeypatch):
+    """``ptqlab.evaluate`` runs divergence and tasks too, and names them as ``ptqlab run`` does."""
+    import ptqlab
+
+    monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))
+    evaluate = {"perplexity": ["wikitext2"], "seqlen": 128, "max_windows": 2, "divergence": {"seqlen": 128,
+                "windows": 2}, "tasks": ["piqa"], "limit": 4, "sample": None}
+    cfg = {**STORIES, "scheme": {"weight": {"bits": 3, "granularity": "channel"}}, "recipe": [], "evaluate": evaluate}
+    code, out, _ = _cli(capsys, "--store", str(tmp_path / "s.db"), "run", _write(tmp_path, cfg), "--json", "--quiet")
+    assert code == 0
+    run = json.loads(out)
+
+    lm = ptqlab.load_model("stories260k")
+    fp = ptqlab.evaluate(lm.model, lm.tokenizer, evaluate, progress=False)  # FP: its own reference
+    by_name = {m.name: m.value for m in fp.metrics}
+    assert by_name["kl.wikitext2.s128.w2"] == pytest.approx(0.0, abs=1e-6) and by_name["lm_eval.piqa.agree_fp"] == 1
+    ref = ptqlab.reference(lm.model, lm.tokenizer, evaluate, progress=False)
+    ptqlab.quantize(lm.model, cfg["scheme"], [], progress=False)
+    with pytest.raises(ptqlab.ConfigError, match="divergence compares against the FP model"):
+        ptqlab.evaluate(lm.model, lm.tokenizer, evaluate, progress=False)
+    q = ptqlab.evaluate(lm.model, lm.tokenizer, evaluate, reference=ref, progress=False)
+    names = {m.name for m in q.metrics}
+    assert names == {n for n in run["metrics"] if not n.startswith(("size.", "bits."))}
+    assert names == set(by_name)
+    for m in q.metrics:  # the same numbers as the run, through the same path
+        assert m.value == pytest.approx(run["metrics"][m.name]["value"], rel=1e-6, abs=1e-9), m.name
+    assert len(q.sensitivity) == len(run["sensitivity"])
+    window = run["windows"]["ppl.wikitext2.s128.w2"]
+    assert len(window["nll"]) == len(window["fp_nll"]) == 2 and window["nll"] != window["fp_nll"]

@@ -2,8 +2,9 @@
 
 Python API:
     ``load_model(spec)`` -> a LoadedModel (model, tokenizer, info);
+    ``reference(model, tokenizer, evaluate_config)`` measures the FP side of an evaluation, before quantizing;
     ``quantize(model, scheme, recipe, calibration, tokenizer=...)`` quantizes in place;
-    ``evaluate(model, tokenizer, evaluate_config)`` measures it.
+    ``evaluate(model, tokenizer, evaluate_config, reference=...)`` measures it.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ __all__ = [
     "evaluate",
     "load_model",
     "quantize",
+    "reference",
 ]
 
 
 def __getattr__(name: str) -> Any:
     """Import the heavy API lazily, so ``import ptqlab.quant`` stays light."""
-    if name in ("quantize", "evaluate"):
+    if name in ("quantize", "evaluate", "reference"):
         from . import api
 
         return getattr(api, name)

@@ -112,11 +112,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """``--store`` and ``-v``: on the main parser with their defaults, on each subcommand without."""
+    keep: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument("--store", help=f"results store (default: $PTQLAB_STORE or ./{DEFAULT_STORE})", **keep)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages", **keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``ptqlab`` command."""
+    """The argument parser of the ``ptqlab`` command (global options go before or after the subcommand)."""
     parser = argparse.ArgumentParser(prog="ptqlab", description="Post-training quantization studies of LLMs.")
-    parser.add_argument("--store", help=f"results store (default: $PTQLAB_STORE or ./{DEFAULT_STORE})")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _global_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="quantize, evaluate and store one configuration")
     run.add_argument("config", help="YAML configuration file")
@@ -130,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run", help="run id (a unique prefix is enough)")
     show.add_argument("--json", action="store_true", help="print as JSON")
     show.set_defaults(func=cmd_show)
+    for command in (run, ls, show):
+        _global_options(command, defaults=False)
     return parser
 
 

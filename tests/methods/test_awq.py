@@ -7,14 +7,14 @@ import torch
 from methods_testutil import outlier_model
 
 from ptqlab.api import quantize
-from ptqlab.methods import Recipe, build_quantizer
+from ptqlab.methods import Recipe, build_recipe
 from ptqlab.methods.awq import AWQClip, AWQConfig, AWQScale
 from ptqlab.methods.base import WeightResult, relative_output_error
 from ptqlab.methods.rtn import RTN
 from ptqlab.models.registry import get_adapter
 from ptqlab.models.tiny import TINY_FAMILIES
-from ptqlab.pipeline.driver import quantize_model
-from ptqlab.pipeline.plan import plan_weights
+from ptqlab.pipeline.plan import QuantizationPlan, plan_weights
+from ptqlab.pipeline.quantize import quantize as run_plan
 from ptqlab.quant import QuantSpec
 
 CAL = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(7))
@@ -24,6 +24,7 @@ IDS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 class _KeepWeights:
     """A quantizer that changes nothing: isolates what the transforms did."""
 
+    kind = "quantizer"
     needs_calibration = True
 
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
@@ -37,9 +38,9 @@ def test_awq_scaling_keeps_the_fp_output(family: str) -> None:
         ref = model(IDS).logits
     adapter = get_adapter(model)
     targets = plan_weights(model, adapter, {"bits": 3, "granularity": "channel"})
-    recipe = Recipe(_KeepWeights(), [], ["awq"], [AWQScale(AWQConfig(grid=10))])  # type: ignore[arg-type]
+    recipe = Recipe(quantizer=_KeepWeights(), layer_transforms=(AWQScale(AWQConfig(grid=10)),), steps=["awq"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    quantize_model(model, adapter, targets, recipe, CAL, progress=False)
+    run_plan(model, QuantizationPlan(adapter, targets, recipe, CAL), progress=False)
     changed = [k for k, v in model.state_dict().items() if k not in before or not torch.equal(before[k], v)]
     assert changed, "no scale was folded"
     with torch.no_grad():
@@ -75,7 +76,7 @@ def test_clip_search_never_worse_than_minmax_per_row() -> None:
 
 
 def test_awq_recipe_is_scales_then_clipping() -> None:
-    recipe = build_quantizer([{"awq": {"grid": 4}}])
+    recipe = build_recipe([{"awq": {"grid": 4}}])
     assert recipe.steps == ["awq"] and isinstance(recipe.quantizer, AWQClip)
-    with_gptq = build_quantizer([{"awq": {}}, {"gptq": {}}, {"lorc": {"rank": 2}}])
+    with_gptq = build_recipe([{"awq": {}}, {"gptq": {}}, {"lorc": {"rank": 2}}])
     assert with_gptq.steps == ["awq", "gptq", "lorc"] and type(with_gptq.quantizer).__name__ == "GPTQ"

@@ -7,7 +7,7 @@ import torch
 
 from ptqlab.api import plan_quantization, quantize
 from ptqlab.errors import ConfigError
-from ptqlab.methods import build_quantizer
+from ptqlab.methods import build_recipe
 from ptqlab.methods.lorc import LoRC, LoRCConfig
 from ptqlab.methods.rtn import RTN
 from ptqlab.models.tiny import tiny_model
@@ -56,11 +56,11 @@ def test_factor_bits_count_in_the_size() -> None:
 
 
 def test_recipe_order_is_respected_and_recorded() -> None:
-    recipe = build_quantizer([{"gptq": {}}, {"lorc": {"rank": 2}}])
+    recipe = build_recipe([{"gptq": {}}, {"lorc": {"rank": 2}}])
     assert recipe.steps == ["gptq", "lorc"] and recipe.name == "gptq+lorc" and recipe.needs_calibration
-    assert build_quantizer([{"lorc": {}}]).steps == ["rtn", "lorc"]
+    assert build_recipe([{"lorc": {}}]).steps == ["rtn", "lorc"]
     with pytest.raises(ConfigError, match="comes after a compensator"):
-        build_quantizer([{"lorc": {}}, {"gptq": {}}])
+        build_recipe([{"lorc": {}}, {"gptq": {}}])
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import torch
 
 from ptqlab.api import quantize
 from ptqlab.errors import ConfigError
-from ptqlab.methods import build_quantizer
+from ptqlab.methods import build_recipe
 from ptqlab.methods.rotation import hadamard, random_rotation
 from ptqlab.models.tiny import tiny_model
 
@@ -56,8 +56,8 @@ def test_unsupported_families_are_refused_before_any_work(family: str) -> None:
 
 def test_rotation_goes_first() -> None:
     with pytest.raises(ConfigError, match="put it first"):
-        build_quantizer([{"gptq": {}}, {"rotation": {}}])
-    assert build_quantizer([{"rotation": {}}, {"gptq": {}}]).rotation is not None
+        build_recipe([{"gptq": {}}, {"rotation": {}}])
+    assert build_recipe([{"rotation": {}}, {"gptq": {}}]).model_transforms
 
 
 def test_rotation_helps_w4a4_on_outlier_activations() -> None:
@@ -98,7 +98,15 @@ def test_rotated_keys_spread_outlier_channels() -> None:
 def test_rotation_kv_needs_a_kv_scheme() -> None:
     with pytest.raises(ConfigError, match="quantizes nothing"):
         quantize(tiny_model("llama"), {"weight": {"bits": 4}}, [{"rotation": {"kv": True}}], progress=False)
-    model = tiny_model("llama")
-    quantize(model, {"kv_cache": {"bits": 4}}, [{"rotation": {"kv": True}}], progress=False)
-    with torch.no_grad():
-        assert torch.isfinite(model(IDS).logits).all()
+    logits = {}
+    for bits, kv in ((16, False), (4, False), (4, True), (8, True)):
+        model = tiny_model("llama").eval()
+        scheme = {"kv_cache": {"bits": bits}} if bits < 16 else {}
+        quantize(model, scheme, [{"rotation": {"kv": kv, "online_down": False}}], progress=False)
+        with torch.no_grad():
+            logits[bits, kv] = model(IDS).logits
+    fp = logits[16, False]
+    assert not torch.allclose(logits[4, True], logits[4, False])  # kv: true quantizes keys in another basis
+    for key in ((4, False), (4, True), (8, True)):
+        assert 0 < float((logits[key] - fp).norm() / fp.norm()) < 0.5, key
+    assert (logits[8, True] - fp).norm() < (logits[4, True] - fp).norm()

@@ -8,7 +8,7 @@ from methods_testutil import outlier_model
 
 from ptqlab.api import quantize
 from ptqlab.errors import ConfigError
-from ptqlab.methods import build_quantizer
+from ptqlab.methods import build_recipe
 from ptqlab.methods.smoothquant import SmoothQuant, SmoothQuantConfig
 from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
 
@@ -62,7 +62,7 @@ def test_scales_follow_the_formula() -> None:
 )
 def test_bad_recipes(recipe: list, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        build_quantizer(recipe)
+        build_recipe(recipe)
 
 
 def test_transform_without_calibration_fails_before_any_work() -> None:

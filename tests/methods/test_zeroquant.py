@@ -7,7 +7,7 @@ import torch
 
 from ptqlab.api import quantize
 from ptqlab.errors import ConfigError
-from ptqlab.methods import build_quantizer
+from ptqlab.methods import build_recipe
 from ptqlab.models.tiny import tiny_model
 
 CAL = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(3))
@@ -52,7 +52,7 @@ def test_global_lowers_kl_and_lorc_runs_after_it() -> None:
 )
 def test_bad_recipes(recipe: list, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        build_quantizer(recipe)
+        build_recipe(recipe)
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:

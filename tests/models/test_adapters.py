@@ -22,6 +22,7 @@ from ptqlab.models import (
     out_features,
     prev_rows_read,
     set_weight_matrix,
+    stored_transposed,
     supported_classes,
     weight_matrix,
 )
@@ -112,11 +113,47 @@ def test_every_linear_in_exactly_one_group(family_model: tuple[str, nn.Module, A
 
 
 def test_weight_layout_matches_module_type(family_model: tuple[str, nn.Module, Adapter]) -> None:
+    """GPT-2 stores its linears transposed (Conv1D); the weight helpers read the layout off the module."""
     _, model, adapter = family_model
     layer = _first_layer(model, adapter)
-    expected = Conv1D if adapter.weight_layout == "conv1d" else nn.Linear
+    expected = Conv1D if adapter.family == "gpt2" else nn.Linear
     for name in adapter.linear_names():
-        assert isinstance(layer.get_submodule(name), expected)
+        module = layer.get_submodule(name)
+        assert isinstance(module, expected)
+        assert stored_transposed(module) is (expected is Conv1D)
+        assert weight_matrix(module).shape == (out_features(module), in_features(module))
+
+
+def test_final_norm_attention_and_k_projection_are_where_the_adapter_says(
+    family_model: tuple[str, nn.Module, Adapter],
+) -> None:
+    """The final norm's output is what the LM head reads; each layer's attention module and k projection."""
+    family, model, adapter = family_model
+    norm = adapter.final_norm_module(model)
+    if norm is None:
+        assert family == "opt_post_ln"  # post-LN OPT (350M) ends in its last layer's norm
+    else:
+        head = model.get_output_embeddings()
+        with _capture({"norm": norm}, outputs=True) as out, _capture({"head": head}, outputs=False) as inp, \
+                torch.no_grad():
+            model(_ids())
+        torch.testing.assert_close(inp["head"], out["norm"])
+    attention = adapter.attention_modules(model)
+    assert len(attention) == len(adapter.layers(model))
+    assert all("Attention" in type(m).__name__ for m in attention)
+    layer = _first_layer(model, adapter)
+    if adapter.fused_qkv is None:
+        assert adapter.k_proj is not None and adapter.k_proj in adapter.linear_names()
+        assert adapter.k_proj.startswith(adapter.attention + ".")
+    else:
+        assert adapter.k_proj is None
+        assert adapter.fused_qkv.module.startswith(adapter.attention + ".")
+    assert layer.get_submodule(adapter.attention) is attention[0]
+
+
+def test_rotation_is_refused_where_it_would_not_be_exact() -> None:
+    refused = {a.family for a in ADAPTERS if a.rotation_refusal() is not None}
+    assert refused == {"opt", "bloom", "gpt2", "gpt_neox", "falcon", "gemma2", "gemma3"}
 
 
 def test_groups_share_input_width(family_model: tuple[str, nn.Module, Adapter]) -> None:

@@ -85,13 +85,36 @@ def spread_inputs(vmax: float, n: int = 2000, seed: int = 0) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- names
 
 
-def test_format_bits_and_mx_names():
-    assert FORMAT_BITS == {
-        "fp8_e4m3": 8, "fp8_e5m2": 8, "fp6_e3m2": 6, "fp6_e2m3": 6, "fp4_e2m1": 4,
-        "mxfp8_e4m3": 8, "mxfp8_e5m2": 8, "mxfp6_e3m2": 6, "mxfp6_e2m3": 6, "mxfp4": 4, "mxint8": 8, "nf4": 4,
-    }
-    assert sorted(MX_FORMATS) == ["mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2", "mxint8"]
-    assert MX_BLOCK == 32
+def test_format_bits_are_the_bits_their_grids_need():
+    """Each format's bits index its grid: more values than bits - 1 can address, no more than bits can."""
+    assert set(FORMAT_BITS) == set(MX_FORMATS) | {"fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "nf4"}
+    for fmt, nbits in FORMAT_BITS.items():
+        n = len(grid_values(fmt))
+        assert 2 ** (nbits - 1) < n <= 2**nbits, (fmt, nbits, n)
+    for fmt in ("fp6_e3m2", "fp6_e2m3", "fp4_e2m1"):  # no inf/NaN codes: every code but -0 is a value
+        assert len(grid_values(fmt)) == 2 ** FORMAT_BITS[fmt] - 1
+
+
+@pytest.mark.parametrize("fmt", sorted(MX_FORMATS))
+def test_mx_formats_share_one_power_of_two_scale_per_block(fmt):
+    """An MX tensor is blocks of MX_BLOCK along the input dimension, each its element grid times a power of two."""
+    from ptqlab.quant import QuantSpec, fake_quantize
+
+    spec = QuantSpec(format=fmt)
+    assert spec.granularity == "group" and spec.group_size == MX_BLOCK
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 4 * MX_BLOCK, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 0.2]).repeat_interleave(MX_BLOCK)
+    q = fake_quantize(w, spec)
+    grid = grid_values(element_format(fmt)).double()
+    scales = set()
+    for row in q.double():
+        for block in row.split(MX_BLOCK):
+            scale = 2.0 ** torch.floor(torch.log2(block.abs().max() / grid.max())).item()
+            candidates = [scale * 2.0**k for k in (-1, 0, 1, 2)]  # the shared exponent, found by its grid
+            fits = [c for c in candidates if bool(torch.isin(block / c, grid).all())]
+            assert fits, (fmt, block)
+            scales.add(fits[0])
+    assert len(scales) > 1  # the blocks did not share one scale
 
 
 def test_element_format_mapping():
@@ -103,16 +126,21 @@ def test_element_format_mapping():
     assert element_format("mxint8") == "int8_mx"
     for fmt in ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "nf4", "int8_mx"):
         assert element_format(fmt) == fmt
+    for fmt in MX_FORMATS:  # an MX format quantizes to its element's grid
+        assert torch.equal(grid_values(fmt), grid_values(element_format(fmt)))
+        assert grid_max(fmt) == grid_max(element_format(fmt))
 
 
-def test_grid_max_values():
-    expected = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp6_e3m2": 28.0, "fp6_e2m3": 7.5, "fp4_e2m1": 6.0,
-                "nf4": 1.0, "int8_mx": 127 / 64, "mxfp8_e4m3": 448.0, "mxfp8_e5m2": 57344.0, "mxfp6_e3m2": 28.0,
-                "mxfp6_e2m3": 7.5, "mxfp4": 6.0, "mxint8": 1.984375}
-    for fmt, vmax in expected.items():
-        assert grid_max(fmt) == vmax, fmt
+def test_grid_max_is_the_largest_grid_value_and_follows_the_name():
+    for fmt in FORMAT_BITS:
+        values = grid_values(fmt)
+        assert grid_max(fmt) == float(values.max()) == -float(values.min()), fmt
     assert grid_max("fp8_e4m3") == torch.finfo(torch.float8_e4m3fn).max
     assert grid_max("fp8_e5m2") == torch.finfo(torch.float8_e5m2).max
+    for fmt in ("fp6_e3m2", "fp6_e2m3", "fp4_e2m1"):  # OCP minifloats without inf/NaN, from their e/m digits
+        e, m = int(fmt[-3]), int(fmt[-1])
+        bias = 2 ** (e - 1) - 1
+        assert grid_max(fmt) == (2 - 2.0**-m) * 2.0 ** (2**e - 1 - bias), fmt
 
 
 @pytest.mark.parametrize("name", ["int", "fp16", "bf16", "MXFP4", "mxfp4 ", "fp8", "nf3", "", "int8"])

@@ -45,3 +45,31 @@ def test_rerun_replaces_failed(tmp_path):
     store.save(_run())
     runs = store.list_runs()
     assert len(runs) == 1 and runs[0].status == "done"
+
+
+def test_window_nlls_and_thread_count_round_trip(tmp_path):
+    store = Store(tmp_path / "s.db")
+    run = _run()
+    run.threads = 2
+    run.windows = {"ppl.wikitext2.s2048.w40": {"nll": [3.0, 2.5, float("inf")], "fp_nll": [2.9, 2.4, 3.1]},
+                   "ppl.ptb_new.s2048.w40": {"nll": [4.0], "fp_nll": None}}
+    store.save(run)
+    got = store.get(run.id)
+    assert got is not None and got.threads == 2 and got.windows == run.windows
+    assert got.to_json()["windows"] == run.windows
+
+
+def test_a_store_written_before_the_thread_count_column_opens_and_gains_it(tmp_path):
+    path = tmp_path / "old.db"
+    Store(path).save(_run())
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE runs DROP COLUMN threads")
+    con.commit()
+    con.close()
+    store = Store(path)
+    got = store.get("abc123")
+    assert got is not None and got.threads is None
+    again = _run("def456")
+    again.threads = 4
+    store.save(again)
+    assert store.get("def456").threads == 4

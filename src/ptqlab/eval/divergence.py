@@ -14,7 +14,6 @@ token first; ``top5`` the fraction where FP's first token is among the quantized
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..paths import cache_root
+from .cache import content_key, load_or_compute
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ TOP_K = 32
 
 
 @dataclass
-class Reference:
+class TopKReference:
     """The FP model's top-k log-probabilities at every position of some windows.
 
     Attributes:
@@ -63,7 +63,7 @@ def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).cpu()  # (1, T, V)
 
 
-def compute_reference(model: nn.Module, ids: torch.Tensor, k: int = TOP_K) -> Reference:
+def compute_reference(model: nn.Module, ids: torch.Tensor, k: int = TOP_K) -> TopKReference:
     """Run the FP model over ``ids`` (windows, seqlen), one window at a time, keeping the top-k log-probs."""
     tops, logps = [], []
     for row in ids.split(1):
@@ -71,7 +71,7 @@ def compute_reference(model: nn.Module, ids: torch.Tensor, k: int = TOP_K) -> Re
         val, idx = logp.topk(k, dim=-1)
         tops.append(idx.to(torch.int32))
         logps.append(val)
-    return Reference(ids, torch.cat(tops), torch.cat(logps))
+    return TopKReference(ids, torch.cat(tops), torch.cat(logps))
 
 
 def _tail(logp_top: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def _tail(logp_top: torch.Tensor) -> torch.Tensor:
     return torch.log1p(-mass)
 
 
-def divergence(model: nn.Module, ref: Reference) -> Divergence:
+def divergence(model: nn.Module, ref: TopKReference) -> Divergence:
     """KL(FP || Q) and top-k agreement of ``model`` against a reference computed on the FP model."""
     kl_sum, top1, top5, n = 0.0, 0, 0, 0
     for w in range(ref.ids.shape[0]):
@@ -104,7 +104,7 @@ def divergence_cache_dir() -> Path:
 
 
 class ReferenceCache:
-    """FP references on disk, keyed by the model's fingerprint, dtype and the exact token ids.
+    """FP top-k references on disk, keyed by the model's fingerprint, dtype, device type and the exact tokens.
 
     Attributes:
         computed: How many references this cache has computed (the rest were read from disk).
@@ -116,24 +116,22 @@ class ReferenceCache:
         self.root = root or divergence_cache_dir()
         self.computed = 0
 
-    def key(self, fingerprint: str, dtype: str, ids: torch.Tensor, k: int) -> str:
-        """The file name of a reference."""
-        h = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-        return hashlib.sha256(f"{fingerprint}|{dtype}|{h}|{k}".encode()).hexdigest()[:24]
-
-    def get(self, model: nn.Module, fingerprint: str, dtype: str, ids: torch.Tensor, k: int = TOP_K) -> Reference:
+    def get(self, model: nn.Module, fingerprint: str, dtype: str, ids: torch.Tensor, k: int = TOP_K) -> TopKReference:
         """The FP reference of ``model`` on ``ids``: from disk, or computed now and written."""
-        path = self.root / f"{self.key(fingerprint, dtype, ids, k)}.safetensors"
-        if path.is_file():
+        device = next(model.parameters()).device.type
+        key = content_key(fingerprint=fingerprint, dtype=dtype, device=device, ids=ids, k=k)
+
+        def load(path: Path) -> TopKReference | None:
             data = load_file(str(path))
-            if torch.equal(data["ids"], ids.to(data["ids"].dtype)):
-                return Reference(data["ids"], data["top_ids"], data["top_logp"])
-        ref = compute_reference(model, ids, k)
-        self.computed += 1
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"ids": ref.ids.contiguous(), "top_ids": ref.top_ids.contiguous(),
-                   "top_logp": ref.top_logp.contiguous()}, str(tmp))
-        tmp.replace(path)  # never a half-written reference
-        log.info("FP reference for divergence written to %s", path)
+            if not torch.equal(data["ids"], ids.to(data["ids"].dtype)):
+                return None
+            return TopKReference(data["ids"], data["top_ids"], data["top_logp"])
+
+        def save(ref: TopKReference, path: Path) -> None:
+            save_file({"ids": ref.ids.contiguous(), "top_ids": ref.top_ids.contiguous(),
+                       "top_logp": ref.top_logp.contiguous()}, str(path))
+
+        ref, computed = load_or_compute(self.root / f"{key}.safetensors", load,
+                                        lambda: compute_reference(model, ids, k), save)
+        self.computed += computed
         return ref

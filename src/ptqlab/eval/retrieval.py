@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.heads import context_length
+
 ANSWER_TOKENS = 8
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 _ADJ = (
@@ -93,8 +95,7 @@ def score(generated: str, answer: str) -> bool:
 def model_max_length(model: nn.Module) -> int | None:
     """The longest context the model's config allows, if it says."""
     config: Any = getattr(model, "config", None)
-    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return int(value) if value else None
+    return None if config is None else context_length(config)
 
 
 def too_long(model: nn.Module, lengths: list[int]) -> list[int]:

@@ -11,6 +11,7 @@ The model is wrapped by lm-eval's ``HFLM(pretrained=model, tokenizer=tokenizer)`
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 import tempfile
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..paths import cache_root
+from .cache import content_key, load_or_compute
 
 log = logging.getLogger(__name__)
 
@@ -273,18 +275,16 @@ class FPTaskCache:
     def get(self, model: nn.Module, tokenizer: Any, fingerprint: str, dtype: str, tasks: Sequence[str],
             **settings: Any) -> TaskResults:
         """FP results of ``tasks``: from disk, or computed now (before quantizing) and written."""
-        import hashlib
-        import json
+        device = next(model.parameters()).device.type
+        key = content_key(fp=fingerprint, dtype=dtype, device=device, tasks=sorted(tasks),
+                          **{k: str(v) for k, v in settings.items()})
 
-        key = json.dumps({"fp": fingerprint, "dtype": dtype, "tasks": sorted(tasks),
-                          **{k: str(v) for k, v in settings.items()}}, sort_keys=True)
-        path = self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-        if path.is_file():
-            return _results_from_json(json.loads(path.read_text()))
-        res = run_tasks(model, tokenizer, tasks, **settings)
-        self.computed += 1
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_results_to_json(res)))
-        tmp.replace(path)
+        def save(res: TaskResults, path: Path) -> None:
+            path.write_text(json.dumps(_results_to_json(res)))
+
+        res, computed = load_or_compute(
+            self.root / f"{key}.json", lambda path: _results_from_json(json.loads(path.read_text())),
+            lambda: run_tasks(model, tokenizer, tasks, **settings), save,
+        )
+        self.computed += computed
         return res

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -49,13 +50,18 @@ class AWQConfig:
 
 
 class AWQScale:
-    """The scale-search half of AWQ (a transform)."""
+    """The scale-search half of AWQ (a layer transform); its clipping search is the default quantizer."""
 
-    needs_calibration = True
+    kind: ClassVar[str] = "layer_transform"
+    needs_calibration: ClassVar[bool] = True
 
     def __init__(self, config: AWQConfig | None = None) -> None:
         """Create the search with ``config``."""
         self.config = config or AWQConfig()
+
+    def default_quantizer(self) -> AWQClip:
+        """AWQ's clipping search, the quantizer when the recipe names none."""
+        return AWQClip(self.config)
 
     def slot_scales(self, group: GroupInputs) -> torch.Tensor:
         """Scales per slot of one linear group (ones when nothing in it is quantized)."""
@@ -104,9 +110,10 @@ class AWQScale:
 
 
 class AWQClip:
-    """The clipping-search half of AWQ: RTN whose ranges are shrunk to minimise the output error."""
+    """The clipping-search half of AWQ: RTN whose ranges are shrunk to minimise the output error (a quantizer)."""
 
-    needs_calibration = True
+    kind: ClassVar[str] = "quantizer"
+    needs_calibration: ClassVar[bool] = True
 
     def __init__(self, config: AWQConfig | None = None) -> None:
         """Create the quantizer with ``config``."""

@@ -11,6 +11,7 @@ Cholesky factor of its (damped) inverse, ``err`` a column's scaled quantization 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -50,9 +51,10 @@ class GPTQConfig:
 
 
 class GPTQ:
-    """Quantize one weight matrix with GPTQ given the Hessian of its inputs."""
+    """Quantize one weight matrix with GPTQ given the Hessian of its inputs (a quantizer)."""
 
-    needs_calibration = True
+    kind: ClassVar[str] = "quantizer"
+    needs_calibration: ClassVar[bool] = True
 
     def __init__(self, config: GPTQConfig | None = None) -> None:
         self.config = config or GPTQConfig()

@@ -9,6 +9,7 @@ into the weight, ``Q(W) + A B``, which gives the same outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -41,9 +42,10 @@ class LoRCConfig:
 
 
 class LoRC:
-    """Low-rank compensation, applied after a weight quantizer."""
+    """Low-rank compensation of a quantized weight (a compensator)."""
 
-    needs_calibration = False
+    kind: ClassVar[str] = "compensator"
+    needs_calibration: ClassVar[bool] = False
 
     def __init__(self, config: LoRCConfig | None = None) -> None:
         """Create LoRC with ``config`` (rank 8, INT8 factors by default)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -18,9 +19,10 @@ class RTNConfig:
 
 
 class RTN:
-    """Quantize each weight to the nearest point of its min-max grid."""
+    """Quantize each weight to the nearest point of its min-max grid (a quantizer)."""
 
-    needs_calibration = False
+    kind: ClassVar[str] = "quantizer"
+    needs_calibration: ClassVar[bool] = False
 
     def __init__(self, config: RTNConfig | None = None) -> None:
         self.config = config or RTNConfig()

@@ -8,6 +8,7 @@ it, so the float function is unchanged while X becomes easier to quantize.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -35,9 +36,10 @@ class SmoothQuantConfig:
 
 
 class SmoothQuant:
-    """A transform: scales chosen from activation and weight ranges, folded so the FP output is kept."""
+    """A layer transform: scales chosen from activation and weight ranges, folded so the FP output is kept."""
 
-    needs_calibration = True
+    kind: ClassVar[str] = "layer_transform"
+    needs_calibration: ClassVar[bool] = True
 
     def __init__(self, config: SmoothQuantConfig | None = None) -> None:
         """Create SmoothQuant with ``config``."""
@@ -60,6 +62,10 @@ class SmoothQuant:
         s = act.pow(a) / w.pow(1.0 - a)
         dead = (act_absmax <= 0) | (weight_absmax <= 0)
         return torch.where(dead, torch.ones_like(s), s).clamp_min(EPS)
+
+    def default_quantizer(self) -> None:
+        """SmoothQuant brings no quantizer of its own (RTN when the recipe names none)."""
+        return None
 
     def slot_scales(self, group: GroupInputs) -> torch.Tensor:
         """Scales per slot of one linear group."""

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ptqlab.models.heads import HeadCounts, fused_head_counts, fused_qkv_rows, prev_rows_read
     from ptqlab.models.loading import ALIASES, LoadedModel, ModelInfo, fingerprint_files, load_model, resolve_device
     from ptqlab.models.registry import get_adapter, supported_classes
-    from ptqlab.models.weights import in_features, out_features, set_weight_matrix, weight_matrix
+    from ptqlab.models.weights import in_features, out_features, set_weight_matrix, stored_transposed, weight_matrix
 
 _HOMES = {
     "Adapter": "adapter",
@@ -38,6 +38,7 @@ _HOMES = {
     "in_features": "weights",
     "out_features": "weights",
     "set_weight_matrix": "weights",
+    "stored_transposed": "weights",
     "weight_matrix": "weights",
 }
 
@@ -60,6 +61,7 @@ __all__ = [
     "prev_rows_read",
     "resolve_device",
     "set_weight_matrix",
+    "stored_transposed",
     "supported_classes",
     "weight_matrix",
 ]

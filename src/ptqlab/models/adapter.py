@@ -1,8 +1,9 @@
-"""Family adapters: what a decoder layer of each model family contains, described as data.
+"""Family adapters: what a model family contains, described as data.
 
-An adapter names where the decoder layers live and, for one decoder layer, the linears grouped by the
-activation they read. Methods and the pipeline read these descriptions; nothing else in ptqlab knows a
-family by name.
+An adapter names where the decoder layers, the final norm and each layer's attention module live, the
+linears of one decoder layer grouped by the activation they read, and what a method may assume of the
+family (RoPE, the kind of norm, whether a rotation folds exactly). Methods, the runtime quantizers and
+the pipeline read these descriptions; only ``ptqlab.models`` knows a family or a module by its name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Literal
 from torch import nn
 
 FoldKind = Literal["norm", "linear", "scale", "none"]
-WeightLayout = Literal["linear", "conv1d"]
 PrevPart = Literal["v", "up"]
 ConfigCondition = tuple[str, tuple[object, ...]]
 
@@ -76,10 +76,15 @@ class Adapter:
         model_types: ``config.model_type`` values it serves (fallback when the class is unknown).
         layers_path: Dotted path from the causal-LM module to the decoder layer list.
         groups: The linear groups of one decoder layer, in forward order.
-        weight_layout: ``linear`` (weight is (out, in)) or ``conv1d`` (GPT-2's (in, out)).
+        attention: Relative name of a decoder layer's attention module.
+        k_proj: Relative name of a decoder layer's key projection, or None when keys come out of the
+            fused qkv projection (``fused_qkv``).
+        final_norm: Dotted path from the causal-LM module to the norm before the LM head, or None.
         fused_qkv: Layout of a fused qkv projection, if the family has one.
         has_rope: Whether attention applies rotary position embeddings.
         norm_kind: ``rmsnorm``, ``layernorm`` or ``gemma_rmsnorm`` (scales by 1 + w).
+        rotation_blocker: Why a rotation fused into the weights would change this family's function
+            (None: nothing in the family's structure stops it; see :meth:`rotation_refusal`).
         extra: Free-form notes (e.g. ``variant``, ``residual``) for humans and reports.
         when: Config conditions this adapter needs, as ``(attribute, allowed values)`` pairs; used to
             tell apart variants of one class whose layer structure depends on the config (Falcon, OPT).
@@ -91,10 +96,13 @@ class Adapter:
     model_types: tuple[str, ...]
     layers_path: str
     groups: tuple[LinearGroup, ...]
-    weight_layout: WeightLayout = "linear"
+    attention: str = "self_attn"
+    k_proj: str | None = None
+    final_norm: str | None = None
     fused_qkv: FusedQKV | None = None
     has_rope: bool = True
     norm_kind: str = "rmsnorm"
+    rotation_blocker: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
     when: tuple[ConfigCondition, ...] = ()
 
@@ -110,3 +118,35 @@ class Adapter:
         if not isinstance(module, nn.ModuleList):
             raise TypeError(f"{self.layers_path} of {type(model).__name__} is not a ModuleList")
         return module
+
+    @property
+    def norm_offset(self) -> float:
+        """The norms multiply by ``offset + weight``: 1 for Gemma's RMSNorm (``x * (1 + w)``), else 0."""
+        return 1.0 if self.norm_kind == "gemma_rmsnorm" else 0.0
+
+    def final_norm_module(self, model: nn.Module) -> nn.Module | None:
+        """The norm before the LM head, or None when the family (or this config) has none."""
+        if self.final_norm is None:
+            return None
+        try:
+            norm = model.get_submodule(self.final_norm)
+        except AttributeError:
+            return None
+        return norm if isinstance(norm, nn.Module) else None
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The attention module of every decoder layer."""
+        return [layer.get_submodule(self.attention) for layer in self.layers(model)]
+
+    def rotation_refusal(self) -> str | None:
+        """Why a rotation fused into the weights is not exact for this family, or None when it is.
+
+        Rotations fold exactly into pre-norm RMSNorm families: a LayerNorm centres its input (a rotation
+        does not commute with that), and a family may normalise elsewhere (``rotation_blocker``).
+        """
+        if self.rotation_blocker is not None:
+            return self.rotation_blocker
+        if self.norm_kind not in ("rmsnorm", "gemma_rmsnorm"):
+            return (f"uses {self.norm_kind}; rotations fold exactly only into RMSNorm pre-norm families "
+                    "(llama, mistral, qwen2, qwen3, gemma, phi3)")
+        return None

@@ -37,6 +37,7 @@ def _llama_like(
     model_type: str,
     norm_kind: str = "rmsnorm",
     mlp_norm: str = "post_attention_layernorm",
+    rotation_blocker: str | None = None,
 ) -> Adapter:
     """Adapter of a Llama-style family whose layers live at ``model.layers``."""
     return Adapter(
@@ -45,7 +46,11 @@ def _llama_like(
         model_types=(model_type,),
         layers_path="model.layers",
         groups=_llama_like_groups(mlp_norm),
+        attention=_ATTN,
+        k_proj=f"{_ATTN}.k_proj",
+        final_norm="model.norm",
         norm_kind=norm_kind,
+        rotation_blocker=rotation_blocker,
     )
 
 
@@ -55,9 +60,12 @@ QWEN2 = _llama_like("qwen2", "Qwen2ForCausalLM", "qwen2")
 QWEN3 = _llama_like("qwen3", "Qwen3ForCausalLM", "qwen3")  # q_norm/k_norm sit after q/k: no effect here
 GEMMA = _llama_like("gemma", "GemmaForCausalLM", "gemma", norm_kind="gemma_rmsnorm")
 # Gemma2/3: post_attention_layernorm normalises the attention OUTPUT (before the residual add); the MLP
-# reads pre_feedforward_layernorm.
+# reads pre_feedforward_layernorm. A rotation of the residual stream would have to pass through those
+# output norms, which it cannot (their weights scale the rotated basis).
+_SANDWICH = "normalises sublayer outputs before the residual add, so a fused rotation would change its output"
 GEMMA2 = _llama_like(
-    "gemma2", "Gemma2ForCausalLM", "gemma2", norm_kind="gemma_rmsnorm", mlp_norm="pre_feedforward_layernorm"
+    "gemma2", "Gemma2ForCausalLM", "gemma2", norm_kind="gemma_rmsnorm", mlp_norm="pre_feedforward_layernorm",
+    rotation_blocker=_SANDWICH,
 )
 GEMMA3 = _llama_like(
     "gemma3",
@@ -65,6 +73,7 @@ GEMMA3 = _llama_like(
     "gemma3_text",
     norm_kind="gemma_rmsnorm",
     mlp_norm="pre_feedforward_layernorm",
+    rotation_blocker=_SANDWICH,
 )
 
 PHI3 = Adapter(
@@ -79,6 +88,8 @@ PHI3 = Adapter(
         # gate_up_proj's rows are [gate; up]: down reads up * act(gate), so a scale folds into the up half.
         LinearGroup("down", ("mlp.down_proj",), "mlp.gate_up_proj", "linear", prev_part="up"),
     ),
+    attention=_ATTN,
+    final_norm="model.norm",
     fused_qkv=FusedQKV(f"{_ATTN}.qkv_proj", interleaved=False, kv_heads_attr="num_key_value_heads"),
 )
 
@@ -108,6 +119,9 @@ def _opt(pre_norm: bool) -> Adapter:
             # through it.
             LinearGroup("fc2", ("fc2",), "activation_fn", "scale"),
         ),
+        attention=attn,
+        k_proj=f"{attn}.k_proj",
+        final_norm="model.decoder.final_layer_norm",
         has_rope=False,
         norm_kind="layernorm",
         extra={"variant": "pre-ln" if pre_norm else "post-ln"},
@@ -129,6 +143,8 @@ BLOOM = Adapter(
         LinearGroup("fc1", ("mlp.dense_h_to_4h",), "post_attention_layernorm", "norm"),
         LinearGroup("fc2", ("mlp.dense_4h_to_h",), "mlp.gelu_impl", "scale"),
     ),
+    attention="self_attention",
+    final_norm="transformer.ln_f",
     fused_qkv=FusedQKV("self_attention.query_key_value", interleaved=True),
     has_rope=False,  # ALiBi
     norm_kind="layernorm",
@@ -145,7 +161,8 @@ GPT2 = Adapter(
         LinearGroup("fc1", ("mlp.c_fc",), "ln_2", "norm"),
         LinearGroup("fc2", ("mlp.c_proj",), "mlp.act", "scale"),
     ),
-    weight_layout="conv1d",
+    attention="attn",
+    final_norm="transformer.ln_f",
     fused_qkv=FusedQKV("attn.c_attn", interleaved=False),
     has_rope=False,  # learned absolute positions
     norm_kind="layernorm",
@@ -165,6 +182,8 @@ GPT_NEOX = Adapter(
         LinearGroup("fc1", ("mlp.dense_h_to_4h",), "post_attention_layernorm", "norm"),
         LinearGroup("fc2", ("mlp.dense_4h_to_h",), "mlp.act", "scale"),
     ),
+    attention="attention",
+    final_norm="gpt_neox.final_layer_norm",
     fused_qkv=FusedQKV("attention.query_key_value", interleaved=True),
     norm_kind="layernorm",
     extra={"residual": "parallel when config.use_parallel_residual, else sequential"},
@@ -189,6 +208,8 @@ def _falcon(
         model_types=("falcon",),
         layers_path="transformer.h",
         groups=groups,
+        attention="self_attention",
+        final_norm="transformer.ln_f",
         fused_qkv=fused,
         has_rope=has_rope,
         norm_kind="layernorm",

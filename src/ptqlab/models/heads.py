@@ -1,4 +1,4 @@
-"""Where the query, key and value rows sit in a fused qkv projection."""
+"""Attention geometry read off a model's config: head counts, fused qkv rows, the context length."""
 
 from __future__ import annotations
 
@@ -115,3 +115,9 @@ def prev_rows_read(config: Any, adapter: Adapter, layer: nn.Module, group: Linea
     if group.prev_part == "up":
         return torch.arange(width // 2, width)
     return torch.arange(width)
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence the model's positions allow (``max_position_embeddings``; GPT-2's ``n_positions``)."""
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if value else None

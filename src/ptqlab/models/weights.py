@@ -17,6 +17,12 @@ def _check_supported(module: nn.Module) -> None:
         raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
+def stored_transposed(module: nn.Module) -> bool:
+    """Whether the linear stores its weight as (in, out) (``Conv1D``) rather than (out, in)."""
+    _check_supported(module)
+    return isinstance(module, Conv1D)
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """Return the weight of a linear as an (out_features, in_features) tensor.
 
@@ -30,9 +36,8 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
         The weight, shape (out_features, in_features).
 
     """
-    _check_supported(module)
     weight = module.get_parameter("weight")
-    return weight.t() if isinstance(module, Conv1D) else weight
+    return weight.t() if stored_transposed(module) else weight
 
 
 @torch.no_grad()
@@ -49,11 +54,10 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
         ValueError: ``w`` has the wrong shape.
 
     """
-    _check_supported(module)
     expected = (out_features(module), in_features(module))
     if tuple(w.shape) != expected:
         raise ValueError(f"weight of shape {tuple(w.shape)} given for a linear of shape {expected} (out, in)")
-    stored = w.t() if isinstance(module, Conv1D) else w
+    stored = w.t() if stored_transposed(module) else w
     module.get_parameter("weight").copy_(stored)
 
 

@@ -60,16 +60,6 @@ def _quantized_attention(
     return setting.inner(module, q, k, v, attention_mask, **kwargs)
 
 
-def _attention_modules(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
-    out = []
-    for layer in layers:
-        for name in ("self_attn", "attn", "attention", "self_attention"):
-            if hasattr(layer, name):
-                out.append(getattr(layer, name))
-                break
-    return out
-
-
 def check_attention(model: nn.Module) -> None:
     """Raise ConfigError when the family hard-codes its attention (no transformers attention interface)."""
     if not getattr(model, "_supports_attention_backend", False):
@@ -80,9 +70,12 @@ def check_attention(model: nn.Module) -> None:
 
 
 def install_attention_quantization(
-    model: nn.Module, layers: nn.ModuleList, spec: QuantSpec, ctx: ForwardContext
+    model: nn.Module, modules: list[nn.Module], spec: QuantSpec, ctx: ForwardContext
 ) -> Callable[[], None]:
-    """Route attention through the quantizing function; return a function that undoes it.
+    """Route the attention ``modules`` (one per decoder layer) through the quantizing function.
+
+    Returns:
+        A function that undoes it.
 
     Raises:
         ConfigError: The family hard-codes its attention (no attention interface).
@@ -97,7 +90,6 @@ def install_attention_quantization(
 
         inner = eager_attention_forward
     AttentionInterface.register(NAME, _quantized_attention)
-    modules = _attention_modules(model, layers)
     for m in modules:
         setattr(m, _ATTR, _AttentionSetting(spec, ctx, inner))
     config._attn_implementation = NAME

@@ -172,10 +172,9 @@ def _k_rows(model: nn.Module, adapter: Adapter, layer: nn.Module) -> tuple[str, 
         width = out_features(layer.get_submodule(adapter.fused_qkv.module))
         _, k, _ = fused_qkv_rows(adapter.fused_qkv, model.config, width)
         return adapter.fused_qkv.module, k
-    names = [n for n in adapter.linear_names() if n.endswith("k_proj")]
-    if not names:
+    if adapter.k_proj is None:
         raise ConfigError(f"scheme.kv_cache.where=pre_rope: no k projection is known for family {adapter.family}")
-    return names[0], None
+    return adapter.k_proj, None
 
 
 def _pre_rope_hook(spec: QuantSpec, kv: KVSpec, ctx: ForwardContext, rows: torch.Tensor | None, head_dim: int) -> Any:

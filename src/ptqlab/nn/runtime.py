@@ -84,7 +84,7 @@ def install_runtime(
     if activation_targets:
         rt.activations = install_activation_quantizers(model, activation_targets, rt.ctx)
     if attention is not None and attention.attention:
-        rt.undo.append(install_attention_quantization(model, adapter.layers(model), attention.spec, rt.ctx))
+        rt.undo.append(install_attention_quantization(model, adapter.attention_modules(model), attention.spec, rt.ctx))
     if kv is not None:
         rt.kv = install_kv_quantization(model, adapter, kv, rt.ctx)
     log.info(

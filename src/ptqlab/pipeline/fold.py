@@ -86,16 +86,14 @@ def tie(values: torch.Tensor, slot: torch.Tensor, reduce: str = "amax") -> torch
     return out.scatter_reduce(0, slot.to(values.device), values, reduce=reduce, include_self=False)
 
 
-def _fold_norm(norm: nn.Module, s: torch.Tensor, norm_kind: str) -> None:
+def _fold_norm(norm: nn.Module, s: torch.Tensor, offset: float) -> None:
+    """Divide the norm's output by ``s``: it multiplies by ``offset + w`` (see ``Adapter.norm_offset``)."""
     w = getattr(norm, "weight", None)
     if not isinstance(w, torch.Tensor):
         raise ValueError(f"{type(norm).__name__} has no weight to fold a scale into")
     s = s.to(w.device, torch.float32)
     with torch.no_grad():
-        if norm_kind == "gemma_rmsnorm":  # y = x * (1 + w)
-            w.copy_(((1.0 + w.float()) / s - 1.0).to(w.dtype))
-        else:
-            w.copy_((w.float() / s).to(w.dtype))
+        w.copy_(((offset + w.float()) / s - offset).to(w.dtype))
         b = getattr(norm, "bias", None)
         if isinstance(b, torch.Tensor):
             b.copy_((b.float() / s).to(b.dtype))
@@ -141,7 +139,7 @@ def fold_group_scale(
     s = slot_scale[slot]
     prev = layer.get_submodule(group.prev_op)
     if group.fold == "norm":
-        _fold_norm(prev, slot_scale, adapter.norm_kind)
+        _fold_norm(prev, slot_scale, adapter.norm_offset)
     elif group.fold == "scale":
         _scale_after(layer, group.prev_op, s)
     else:

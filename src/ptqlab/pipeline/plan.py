@@ -1,19 +1,27 @@
-"""Which linear gets which weight spec: the scheme's weight section plus per-module overrides."""
+"""The quantization plan: which linear gets which weight and activation spec, the recipe, the data.
+
+The scheme's weight and activation sections plus per-module overrides are resolved here for every linear
+of every decoder layer, and checked against the model (a group size must divide each width, a pattern
+must match a module) before any weight changes.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..methods import Recipe
 from ..models.adapter import Adapter
 from ..models.weights import in_features, out_features
-from ..nn.specs import ActivationSpec, activation_spec
+from ..nn.specs import ActivationSpec, KVSpec, activation_spec
 from ..quant.spec import QuantSpec
+from .size import size_metrics
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,57 @@ class LinearTarget:
     group: int
     relative: str
     spec: QuantSpec
+
+
+ActivationTarget = tuple[str, str, ActivationSpec]
+"""``(module name, sharing key, spec)``: linears of one group share the key (they read the same tensor)."""
+
+
+@dataclass
+class QuantizationPlan:
+    """Everything checked and prepared before any weight changes; the pipeline runs it as it is.
+
+    Attributes:
+        adapter: The model's family adapter.
+        targets: The linears whose weights are quantized, with their specs, in forward order.
+        recipe: The methods, by kind.
+        calibration: Token ids (samples, seqlen), or None when nothing needs calibration data.
+        batch_size: Calibration windows per chunk.
+        activations: The linear inputs quantized at run time.
+        attention: The spec of the attention matmuls' inputs, when they are quantized.
+        kv: KV cache quantization, or None.
+        kv_tokens: Tokens per range for KV ``channel`` granularity, for the size accounting.
+
+    """
+
+    adapter: Adapter
+    targets: list[LinearTarget]
+    recipe: Recipe
+    calibration: torch.Tensor | None = None
+    batch_size: int = 8
+    activations: list[ActivationTarget] = field(default_factory=list)
+    attention: ActivationSpec | None = None
+    kv: KVSpec | None = None
+    kv_tokens: int = 2048
+
+    @property
+    def changes_weights(self) -> bool:
+        """Whether running the plan changes any weight (a transform, or a quantized linear)."""
+        return bool(self.targets) or bool(self.recipe.layer_transforms) or bool(self.recipe.model_transforms)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the recipe (on the planned weights) or a static activation range needs calibration data."""
+        static = any(not a.dynamic for _, _, a in self.activations)
+        weights = bool(self.targets) or bool(self.recipe.layer_transforms)
+        return (weights and self.recipe.needs_calibration) or static
+
+    def size_metrics(self, model: nn.Module, kv_tokens: int | None = None) -> dict[str, float]:
+        """Size in bytes and effective bits of this plan on ``model`` (see :func:`size_metrics`)."""
+        tokens = self.kv_tokens if kv_tokens is None else kv_tokens
+        return size_metrics(
+            model, self.adapter, self.targets, self.activations, self.kv, tokens, self.recipe.extra_bits
+        )
 
 
 def _spec_from(fields: Mapping[str, Any] | None, where: str) -> QuantSpec:
@@ -70,6 +129,7 @@ def plan_weights(
     adapter: Adapter,
     weight: Mapping[str, Any] | None,
     overrides: Sequence[Override] = (),
+    base: QuantSpec | None = None,
 ) -> list[LinearTarget]:
     """Resolve the weight spec of every linear of every decoder layer, and check it fits.
 
@@ -78,6 +138,7 @@ def plan_weights(
         adapter: Its family adapter.
         weight: The scheme's weight section (QuantSpec fields) or None for full precision.
         overrides: Applied in order; later entries win.
+        base: The spec ``weight`` makes, when already built; every module no override touches shares it.
 
     Returns:
         One target per linear whose spec quantizes (bits < 16), in forward order.
@@ -88,13 +149,14 @@ def plan_weights(
 
     """
     compiled = _compile(model, overrides)
-    layers_prefix = adapter.layers_path
+    base = base if base is not None else _spec_from(weight, "scheme.weight")
     targets: list[LinearTarget] = []
     for li, layer in enumerate(adapter.layers(model)):
         for gi, group in enumerate(adapter.groups):
             for rel in group.linears:
-                full = f"{layers_prefix}.{li}.{rel}"
-                spec = _resolve(full, weight, compiled)
+                full = f"{adapter.layers_path}.{li}.{rel}"
+                fields, where, touched = _merged(full, "weight", weight, compiled)
+                spec = _spec_from(fields, where) if touched else base
                 spec.check_width(in_features(layer.get_submodule(rel)), full)
                 if spec.enabled:
                     targets.append(LinearTarget(full, li, gi, rel, spec))
@@ -106,25 +168,21 @@ def _merged(
     part: str,
     base: Mapping[str, Any] | None,
     compiled: list[tuple[int, re.Pattern[str], Override]],
-) -> tuple[dict[str, Any] | None, str]:
+) -> tuple[dict[str, Any] | None, str, bool]:
     """The ``part`` (``weight`` or ``activation``) fields of module ``name`` after the overrides.
 
-    Returns the fields (None: full precision) and the config path they came from; later entries win.
+    Returns the fields (None: full precision), the config path they came from, and whether an override
+    touched them; later entries win.
     """
     fields: dict[str, Any] | None = dict(base) if base else None
     where = f"scheme.{part}"
+    touched = False
     for k, pattern, ov in compiled:
         if getattr(ov, f"sets_{part}") and pattern.fullmatch(name):
-            where = f"scheme.overrides[{k}].{part}"
+            where, touched = f"scheme.overrides[{k}].{part}", True
             given = getattr(ov, part)
             fields = None if given is None else {**(fields or {}), **dict(given)}
-    return fields, where
-
-
-def _resolve(
-    name: str, weight: Mapping[str, Any] | None, compiled: list[tuple[int, re.Pattern[str], Override]]
-) -> QuantSpec:
-    return _spec_from(*_merged(name, "weight", weight, compiled))
+    return fields, where, touched
 
 
 def plan_activations(
@@ -132,7 +190,8 @@ def plan_activations(
     adapter: Adapter,
     activation: Mapping[str, Any] | None,
     overrides: Sequence[Override] = (),
-) -> list[tuple[str, str, ActivationSpec]]:
+    base: ActivationSpec | None = None,
+) -> list[ActivationTarget]:
     """Resolve the activation spec of the input of every linear of every decoder layer.
 
     Args:
@@ -140,6 +199,7 @@ def plan_activations(
         adapter: Its family adapter.
         activation: The scheme's activation section, or None.
         overrides: Applied in order; later entries win (``activation: null`` keeps inputs in FP).
+        base: The spec ``activation`` makes, when already built; every module no override touches shares it.
 
     Returns:
         ``(module name, sharing key, spec)`` for each linear whose input is quantized; linears of one
@@ -150,15 +210,17 @@ def plan_activations(
 
     """
     compiled = _compile(model, overrides)
+    base = base if base is not None else activation_spec(activation)
     out = []
-    for li in range(len(adapter.layers(model))):
+    for li, layer in enumerate(adapter.layers(model)):
         for gi, group in enumerate(adapter.groups):
             for rel in group.linears:
                 full = f"{adapter.layers_path}.{li}.{rel}"
-                act = activation_spec(*_merged(full, "activation", activation, compiled))
+                fields, where, touched = _merged(full, "activation", activation, compiled)
+                act = activation_spec(fields, where) if touched else base
                 if act is not None:
                     if act.spec.granularity == "group":
-                        act.spec.check_width(in_features(layer_module(model, adapter, li, rel)), full)
+                        act.spec.check_width(in_features(layer.get_submodule(rel)), full)
                     out.append((full, f"{li}.{gi}", act))
     return out
 
@@ -168,8 +230,8 @@ def layer_module(model: nn.Module, adapter: Adapter, layer: int, relative: str) 
     return adapter.layers(model)[layer].get_submodule(relative)
 
 
-def check_recipe_shapes(model: nn.Module, adapter: Adapter, targets: list[LinearTarget], recipe: Any) -> None:
-    """Let every step of ``recipe`` check the shape of every target weight (e.g. LoRC's rank), before any work."""
+def check_recipe_shapes(model: nn.Module, adapter: Adapter, targets: list[LinearTarget], recipe: Recipe) -> None:
+    """Let the recipe check the shape of every target weight (e.g. LoRC's rank), before any work."""
     for t in targets:
         module = layer_module(model, adapter, t.layer, t.relative)
         recipe.check_shape(t.name, out_features(module), in_features(module))

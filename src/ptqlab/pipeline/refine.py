@@ -1,100 +1,160 @@
-"""ZeroQuant-Local / -Global inside the layer loop, and the compensators that run after them."""
+"""The steps after the quantizer, around the layer loop: refiners, then compensators.
+
+A quantized linear is kept (with the weight its quantizer was given) while a later step may still change
+it. :func:`compensation_point` is the one place that decides when the compensators run: once nothing
+will change the weight any more, i.e. right after the quantizer when the recipe has no refiner, after
+each layer's refiners, or after the model refiners at the end of the loop.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..methods.base import WeightResult, divide_rows
+from ..methods import QuantizedLinear, Recipe, Refined, WeightResult
+from ..methods.base import divide_rows
+from ..metrics import Metric
 from ..models.weights import set_weight_matrix, weight_matrix
 from ..quant.spec import QuantSpec
 from .capture import LayerCall, layer_output
-from .distill import Trainable, distill_layer, distill_model, fp_copy
 
 log = logging.getLogger(__name__)
 
+Point = Literal["quantize", "layer", "model"]
 
-class Refinement:
-    """What a recipe with ZeroQuant steps needs around the layer loop.
+
+def compensation_point(recipe: Recipe) -> Point:
+    """When the compensators run: right after the quantizer, after the layer refiners, or after the loop."""
+    if recipe.model_refiners:
+        return "model"
+    if recipe.layer_refiners:
+        return "layer"
+    return "quantize"
+
+
+class LaterSteps:
+    """The refiners and compensators of a recipe, run at their points of the layer loop.
 
     Args:
-        model: The model, before any weight changes (ZeroQuant-Global copies it as its teacher).
-        recipe: The recipe (``local_refiner``, ``global_refiner``, ``compensate``).
+        model: The model before any weight of the loop changes (a model refiner copies it as its FP teacher).
+        recipe: The recipe.
+
+    Attributes:
+        losses: ``{"layer", "start", "best"}`` per refinement (layer -1: the model refiners).
 
     """
 
-    def __init__(self, model: nn.Module, recipe: Any) -> None:
+    def __init__(self, model: nn.Module, recipe: Recipe) -> None:
         self.recipe = recipe
-        self.local = getattr(recipe, "local_refiner", None)
-        self.global_ = getattr(recipe, "global_refiner", None)
-        self.teacher = fp_copy(model) if self.global_ is not None else None
-        self.kept: list[Trainable] = []
+        self.point = compensation_point(recipe)
+        self.teacher = fp_copy(model) if recipe.model_refiners else None
+        self.kept: list[QuantizedLinear] = []
         self.losses: list[dict[str, float]] = []
+        self._refined: dict[int, list[Refined]] = {}
         self._inputs: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
 
-    @property
-    def active(self) -> bool:
-        """Whether the recipe has a ZeroQuant step."""
-        return self.local is not None or self.global_ is not None
-
-    def before_layer(self, layer: nn.Module, hidden: list[torch.Tensor | None], calls: list[LayerCall]) -> None:
-        """Keep the layer's inputs and its FP outputs on them (ZeroQuant-Local's targets)."""
-        if self.local is None:
-            return
-        self._inputs = [h.clone() for h in hidden if h is not None]
-        self._targets = _run(layer, self._inputs, calls)
-
-    def keep(self, module: nn.Module, W: torch.Tensor, result: WeightResult, spec: QuantSpec) -> None:
-        """Remember a quantized linear: its weight before quantization and the quantizer's result."""
-        if self.active:
-            self.kept.append(Trainable(module, result, spec, W.detach().float().clone()))
+    def quantized(self, module: nn.Module, W: torch.Tensor, result: WeightResult, spec: QuantSpec) -> WeightResult:
+        """A linear's quantizer returned ``result``: the value to write now (compensated if it is their point)."""
+        if self.point == "quantize":
+            return self.recipe.compensate(W, result)
+        self.kept.append(QuantizedLinear(module, result, spec, W.detach().float().clone()))
+        return result
 
     def rows_divided(self, module: nn.Module, rows: torch.Tensor, s: torch.Tensor) -> None:
-        """A transform divided ``rows`` of ``module`` by ``s`` after it was kept: divide what was kept too."""
+        """A transform divided ``rows`` of an already quantized ``module`` by ``s``: divide what was kept too."""
         for t in self.kept:
             if t.module is module:
                 t.result = t.result.divide_rows(rows, s)
-                if t.original is not None:
-                    t.original = divide_rows(t.original, rows, s)
+                t.original = divide_rows(t.original, rows, s)
+
+    def before_layer(self, layer: nn.Module, hidden: list[torch.Tensor | None], calls: list[LayerCall]) -> None:
+        """Keep the layer's inputs and its FP outputs on them (the layer refiners' targets)."""
+        if self.recipe.layer_refiners:
+            self._inputs = [h.clone() for h in hidden if h is not None]
+            self._targets = _run(layer, self._inputs, calls)
 
     def after_layer(
         self, layer: nn.Module, li: int, calls: list[LayerCall], outputs: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """Distil the layer (local), then return its outputs on the kept inputs for the next layer."""
-        if self.local is None:
+        """Refine the layer, compensate it if that is their point; return its outputs for the next layer."""
+        if not self.recipe.layer_refiners:
             return outputs
-        mine = [k for k in self.kept if any(k.module is m for m in layer.modules())]
-        start, best = distill_layer(layer, mine, self._inputs, calls, self._targets, self.local.config)
-        self.losses.append({"layer": float(li), "start": start, "best": best})
-        log.info("zeroquant_local layer %d: output MSE %.3g -> %.3g", li, start, best)
-        if self.global_ is None:
+        inside = {id(m) for m in layer.modules()}
+        mine = [k for k in self.kept if id(k.module) in inside]
+        xs = [_plain(x) for x in self._inputs]
+        args = [_plain(c.args) for c in calls]
+        kwargs = [_plain(c.kwargs) for c in calls]
+        targets = [_plain(y) for y in self._targets]
+
+        def forward(c: int) -> torch.Tensor:
+            return layer_output(layer(xs[c], *args[c], **kwargs[c]))
+
+        for k, refiner in enumerate(self.recipe.layer_refiners):
+            loss = refiner.refine_layer(layer, mine, forward, targets)
+            self._record(k, li, loss)
+            log.info("%s layer %d: output MSE %.3g -> %.3g", type(refiner).__name__, li, loss.start, loss.best)
+        if self.point == "layer":
             self._compensate(mine)
+            self.kept = [k for k in self.kept if id(k.module) not in inside]
         outs = _run(layer, self._inputs, calls)
         self._inputs, self._targets = [], []
         return outs
 
-    def after_loop(self, model: nn.Module, calibration: torch.Tensor, batch_size: int) -> None:
-        """Distil the whole model (global), then apply the compensators still pending."""
-        if self.global_ is not None and self.teacher is not None:
-            start, best = distill_model(model, self.teacher, self.kept, calibration, batch_size, self.global_.config)
-            self.losses.append({"layer": -1.0, "start": start, "best": best})
-            log.info("zeroquant_global: KL %.3g -> %.3g", start, best)
+    def after_loop(self, model: nn.Module, batches: list[torch.Tensor]) -> None:
+        """Refine the whole model, then apply the compensators still pending."""
+        n_layer = len(self.recipe.layer_refiners)
+        if self.teacher is not None:
+            for k, refiner in enumerate(self.recipe.model_refiners):
+                loss = refiner.refine_model(model, self.teacher, self.kept, batches)
+                self._record(n_layer + k, -1, loss)
+                log.info("%s: loss %.3g -> %.3g", type(refiner).__name__, loss.start, loss.best)
             self.teacher = None
-        if self.local is None or self.global_ is not None:
+        if self.point == "model":
             self._compensate(self.kept)
         self.kept = []
 
-    def _compensate(self, kept: list[Trainable]) -> None:
-        if not getattr(self.recipe, "compensators", None):
+    def metrics(self) -> list[Metric]:
+        """What each refiner reports about its work."""
+        refiners: list[Any] = [*self.recipe.layer_refiners, *self.recipe.model_refiners]
+        return [m for k, r in enumerate(refiners) for m in r.metrics(self._refined.get(k, []))]
+
+    def _record(self, k: int, layer: int, loss: Refined) -> None:
+        self._refined.setdefault(k, []).append(loss)
+        self.losses.append({"layer": float(layer), "start": loss.start, "best": loss.best})
+
+    def _compensate(self, kept: list[QuantizedLinear]) -> None:
+        if not self.recipe.compensators:
             return
         for t in kept:
             r = t.result
             now = WeightResult(weight_matrix(t.module).detach().float(), r.codes, r.qparams, r.g_idx)
             set_weight_matrix(t.module, self.recipe.compensate(t.original, now).weight)
+
+
+def fp_copy(model: nn.Module) -> nn.Module:
+    """A frozen full-precision copy of ``model`` (the teacher of a model refiner)."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _plain(value: Any) -> Any:
+    """Copies of tensors (inference-mode tensors cannot take part in autograd), recursively."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _run(layer: nn.Module, inputs: list[torch.Tensor], calls: list[LayerCall]) -> list[torch.Tensor]:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..metrics import BITS_ACTIVATION, BITS_KV, BITS_WEIGHT, SIZE_MODEL_BYTES
 from ..models.adapter import Adapter
 from ..models.heads import attention_heads
 from ..models.weights import in_features, out_features
 from ..nn.specs import ActivationSpec, KVSpec
 from ..quant.size import bits_per_element, weight_storage_bits
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
-from .plan import LinearTarget
+
+if TYPE_CHECKING:
+    from .plan import LinearTarget
 
 
 def size_metrics(
@@ -58,14 +62,14 @@ def size_metrics(
             weights.add(id(module.weight))
     other = sum(p.numel() for p in model.parameters() if id(p) not in weights)
     out = {
-        "size.model_bytes": (linear_bits + FULL_PRECISION_BITS * other) / 8,
-        "bits.weight": linear_bits / max(1, linear_params),
+        SIZE_MODEL_BYTES: (linear_bits + FULL_PRECISION_BITS * other) / 8,
+        BITS_WEIGHT: linear_bits / max(1, linear_params),
     }
     if activations:
         vals = [_act_bits(model, name, a) for name, _, a in activations]
-        out["bits.activation"] = sum(vals) / len(vals)
+        out[BITS_ACTIVATION] = sum(vals) / len(vals)
     if kv is not None:
-        out["bits.kv"] = (_kv_bits(model, kv.key, kv_tokens) + _kv_bits(model, kv.value, kv_tokens)) / 2
+        out[BITS_KV] = (_kv_bits(model, kv.key, kv_tokens) + _kv_bits(model, kv.value, kv_tokens)) / 2
     return out
 
 

@@ -1,29 +1,22 @@
-"""Transforms inside the layer pass: per-channel statistics at each group, scales folded at its barrier."""
+"""Layer transforms inside the layer pass: per-channel statistics at each group, scales folded at its barrier."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..methods.base import GroupInputs, scaled_hessian
+from ..methods import GroupInputs, LayerTransform
+from ..methods.base import scaled_hessian
 from ..models.adapter import Adapter
 from ..models.weights import weight_matrix
 from ..quant.spec import QuantSpec
 from .fold import RowsDivided, can_fold, fold_group_scale, slots, tie
 
 log = logging.getLogger(__name__)
-
-
-class ScaleTransform(Protocol):
-    """A method that picks per-slot input scales of a linear group (SmoothQuant, AWQ)."""
-
-    def slot_scales(self, group: GroupInputs) -> torch.Tensor:
-        """Scales per slot; the group's input is divided by them."""
-        ...
 
 
 class LayerTransforms:
@@ -34,7 +27,7 @@ class LayerTransforms:
         config: Any,
         adapter: Adapter,
         layer: nn.Module,
-        transforms: Sequence[ScaleTransform],
+        transforms: Sequence[LayerTransform],
         on_rows: RowsDivided | None = None,
     ) -> None:
         """Prepare for one decoder layer; ``on_rows`` is told of rows divided in a linear before a group."""

@@ -1,286 +1,38 @@
-"""The configuration schema: strict (unknown keys and wrong types rejected with the field's path)."""
+"""Read a run configuration: the schema, then the model-free compile step (so every error comes first)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from ..errors import ConfigError
-from ..quant.spec import QuantSpec
+from ..compile import compile_config
+from ..schema import RunConfig, read_yaml
+from ..schema import parse_config as parse_schema
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class _RangeFields(_Strict):
-    """Fields shared by weights and activations (see QuantSpec)."""
-
-    bits: int | None = None
-    format: str = "int"
-    symmetric: bool = False
-    granularity: str | None = None
-    group_size: int | None = None
-    zero_point: Literal["int", "float"] = "int"
-    clip_ratio: float = 1.0
-    clipping: Literal["minmax", "percentile", "mse"] = "minmax"
-    percentile: float = 99.9
-
-
-class WeightScheme(_RangeFields):
-    """Weight quantization (see QuantSpec); granularity defaults to channel (group of 32 for MX)."""
-
-
-class ActivationScheme(_RangeFields):
-    """Activation quantization at the input of each linear of the decoder layers.
-
-    ``granularity``: ``token`` (default; one range per token), ``group`` (per token and group of
-    channels) or ``tensor`` (one range per sequence, padding excluded); with ``dynamic: false`` the range
-    is one per tensor, fixed from the calibration data. ``attention: true`` also quantizes the inputs of
-    the attention matmuls (query, key, value) through a registered attention function.
-    """
-
-    dynamic: bool = True
-    attention: bool = False
-
-
-class KVSide(_Strict):
-    """Settings of K or V alone (unset fields come from the kv_cache section)."""
-
-    bits: int | None = None
-    granularity: str | None = None
-    symmetric: bool | None = None
-    group_size: int | None = None
-    zero_point: Literal["int", "float"] | None = None
-
-
-class KVCacheScheme(_Strict):
-    """KV cache quantization: ``granularity`` head (default), group (along head_dim), token or channel."""
-
-    bits: int | None = None
-    granularity: str = "head"
-    symmetric: bool = False
-    group_size: int | None = None
-    zero_point: Literal["int", "float"] = "int"
-    where: Literal["post_rope", "pre_rope"] = "post_rope"
-    mode: Literal["all", "decode"] = "all"
-    key: KVSide | None = None
-    value: KVSide | None = None
-
-
-class OverrideEntry(_Strict):
-    """``{match: REGEX, weight: {...} | null, activation: {...} | null}``: later entries win.
-
-    A key left out changes nothing; ``null`` keeps the matched modules in full precision.
-    """
-
-    match: str
-    weight: dict[str, Any] | None = None
-    activation: dict[str, Any] | None = None
-
-    def sets(self, key: str) -> bool:
-        """Whether the entry gives ``key`` (``weight`` or ``activation``), null included."""
-        return key in self.model_fields_set
-
-
-class Scheme(_Strict):
-    """What is quantized and how."""
-
-    weight: WeightScheme | None = None
-    activation: ActivationScheme | None = None
-    kv_cache: KVCacheScheme | None = None
-    overrides: list[OverrideEntry] = Field(default_factory=list)
-
-
-class Calibration(_Strict):
-    """Calibration data: ``c4local`` (documents 1100-1999) or ``file`` with ``path``."""
-
-    dataset: str = "c4local"
-    samples: int = Field(default=128, ge=1)
-    seqlen: int = Field(default=512, ge=8)
-    seed: int = 0
-    path: str | None = None
-    batch_size: int = Field(default=8, ge=1)
-
-
-class DivergenceConfig(_Strict):
-    """Divergence from the FP model: KL(FP || Q) and top-k agreement on the first windows of a corpus."""
-
-    corpus: str = "wikitext2"
-    seqlen: int = Field(default=512, ge=8)
-    windows: int = Field(default=16, ge=1)
-    top_k: int = Field(default=32, ge=5)
-
-
-class LongContextConfig(_Strict):
-    """Long-context retrieval: accuracy by prompt length (see :mod:`ptqlab.eval.retrieval`)."""
-
-    lengths: list[int] = Field(default_factory=lambda: [512, 1024, 2048])
-    samples: int = Field(default=10, ge=1)
-    pairs: int = Field(default=4, ge=1, le=500)
-    seed: int = 0
-
-    @field_validator("lengths")
-    @classmethod
-    def _lengths(cls, v: list[int]) -> list[int]:
-        if not v or any(n < 32 for n in v):
-            raise ValueError("lengths must be a non-empty list of token counts of at least 32")
-        return v
-
-
-class SensitivityConfig(_Strict):
-    """Per-module deviation from FP (relative error, SQNR) on the first windows of a corpus."""
-
-    corpus: str = "wikitext2"
-    seqlen: int = Field(default=256, ge=8)
-    windows: int = Field(default=1, ge=1)
-
-
-class SampleConfig(_Strict):
-    """A fixed greedy generation sample stored with the run (``sample: null`` to skip it)."""
-
-    prompt: str = "Once upon a time"
-    max_new_tokens: int = Field(default=32, ge=1, le=1024)
-
-
-class Evaluate(_Strict):
-    """Evaluations: perplexity (GPTQ protocol), lm-eval tasks, divergence from FP, sensitivity, long context.
-
-    ``divergence: true`` uses the defaults of :class:`DivergenceConfig` (16 windows of 512 wikitext2 tokens).
-    """
-
-    perplexity: list[str] = Field(default_factory=lambda: ["wikitext2"])
-    seqlen: int = Field(default=2048, ge=8)
-    max_windows: int | None = Field(default=40, ge=1)
-    batch_size: int = Field(default=1, ge=1)
-    tasks: list[str] = Field(default_factory=list)
-    limit: int | None = Field(default=None, ge=1)
-    num_fewshot: int | None = Field(default=None, ge=0)
-    tasks_dir: str | None = None
-    seed: int = 0
-    divergence: bool | DivergenceConfig = False
-    sample: SampleConfig | None = Field(default_factory=SampleConfig)
-    long_context: LongContextConfig | None = None
-    sensitivity: SensitivityConfig | None = Field(default_factory=SensitivityConfig)
-
-    def divergence_config(self) -> DivergenceConfig | None:
-        """The divergence settings, or None when not asked for."""
-        if isinstance(self.divergence, DivergenceConfig):
-            return self.divergence
-        return DivergenceConfig() if self.divergence else None
-
-
-class RunConfig(_Strict):
-    """One configuration: model, scheme, recipe, calibration, evaluations."""
-
-    model: str
-    device: str = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-    scheme: Scheme = Field(default_factory=Scheme)
-    recipe: list[dict[str, dict[str, Any] | None]] = Field(default_factory=list)
-    calibration: Calibration = Field(default_factory=Calibration)
-    evaluate: Evaluate = Field(default_factory=Evaluate)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
-            raise ValueError(f"unknown device {v!r}: use auto, cpu, cuda or cuda:N")
-        return v
-
-    def weight_spec(self) -> QuantSpec | None:
-        """The scheme's weight section as a QuantSpec (None when absent or 16-bit)."""
-        w = self.scheme.weight
-        if w is None:
-            return None
-        spec = QuantSpec(where="scheme.weight", **w.model_dump())
-        return spec if spec.enabled else None
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line naming the path and problem of the first errors of a pydantic validation."""
-    parts = []
-    for err in exc.errors()[:3]:
-        path = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{path}: {msg}")
-    more = len(exc.errors()) - 3
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
-
-
-def _check_not_yet(cfg: RunConfig) -> None:
-    """Reject unknown corpora and parts of the contract this version cannot run yet, before any work."""
-    if cfg.evaluate.tasks or cfg.evaluate.tasks_dir:
-        from ..eval.tasks import check_tasks
-
-        check_tasks(cfg.evaluate.tasks, cfg.evaluate.tasks_dir)
-    from ..data.corpora import CORPORA
-
-    for k, name in enumerate(cfg.evaluate.perplexity):
-        if name not in CORPORA:
-            raise ConfigError(f"evaluate.perplexity[{k}]={name!r} is unknown; known: {', '.join(sorted(CORPORA))}")
-    div = cfg.evaluate.divergence_config()
-    known = ", ".join(sorted(CORPORA))
-    if div is not None and div.corpus not in CORPORA:
-        raise ConfigError(f"evaluate.divergence.corpus={div.corpus!r} is unknown; known: {known}")
-    sens = cfg.evaluate.sensitivity
-    if sens is not None and sens.corpus not in CORPORA:
-        raise ConfigError(f"evaluate.sensitivity.corpus={sens.corpus!r} is unknown; known: {known}")
-
-
-def parse_config(data: dict[str, Any]) -> RunConfig:
-    """Validate a configuration mapping.
+def parse_config(data: Any) -> RunConfig:
+    """Validate a configuration mapping and compile it (no model is loaded).
 
     Args:
         data: The parsed YAML/JSON mapping.
 
     Returns:
-        The validated configuration, defaults filled in.
+        The validated configuration, defaults filled in; its compiled form is kept with it.
 
     Raises:
-        ConfigError: Naming the path of the first offending fields.
+        ConfigError: Naming the path of the first offending fields, an unknown method, option, corpus or task.
 
     """
-    if not isinstance(data, dict):
-        raise ConfigError(f"a configuration must be a mapping, got {type(data).__name__}")
-    try:
-        cfg = RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
-    cfg.weight_spec()  # QuantSpec checks bits, granularity, group size
-    from ..nn.specs import activation_spec, kv_specs
-
-    activation_spec(cfg.scheme.activation)
-    kv_specs(cfg.scheme.kv_cache)
-    _check_not_yet(cfg)
-    from ..methods import build_quantizer
-
-    build_quantizer(cfg.recipe)  # unknown methods and options
+    cfg = parse_schema(data)
+    compile_config(cfg)
     return cfg
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML (or JSON) configuration file.
-
-    Args:
-        path: The file.
-
-    Returns:
-        The validated configuration.
+    """Read, validate and compile a YAML (or JSON) configuration file.
 
     Raises:
         ConfigError: Missing file, invalid YAML, or invalid content.
 
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    return parse_config(data)
+    return parse_config(read_yaml(path))

@@ -1,4 +1,4 @@
-"""Content-addressed identities (run ids, quantized-model keys), metric names and provenance."""
+"""Content-addressed identities (run ids, quantized-model keys) and provenance."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from ..schema import RunConfig
 
 _PACKAGES = ("ptqlab", "torch", "transformers", "safetensors", "gguf", "accelerate", "numpy", "pydantic")
 _NOT_IDENTITY = ("model", "device", "trust_remote_code")
@@ -36,16 +36,6 @@ def qmodel_key(cfg: RunConfig, fingerprint: str) -> str:
     data = normalized(cfg)
     keep = {k: data[k] for k in ("dtype", "scheme", "recipe", "calibration")}
     return _digest({"q": keep, "model": fingerprint})[:16]
-
-
-def ppl_metric_name(corpus: str, seqlen: int, windows: int) -> str:
-    """``ppl.<corpus>.s<seqlen>.w<windows>``: the protocol and size are part of the name."""
-    return f"ppl.{corpus}.s{seqlen}.w{windows}"
-
-
-def sized_metric_name(kind: str, corpus: str, seqlen: int, windows: int) -> str:
-    """``<kind>.<corpus>.s<seqlen>.w<windows>``, e.g. ``kl.wikitext2.s512.w16``."""
-    return f"{kind}.{corpus}.s{seqlen}.w{windows}"
 
 
 def package_versions() -> dict[str, str]:

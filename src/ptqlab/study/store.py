@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..metrics import Metric
+
+__all__ = ["Metric", "RunRecord", "Store"]
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -26,7 +30,8 @@ CREATE TABLE IF NOT EXISTS runs (
     versions_json TEXT,
     device TEXT,
     timings_json TEXT,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    threads INTEGER
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -50,6 +55,14 @@ CREATE TABLE IF NOT EXISTS texts (
     text TEXT NOT NULL,
     PRIMARY KEY (run_id, name)
 );
+CREATE TABLE IF NOT EXISTS windows (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    metric TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    nll REAL,
+    fp_nll REAL,
+    PRIMARY KEY (run_id, metric, idx)
+);
 CREATE TABLE IF NOT EXISTS layer_records (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     layer INTEGER NOT NULL,
@@ -62,13 +75,8 @@ CREATE TABLE IF NOT EXISTS layer_records (
 """
 
 
-@dataclass
-class Metric:
-    """A named measurement and its standard error, when one exists."""
-
-    name: str
-    value: float
-    stderr: float | None = None
+# Columns added after the first stores were written: (column, SQL type), added when missing.
+_ADDED_COLUMNS = (("threads", "INTEGER"),)
 
 
 @dataclass
@@ -89,11 +97,13 @@ class RunRecord:
     git_rev: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     device: str | None = None
+    threads: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     metrics: list[Metric] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
+    windows: dict[str, dict[str, list[float] | None]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The run as a JSON-ready mapping (metrics as ``{name: {value, stderr}}``)."""
@@ -113,10 +123,12 @@ class RunRecord:
             "git_rev": self.git_rev,
             "versions": self.versions,
             "device": self.device,
+            "threads": self.threads,
             "created_at": self.created_at,
             "layers": self.layers,
             "texts": self.texts,
             "sensitivity": self.sensitivity,
+            "windows": self.windows,
         }
 
 
@@ -133,6 +145,10 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             con.executescript(SCHEMA)
+            have = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
+            for column, sql_type in _ADDED_COLUMNS:
+                if column not in have:
+                    con.execute(f"ALTER TABLE runs ADD COLUMN {column} {sql_type}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -149,13 +165,20 @@ class Store:
         with self._connect() as con:
             con.execute("DELETE FROM runs WHERE id = ?", (run.id,))
             con.execute(
-                "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO runs (id, qmodel_key, model, model_fingerprint, architecture, config_json, status, "
+                "error, seed, code_version, git_rev, versions_json, device, timings_json, created_at, threads) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     run.id, run.qmodel_key, run.model, run.model_fingerprint, run.architecture,
                     json.dumps(run.config, sort_keys=True), run.status, run.error, run.seed,
                     run.code_version, run.git_rev, json.dumps(run.versions, sort_keys=True), run.device,
-                    json.dumps(run.timings, sort_keys=True), run.created_at,
+                    json.dumps(run.timings, sort_keys=True), run.created_at, run.threads,
                 ),
+            )
+            con.executemany(
+                "INSERT INTO windows VALUES (?,?,?,?,?)",
+                [(run.id, name, i, nll, None if w.get("fp_nll") is None else w["fp_nll"][i])  # type: ignore[index]
+                 for name, w in run.windows.items() for i, nll in enumerate(w["nll"] or [])],
             )
             con.executemany(
                 "INSERT INTO metrics VALUES (?,?,?,?)", [(run.id, m.name, m.value, m.stderr) for m in run.metrics]
@@ -192,8 +215,15 @@ class Store:
             texts = {r["name"]: r["text"] for r in con.execute("SELECT * FROM texts WHERE run_id = ?", (row["id"],))}
             query = "SELECT module, layer, kind, rel_error, sqnr_db FROM sensitivity WHERE run_id = ? ORDER BY "
             sens = [dict(r) for r in con.execute(query + "layer, rowid", (row["id"],))]
+            windows: dict[str, dict[str, list[Any]]] = {}
+            for r in con.execute("SELECT * FROM windows WHERE run_id = ? ORDER BY metric, idx", (row["id"],)):
+                w = windows.setdefault(r["metric"], {"nll": [], "fp_nll": []})
+                w["nll"].append(r["nll"])
+                w["fp_nll"].append(r["fp_nll"])
         record = _record(row, metrics, layers)
         record.texts, record.sensitivity = texts, sens
+        record.windows = {k: {"nll": w["nll"], "fp_nll": None if None in w["fp_nll"] else w["fp_nll"]}
+                          for k, w in windows.items()}
         return record
 
     def list_runs(self) -> list[RunRecord]:
@@ -233,6 +263,7 @@ def _record(row: sqlite3.Row, metrics: list[Metric], layers: list[dict[str, Any]
         git_rev=row["git_rev"],
         versions=json.loads(row["versions_json"] or "{}"),
         device=row["device"],
+        threads=row["threads"],
         timings=json.loads(row["timings_json"] or "{}"),
         created_at=row["created_at"],
         metrics=metrics,

@@ -1,0 +1,190 @@
+"""The one compile step: a validated configuration becomes the plans a run executes, checked before any work.
+
+Compiling has two stages, each done once:
+
+1. :func:`compile_config` (no model): the recipe is built, the weight / activation / KV specs are made,
+   the corpora and lm-eval tasks are checked. Unknown methods, bad options, bits out of range, unknown
+   corpora fail here, before a model is loaded. The result is kept on the configuration.
+2. :func:`bind` (with the loaded model and tokenizer): every linear's spec is resolved with the
+   overrides and checked against its width, the recipe against each weight's shape and the family, the
+   calibration and evaluation windows are tokenized; the result is the :class:`RunPlan` the run executes
+   as it is.
+
+The Python API compiles its ``scheme`` / ``recipe`` / ``calibration`` / ``evaluate`` arguments through
+the same functions (:func:`compile_scheme`, :func:`plan_quantization`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.calibration import calibration_windows
+from .errors import ConfigError
+from .eval.plan import EvalPlan, check_evaluate, plan_evaluation
+from .methods import Recipe, build_recipe
+from .models.registry import get_adapter
+from .nn.runtime import check_runtime
+from .nn.specs import ActivationSpec, KVSpec, activation_spec, kv_specs
+from .pipeline.plan import Override, QuantizationPlan, check_recipe_shapes, plan_activations, plan_weights
+from .quant.spec import QuantSpec
+from .schema import Calibration, Evaluate, RunConfig, Scheme, coerce
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    """A scheme and recipe compiled without a model.
+
+    Attributes:
+        weight: The weight section's fields (merged with overrides per module), or None.
+        weight_spec: The spec those fields make.
+        activation: The activation section's fields, or None.
+        activation_spec: The spec they make, or None (full precision).
+        kv: KV cache quantization (keys rotated when a model transform asks), or None.
+        overrides: The per-module overrides, in order.
+        recipe: The methods, by kind.
+
+    """
+
+    weight: dict[str, Any] | None
+    weight_spec: QuantSpec
+    activation: dict[str, Any] | None
+    activation_spec: ActivationSpec | None
+    kv: KVSpec | None
+    overrides: tuple[Override, ...]
+    recipe: Recipe
+
+    @property
+    def attention(self) -> ActivationSpec | None:
+        """The spec of the attention matmuls' inputs, when they are quantized."""
+        act = self.activation_spec
+        return act if act is not None and act.attention else None
+
+
+@dataclass(frozen=True)
+class CompiledConfig:
+    """A configuration compiled without a model (stage 1)."""
+
+    config: RunConfig
+    scheme: SchemeSpec
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run executes (stage 2): the quantization and the evaluation, both checked against the model."""
+
+    quantization: QuantizationPlan
+    evaluation: EvalPlan
+
+
+def compile_scheme(scheme: Scheme | Mapping[str, Any] | None, recipe: Sequence[Mapping[str, Any]] = ()) -> SchemeSpec:
+    """Build the specs and the recipe of a scheme and recipe, without a model.
+
+    Raises:
+        ConfigError: An invalid field, method or option, or a rotation of keys without a KV scheme.
+
+    """
+    sch = coerce(Scheme, dict(scheme) if isinstance(scheme, Mapping) else scheme, "scheme")
+    weight = sch.weight.model_dump() if sch.weight else None
+    weight_spec = QuantSpec(**weight, where="scheme.weight") if weight else QuantSpec(bits=16, where="scheme.weight")
+    activation = sch.activation.model_dump() if sch.activation else None
+    act = activation_spec(activation)
+    kv = kv_specs(sch.kv_cache)
+    built = build_recipe(recipe)
+    if built.rotates_cached_keys:
+        if kv is None:
+            raise ConfigError("recipe rotation.kv=true rotates cached keys, but scheme.kv_cache quantizes nothing")
+        kv = dataclasses.replace(kv, rotate_keys=True)
+    overrides = tuple(
+        Override(o.match, o.weight, o.activation, o.sets("weight"), o.sets("activation")) for o in sch.overrides
+    )
+    return SchemeSpec(weight, weight_spec, activation, act, kv, overrides, built)
+
+
+def compile_config(cfg: RunConfig) -> CompiledConfig:
+    """Stage 1: compile ``cfg`` without a model (once: the result is kept on ``cfg``).
+
+    Raises:
+        ConfigError: An invalid spec, method or option, an unknown corpus or task.
+
+    """
+    if cfg._compiled is None:
+        scheme = compile_scheme(cfg.scheme, cfg.recipe)
+        check_evaluate(cfg.evaluate)
+        cfg._compiled = CompiledConfig(cfg, scheme)
+    compiled: CompiledConfig = cfg._compiled
+    return compiled
+
+
+def plan_quantization(
+    model: nn.Module,
+    scheme: SchemeSpec,
+    calibration: torch.Tensor | Calibration | Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
+    kv_tokens: int = 2048,
+) -> QuantizationPlan:
+    """Resolve a compiled scheme against a model and prepare the calibration data, changing nothing.
+
+    Args:
+        model: The causal LM.
+        scheme: From :func:`compile_scheme`.
+        calibration: Token ids (samples, seqlen), or the ``calibration`` section (needs ``tokenizer``).
+        tokenizer: The model's tokenizer.
+        kv_tokens: Tokens per range of KV ``channel`` granularity, for the size accounting.
+
+    Raises:
+        ConfigError: A group size that does not divide a width, an override that matches nothing, a
+            recipe step that does not fit a weight or the family, a calibrated recipe without data.
+        DataError: Calibration text missing, empty or too short.
+
+    """
+    adapter = get_adapter(model)
+    targets = plan_weights(model, adapter, scheme.weight, scheme.overrides, scheme.weight_spec)
+    activations = plan_activations(model, adapter, scheme.activation, scheme.overrides, scheme.activation_spec)
+    check_runtime(model, adapter, scheme.attention, scheme.kv)
+    check_recipe_shapes(model, adapter, targets, scheme.recipe)
+    for transform in scheme.recipe.model_transforms:
+        transform.check(model, adapter)
+    plan = QuantizationPlan(adapter, targets, scheme.recipe, None, 8, activations, scheme.attention, scheme.kv,
+                            kv_tokens)
+    if not plan.needs_calibration:
+        return plan
+    if calibration is None:
+        what = f"method {scheme.recipe.name} needs" if targets and scheme.recipe.needs_calibration else (
+            "static activation ranges need")
+        raise ConfigError(f"{what} calibration data, but none was given")
+    if isinstance(calibration, torch.Tensor):
+        plan.calibration = calibration
+        return plan
+    cal = coerce(Calibration, dict(calibration) if isinstance(calibration, Mapping) else calibration, "calibration")
+    if tokenizer is None:
+        raise ConfigError("calibration given as a config needs the tokenizer")
+    plan.calibration = calibration_windows(tokenizer, cal.dataset, cal.samples, cal.seqlen, cal.seed, cal.path)
+    plan.batch_size = cal.batch_size
+    return plan
+
+
+def bind(compiled: CompiledConfig, model: nn.Module, tokenizer: Any) -> RunPlan:
+    """Stage 2: check the compiled configuration against the loaded model and prepare its data.
+
+    Raises:
+        ConfigError: See :func:`plan_quantization` and :func:`ptqlab.eval.plan.plan_evaluation`.
+        DataError: A calibration or evaluation text missing or too short.
+
+    """
+    cfg = compiled.config
+    quantization = plan_quantization(model, compiled.scheme, cfg.calibration, tokenizer, cfg.evaluate.seqlen)
+    evaluation = plan_evaluation(cfg.evaluate, tokenizer, model)
+    return RunPlan(quantization, evaluation)
+
+
+def compile_evaluate(evaluate: Evaluate | Mapping[str, Any] | None, tokenizer: Any, model: nn.Module) -> EvalPlan:
+    """An ``evaluate`` section (mapping or :class:`Evaluate`) checked and its windows tokenized."""
+    cfg = coerce(Evaluate, dict(evaluate) if isinstance(evaluate, Mapping) else evaluate, "evaluate")
+    check_evaluate(cfg)
+    return plan_evaluation(cfg, tokenizer, model)

@@ -1,0 +1,153 @@
+"""The one evaluation path: every section of ``evaluate`` on a model in memory, against its FP reference.
+
+:func:`evaluate` runs perplexity (GPTQ protocol, with each window's NLL beside the FP model's),
+long-context retrieval, a greedy generation sample, the divergence from FP (KL, top-k agreement),
+lm-eval tasks with the paired measures against FP, and the per-module sensitivity, and names every metric
+through :mod:`ptqlab.metrics`. The runner, the Python API and the benchmarks all evaluate through it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..metrics import Metric, divergence_name, perplexity_name, retrieval_name, task_name
+from ..models.registry import get_adapter
+from . import divergence as dv
+from .generation import greedy_sample
+from .perplexity import perplexity
+from .plan import EvalPlan
+from .reference import Reference
+from .retrieval import retrieval_accuracy
+from .sensitivity import Sensitivity, compare
+from .tasks import paired, run_tasks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WindowNLL:
+    """Each perplexity window's mean token NLL, of the evaluated model and of the FP model (when known)."""
+
+    nll: list[float]
+    fp_nll: list[float] | None = None
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation measured.
+
+    Attributes:
+        metrics: Named by protocol and size (``ppl.wikitext2.s2048.w40``), with standard errors where they exist.
+        timings: Seconds of each part.
+        texts: Texts for a person to read (the sample, the retrieval answers).
+        windows: Per-window NLLs by perplexity metric name (what paired statistics need).
+        sensitivity: Each decoder linear's and layer's deviation from FP.
+
+    """
+
+    metrics: list[Metric] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+    windows: dict[str, WindowNLL] = field(default_factory=dict)
+    sensitivity: list[Sensitivity] = field(default_factory=list)
+
+
+def evaluate(
+    model: nn.Module, tokenizer: Any, plan: EvalPlan, reference: Reference | None = None, *, progress: bool = True
+) -> Evaluation:
+    """Evaluate a (quantized) model in memory, every section of ``plan``.
+
+    Args:
+        model: The model, where it runs.
+        tokenizer: Its tokenizer.
+        plan: From :func:`ptqlab.eval.plan.plan_evaluation`.
+        reference: The FP side (from :func:`ptqlab.eval.reference.build_reference`); the divergence and the
+            sensitivity need it, the paired task measures and the FP window NLLs use it when present.
+        progress: Show progress bars.
+
+    Returns:
+        Metrics, timings, texts, window NLLs and sensitivities.
+
+    Raises:
+        ConfigError: The plan asks for the divergence or the sensitivity without the FP reference.
+
+    """
+    ref = reference or Reference()
+    if plan.divergence is not None and ref.topk is None:
+        raise ConfigError("evaluate.divergence compares against the FP model, but no FP reference was given")
+    if plan.sensitivity is not None and ref.outputs is None:
+        raise ConfigError("evaluate.sensitivity compares against the FP model, but no FP reference was given")
+    result = Evaluation()
+    with torch.inference_mode():
+        _perplexity(model, plan, ref, result, progress)
+        _long_context(model, tokenizer, plan, result)
+        if plan.config.sample is not None:
+            sample = plan.config.sample
+            result.texts["sample"] = greedy_sample(model, tokenizer, sample.prompt, sample.max_new_tokens)
+        _divergence(model, plan, ref, result)
+    _tasks(model, tokenizer, plan, ref, result)
+    if plan.sensitivity is not None and ref.outputs is not None:
+        t0 = time.perf_counter()
+        result.sensitivity = compare(model, get_adapter(model), plan.sensitivity, ref.outputs)
+        result.timings["sensitivity_s"] = time.perf_counter() - t0
+    return result
+
+
+def _perplexity(model: nn.Module, plan: EvalPlan, ref: Reference, result: Evaluation, progress: bool) -> None:
+    for corpus, ids in plan.windows.items():
+        t0 = time.perf_counter()
+        res = perplexity(model, ids, batch_size=plan.config.batch_size, progress=progress, desc=f"ppl {corpus}")
+        name = perplexity_name(corpus, ids.shape[1], ids.shape[0])
+        result.metrics.append(Metric(name, res.ppl))
+        result.windows[name] = WindowNLL(res.nll, res.nll if ref.same_model else ref.nll.get(corpus))
+        result.timings[f"eval.{corpus}_s"] = time.perf_counter() - t0
+        result.timings[f"eval.{corpus}_tok_per_s"] = res.tokens_per_second
+        log.info("%s = %.4f (%.1f tok/s)", name, res.ppl, res.tokens_per_second)
+
+
+def _long_context(model: nn.Module, tokenizer: Any, plan: EvalPlan, result: Evaluation) -> None:
+    """Retrieval accuracy at each length; the generated answers go to the texts."""
+    lc = plan.config.long_context
+    if lc is None:
+        return
+    for length in lc.lengths:
+        t0 = time.perf_counter()
+        acc, answers = retrieval_accuracy(model, tokenizer, length, lc.samples, lc.seed, lc.pairs)
+        result.timings[f"retrieval.len{length}_s"] = time.perf_counter() - t0
+        name = retrieval_name(length, lc.pairs, lc.samples)
+        result.metrics.append(Metric(name, acc))
+        result.texts[name] = json.dumps(answers)
+
+
+def _divergence(model: nn.Module, plan: EvalPlan, ref: Reference, result: Evaluation) -> None:
+    div = plan.config.divergence_config()
+    if div is None or ref.topk is None:
+        return
+    t0 = time.perf_counter()
+    d = dv.divergence(model, ref.topk)
+    result.timings["divergence_s"] = time.perf_counter() - t0
+    n_win, seqlen = ref.topk.ids.shape
+    for kind, value in (("kl", d.kl), ("top1", d.top1), ("top5", d.top5)):
+        result.metrics.append(Metric(divergence_name(kind, div.corpus, seqlen, n_win), value))
+
+
+def _tasks(model: nn.Module, tokenizer: Any, plan: EvalPlan, ref: Reference, result: Evaluation) -> None:
+    """lm-eval metrics (names kept, with stderr) and, with the FP answers, the paired measures."""
+    if not plan.config.tasks:
+        return
+    t0 = time.perf_counter()
+    res = run_tasks(model, tokenizer, plan.config.tasks, **plan.task_settings)
+    result.timings["lm_eval_s"] = time.perf_counter() - t0
+    fp = res if ref.same_model else ref.tasks
+    for task, metrics in res.metrics.items():
+        result.metrics += [Metric(task_name(task, name), value, err) for name, (value, err) in metrics.items()]
+        if fp is not None:
+            result.metrics += [Metric(task_name(task, name), value) for name, value in paired(fp, res, task).items()]

@@ -1,0 +1,80 @@
+"""Run a quantization plan on a model: the pipeline's entry point, and the one owner of device placement.
+
+The model goes to its device once (:func:`place`); everything after runs where the model is: the model
+transforms (rotation), the layer loop over the weights, the runtime quantizers (activations, attention
+inputs, KV cache) and the static activation ranges.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from ..metrics import Metric
+from ..nn.runtime import install_runtime
+from .activations import calibrate_static_activations
+from .driver import QuantizeReport, quantize_weights
+from .plan import QuantizationPlan
+
+log = logging.getLogger(__name__)
+
+_MARK = "_ptqlab_quantized"
+
+
+def place(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Move ``model`` (every parameter and buffer) to ``device``; tied weights stay tied."""
+    dev = torch.device(device)
+    first = next(model.parameters(), None)
+    if first is None or first.device != dev or any(p.device != dev for p in model.parameters()):
+        model.to(dev)
+        log.debug("model placed on %s", dev)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether :func:`quantize` changed this model (its weights or its forward)."""
+    return bool(getattr(model, _MARK, False))
+
+
+def quantize(
+    model: nn.Module, plan: QuantizationPlan, *, device: torch.device | str | None = None, progress: bool = True
+) -> QuantizeReport:
+    """Quantize ``model`` in place according to a prepared plan.
+
+    Model transforms run first, then the weights are quantized layer by layer; then activation,
+    attention-input and KV cache quantizers are installed (``report.runtime``; its ``remove()`` takes them
+    off again) and static activation ranges calibrated. The report's metrics hold the model's size and
+    effective bits and what the methods report.
+
+    Args:
+        model: The causal LM the plan was made for.
+        plan: From :func:`ptqlab.compile.plan_quantization` (or :func:`ptqlab.api.plan_quantization`).
+        device: Where to run; None keeps the model where it is.
+        progress: Show progress bars.
+
+    Returns:
+        The report.
+
+    """
+    if device is not None:
+        place(model, device)
+    report = QuantizeReport()
+    t0 = time.perf_counter()
+    for transform in plan.recipe.model_transforms:
+        report.hooks += transform.apply(model, plan.adapter)
+    if plan.recipe.model_transforms:
+        report.timings["model_transforms_s"] = time.perf_counter() - t0
+    quantize_weights(model, plan, report, progress)
+    report.timings["quantize_s"] = time.perf_counter() - t0
+    report.runtime = install_runtime(model, plan.adapter, plan.activations, plan.kv, plan.attention)
+    if plan.calibration is not None and any(not a.dynamic for _, _, a in plan.activations):
+        t1 = time.perf_counter()
+        calibrate_static_activations(model, report.runtime, plan.calibration, plan.batch_size, progress)
+        report.timings["static_ranges_s"] = time.perf_counter() - t1
+    report.metrics = [Metric(k, v) for k, v in plan.size_metrics(model).items()] + report.metrics
+    if plan.changes_weights or report.runtime.installed:
+        setattr(model, _MARK, True)
+    return report
