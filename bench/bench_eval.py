@@ -87,29 +87,41 @@ def run_tasks_row(name: str, limit: int, batch_size: int) -> dict[str, Any]:
             "ppl": m[perplexity_name("wikitext2", 512, 16)][0]}
 
 
+def _evaluate_only(lm: Any, **section: Any) -> Any:
+    """One evaluation of ``lm`` through ptqlab's one path, with only the given ``evaluate`` keys (no FP reference)."""
+    from ptqlab.eval import evaluate, plan_evaluation
+    from ptqlab.schema import Evaluate
+
+    config = Evaluate.model_validate({"perplexity": [], "sample": None, "sensitivity": None, **section})
+    return evaluate(lm.model, lm.tokenizer, plan_evaluation(config, lm.tokenizer, lm.model), progress=False)
+
+
 def run_long_row(name: str, samples: int, lengths: tuple[int, ...]) -> dict[str, Any]:
     """Retrieval accuracy by length of one config."""
-    from ptqlab.eval.retrieval import retrieval_accuracy
+    from ptqlab.metrics import retrieval_name
 
     lm = _quantized(name)
     row: dict[str, Any] = {"config": name, "acc": {}, "seconds": {}, "answers": {}}
     for length in lengths:
-        t0 = time.perf_counter()
-        acc, answers = retrieval_accuracy(lm.model, lm.tokenizer, length, samples, seed=0, pairs=PAIRS)
-        row["acc"][str(length)] = acc
-        row["seconds"][str(length)] = time.perf_counter() - t0
-        row["answers"][str(length)] = answers
-        print(f"  {name} len {length}: {acc:.2f} ({row['seconds'][str(length)]:.0f} s)", flush=True)
+        long_context = {"lengths": [length], "samples": samples, "seed": 0, "pairs": PAIRS}
+        result = _evaluate_only(lm, long_context=long_context)
+        metric = retrieval_name(length, PAIRS, samples)
+        row["acc"][str(length)] = result.metrics[0].value
+        row["seconds"][str(length)] = result.timings[f"retrieval.len{length}_s"]
+        row["answers"][str(length)] = json.loads(result.texts[metric])
+        print(f"  {name} len {length}: {row['acc'][str(length)]:.2f} ({row['seconds'][str(length)]:.0f} s)",
+              flush=True)
     return row
 
 
 def run_speed(limit: int, batch_size: int) -> dict[str, Any]:
-    """Seconds of one task through ptqlab and through lm-eval alone, same model, alternating."""
+    """Seconds of one task through ptqlab's evaluation and through lm-eval alone, same model, alternating."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     import ptqlab
-    from ptqlab.eval.tasks import run_tasks, task_manager
+    from ptqlab.eval.tasks import task_manager
+    from ptqlab.metrics import task_name
 
     lm = ptqlab.load_model("smollm2-135m")
     times: dict[str, float] = {}
@@ -117,8 +129,8 @@ def run_speed(limit: int, batch_size: int) -> dict[str, Any]:
     for who in ("ptqlab", "lm_eval"):
         t0 = time.perf_counter()
         if who == "ptqlab":
-            res = run_tasks(lm.model, lm.tokenizer, [SPEED_TASK], limit=limit, batch_size=batch_size)
-            accs[who] = res.metrics[SPEED_TASK]["acc"][0]
+            res = _evaluate_only(lm, tasks=[SPEED_TASK], limit=limit, batch_size=batch_size)
+            accs[who] = next(m.value for m in res.metrics if m.name == task_name(SPEED_TASK, "acc"))
         else:
             hf = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size)
             with task_manager() as tm:

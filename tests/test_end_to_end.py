@@ -261,10 +261,16 @@ def test_python_evaluate_honours_every_key_with_the_run_names(tmp_path, capsys, 
     fp = ptqlab.evaluate(lm.model, lm.tokenizer, evaluate, progress=False)  # FP: its own reference
     by_name = {m.name: m.value for m in fp.metrics}
     assert by_name["kl.wikitext2.s128.w2"] == pytest.approx(0.0, abs=1e-6) and by_name["lm_eval.piqa.agree_fp"] == 1
-    ref = ptqlab.reference(lm.model, lm.tokenizer, evaluate, progress=False)
+    ref = ptqlab.reference(lm.model, lm.tokenizer, evaluate, fingerprint=lm.info.fingerprint, progress=False)
+    assert "tasks" not in ref.computed and "divergence" not in ref.computed  # the run's FP side, from the cache
     ptqlab.quantize(lm.model, cfg["scheme"], [], progress=False)
     with pytest.raises(ptqlab.ConfigError, match="divergence compares against the FP model"):
         ptqlab.evaluate(lm.model, lm.tokenizer, evaluate, progress=False)
+    with pytest.raises(ptqlab.ConfigError, match="already quantized"):
+        ptqlab.reference(lm.model, lm.tokenizer, evaluate, progress=False)
+    bare = ptqlab.evaluate(lm.model, lm.tokenizer, {k: evaluate[k] for k in ("perplexity", "seqlen", "max_windows")},
+                           progress=False)  # no reference: the default sensitivity and the FP NLLs are left out
+    assert bare.sensitivity == [] and bare.windows["ppl.wikitext2.s128.w2"].fp_nll is None
     q = ptqlab.evaluate(lm.model, lm.tokenizer, evaluate, reference=ref, progress=False)
     names = {m.name for m in q.metrics}
     assert names == {n for n in run["metrics"] if not n.startswith(("size.", "bits."))}

@@ -58,7 +58,8 @@ def _run_table(run: RunRecord, out: TextIO) -> None:
         out.write(f"sample: {run.texts['sample']!r}\n")
     if run.timings:
         t = run.timings
-        out.write(f"time: quantize {t.get('quantize_s', 0):.1f} s, total {t.get('total_s', 0):.1f} s\n")
+        threads = f", {run.threads} threads" if run.threads else ""
+        out.write(f"time: quantize {t.get('quantize_s', 0):.1f} s, total {t.get('total_s', 0):.1f} s{threads}\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -155,7 +155,7 @@ def plan_quantization(
     if not plan.needs_calibration:
         return plan
     if calibration is None:
-        what = f"method {scheme.recipe.name} needs" if targets and scheme.recipe.needs_calibration else (
+        what = f"method {scheme.recipe.name} needs" if plan.recipe_needs_calibration else (
             "static activation ranges need")
         raise ConfigError(f"{what} calibration data, but none was given")
     if isinstance(calibration, torch.Tensor):

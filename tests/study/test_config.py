@@ -74,3 +74,16 @@ def test_run_id_ignores_path_and_device_but_not_scheme():
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].glob("configs/examples/*.yaml")))
 def test_example_configs_are_valid(path):
     assert load_config(path).model
+
+
+def test_a_config_is_compiled_once(monkeypatch):
+    """parse_config compiles (every error comes before a model loads); the runner reuses that compile."""
+    import ptqlab.compile as compile_module
+
+    calls = []
+    real = compile_module.compile_scheme
+    monkeypatch.setattr(compile_module, "compile_scheme", lambda *a: calls.append(1) or real(*a))
+    cfg = parse_config(BASE)
+    compiled = compile_module.compile_config(cfg)
+    assert compile_module.compile_config(cfg) is compiled and len(calls) == 1
+    assert compiled.scheme.recipe.steps == ["gptq"] and compiled.scheme.weight_spec.bits == 4

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..quant.spec import QuantSpec
 from .base import WeightResult
 from .kinds import (
     KINDS,
@@ -126,10 +125,6 @@ class Recipe:
         for c in self.compensators:
             result = c.compensate(W, result)
         return result
-
-    def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
-        """The quantizer's result for ``W`` (the compensators run where the pipeline says, not here)."""
-        return self.quantizer.quantize(W, spec, H)
 
 
 def _instantiate(name: str, registered: Registered, options: Mapping[str, Any] | None, where: str) -> Any:

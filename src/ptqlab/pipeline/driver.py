@@ -118,7 +118,7 @@ def _quantize_data_free(
             t0 = time.perf_counter()
             module = layers[li].get_submodule(t.relative)
             W = weight_matrix(module)
-            res = later.quantized(module, W, plan.recipe.quantize(W, t.spec), t.spec)
+            res = later.quantized(module, W, plan.recipe.quantizer.quantize(W, t.spec), t.spec)
             set_weight_matrix(module, res.weight)
             report.records.append(LayerRecord(li, t.name, t.spec.nbits, None, time.perf_counter() - t0))
 
@@ -196,7 +196,7 @@ def _quantize_layer(
                 t0 = time.perf_counter()
                 module = layer.get_submodule(t.relative)
                 W = weight_matrix(module)
-                res = later.quantized(module, W, plan.recipe.quantize(W, t.spec, H), t.spec)
+                res = later.quantized(module, W, plan.recipe.quantizer.quantize(W, t.spec, H), t.spec)
                 err = relative_output_error(W.float(), res.weight, H)
                 set_weight_matrix(module, res.weight)
                 report.records.append(LayerRecord(li, t.name, t.spec.nbits, err, time.perf_counter() - t0))

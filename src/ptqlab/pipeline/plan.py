@@ -87,18 +87,21 @@ class QuantizationPlan:
         return bool(self.targets) or bool(self.recipe.layer_transforms) or bool(self.recipe.model_transforms)
 
     @property
+    def recipe_needs_calibration(self) -> bool:
+        """Whether the recipe, on the planned weights, needs calibration data."""
+        weights = bool(self.targets) or bool(self.recipe.layer_transforms)
+        return weights and self.recipe.needs_calibration
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether the recipe (on the planned weights) or a static activation range needs calibration data."""
-        static = any(not a.dynamic for _, _, a in self.activations)
-        weights = bool(self.targets) or bool(self.recipe.layer_transforms)
-        return (weights and self.recipe.needs_calibration) or static
+        return self.recipe_needs_calibration or any(not a.dynamic for _, _, a in self.activations)
 
     def size_metrics(self, model: nn.Module, kv_tokens: int | None = None) -> dict[str, float]:
         """Size in bytes and effective bits of this plan on ``model`` (see :func:`size_metrics`)."""
         tokens = self.kv_tokens if kv_tokens is None else kv_tokens
-        return size_metrics(
-            model, self.adapter, self.targets, self.activations, self.kv, tokens, self.recipe.extra_bits
-        )
+        specs = {t.name: t.spec for t in self.targets}
+        return size_metrics(model, self.adapter, specs, self.activations, self.kv, tokens, self.recipe.extra_bits)
 
 
 def _spec_from(fields: Mapping[str, Any] | None, where: str) -> QuantSpec:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -15,14 +14,11 @@ from ..nn.specs import ActivationSpec, KVSpec
 from ..quant.size import bits_per_element, weight_storage_bits
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
 
-if TYPE_CHECKING:
-    from .plan import LinearTarget
-
 
 def size_metrics(
     model: nn.Module,
     adapter: Adapter,
-    targets: list[LinearTarget],
+    specs: Mapping[str, QuantSpec],
     activations: list[tuple[str, str, ActivationSpec]] | None = None,
     kv: KVSpec | None = None,
     kv_tokens: int = 2048,
@@ -36,7 +32,7 @@ def size_metrics(
     Args:
         model: The causal LM.
         adapter: Its family adapter.
-        targets: The quantized linears and their specs.
+        specs: The spec of each quantized linear, by full module name.
         activations: Quantized linear inputs, for ``bits.activation``.
         kv: KV cache quantization, for ``bits.kv``.
         kv_tokens: Tokens per range for KV ``channel`` granularity (ranges across tokens).
@@ -47,7 +43,6 @@ def size_metrics(
         ``bits.activation`` (mean over quantized inputs) and ``bits.kv`` (mean of K and V).
 
     """
-    specs = {t.name: t.spec for t in targets}
     linear_bits = linear_params = 0
     weights = set()
     for li, layer in enumerate(adapter.layers(model)):
