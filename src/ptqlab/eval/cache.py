@@ -69,5 +69,5 @@ def load_or_compute(
     tmp = path.with_name(path.name + ".tmp")
     save(value, tmp)
     tmp.replace(path)
-    log.debug("cached %s", path)
+    log.info("computed once and cached: %s", path)
     return value, True

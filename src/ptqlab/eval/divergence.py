@@ -14,7 +14,6 @@ token first; ``top5`` the fraction where FP's first token is among the quantized
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from torch import nn
 
 from ..paths import cache_root
 from .cache import content_key, load_or_compute
-
-log = logging.getLogger(__name__)
 
 TOP_K = 32
 
