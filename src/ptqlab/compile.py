@@ -31,7 +31,14 @@ from .methods import Recipe, build_recipe
 from .models.registry import get_adapter
 from .nn.runtime import check_runtime
 from .nn.specs import ActivationSpec, KVSpec, activation_spec, kv_specs
-from .pipeline.plan import Override, QuantizationPlan, check_recipe_shapes, plan_activations, plan_weights
+from .pipeline.plan import (
+    Override,
+    QuantizationPlan,
+    check_recipe_shapes,
+    plan_activations,
+    plan_weights,
+    spec_from,
+)
 from .quant.spec import QuantSpec
 from .schema import Calibration, Evaluate, RunConfig, Scheme, coerce
 
@@ -89,9 +96,9 @@ def compile_scheme(scheme: Scheme | Mapping[str, Any] | None, recipe: Sequence[M
         ConfigError: An invalid field, method or option, or a rotation of keys without a KV scheme.
 
     """
-    sch = coerce(Scheme, dict(scheme) if isinstance(scheme, Mapping) else scheme, "scheme")
+    sch = coerce(Scheme, scheme, "scheme")
     weight = sch.weight.model_dump() if sch.weight else None
-    weight_spec = QuantSpec(**weight, where="scheme.weight") if weight else QuantSpec(bits=16, where="scheme.weight")
+    weight_spec = spec_from(weight, "scheme.weight")
     activation = sch.activation.model_dump() if sch.activation else None
     act = activation_spec(activation)
     kv = kv_specs(sch.kv_cache)
@@ -161,7 +168,7 @@ def plan_quantization(
     if isinstance(calibration, torch.Tensor):
         plan.calibration = calibration
         return plan
-    cal = coerce(Calibration, dict(calibration) if isinstance(calibration, Mapping) else calibration, "calibration")
+    cal = coerce(Calibration, calibration, "calibration")
     if tokenizer is None:
         raise ConfigError("calibration given as a config needs the tokenizer")
     plan.calibration = calibration_windows(tokenizer, cal.dataset, cal.samples, cal.seqlen, cal.seed, cal.path)
@@ -185,6 +192,6 @@ def bind(compiled: CompiledConfig, model: nn.Module, tokenizer: Any) -> RunPlan:
 
 def compile_evaluate(evaluate: Evaluate | Mapping[str, Any] | None, tokenizer: Any, model: nn.Module) -> EvalPlan:
     """An ``evaluate`` section (mapping or :class:`Evaluate`) checked and its windows tokenized."""
-    cfg = coerce(Evaluate, dict(evaluate) if isinstance(evaluate, Mapping) else evaluate, "evaluate")
+    cfg = coerce(Evaluate, evaluate, "evaluate")
     check_evaluate(cfg)
     return plan_evaluation(cfg, tokenizer, model)

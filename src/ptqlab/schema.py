@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -223,9 +224,9 @@ def coerce(cls: type[_T], value: Any, where: str | None = None) -> _T:
         return cls()
     if isinstance(value, cls):
         return value
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         try:
-            return cls.model_validate(value)
+            return cls.model_validate(dict(value))
         except ValidationError as exc:
             message = format_validation_error(exc)
             raise ConfigError(f"{where}.{message}" if where else message) from None

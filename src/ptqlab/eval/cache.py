@@ -1,8 +1,9 @@
 """Results of the FP model kept on disk, keyed by content, so a sweep computes each of them once.
 
-Each entry is one file named by a hash of what decides its content (the model's fingerprint, dtype,
-device type, the exact tokens or settings). It is written to a temporary name and renamed, so a crash
-never leaves a half-written entry.
+Each entry is one file named by a hash of what decides its content (the model's fingerprint, the device
+type it ran on, its dtype, the exact tokens or settings). It is written to a temporary name and renamed,
+so a crash never leaves a half-written entry. A model without a fingerprint has no entry: its results
+are computed and not kept.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,16 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, int | float | str | bool) or value is None else str(value)
 
 
+def entry(root: Path, suffix: str, model: nn.Module, fingerprint: str | None, **parts: Any) -> Path | None:
+    """The file of an FP result of ``model`` (keyed by its fingerprint, device type and ``parts``), or None."""
+    if fingerprint is None:
+        return None
+    device = next(model.parameters()).device.type
+    return root / f"{content_key(fingerprint=fingerprint, device=device, **parts)}{suffix}"
+
+
 def load_or_compute(
-    path: Path,
+    path: Path | None,
     load: Callable[[Path], T | None],
     compute: Callable[[], T],
     save: Callable[[T, Path], None],
@@ -51,7 +61,7 @@ def load_or_compute(
     """The entry at ``path``: read back, or computed and written atomically.
 
     Args:
-        path: The entry's file.
+        path: The entry's file (None: compute, keep nothing).
         load: Reads the file; returns None when its content does not fit (then it is recomputed).
         compute: Computes the value.
         save: Writes the value to a file.
@@ -60,6 +70,8 @@ def load_or_compute(
         The value, and whether it was computed now.
 
     """
+    if path is None:
+        return compute(), True
     if path.is_file():
         value = load(path)
         if value is not None:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..paths import cache_root
-from .cache import content_key, load_or_compute
+from .cache import entry, load_or_compute
 
 TOP_K = 32
 
@@ -113,10 +113,10 @@ class ReferenceCache:
         self.root = root or divergence_cache_dir()
         self.computed = 0
 
-    def get(self, model: nn.Module, fingerprint: str, dtype: str, ids: torch.Tensor, k: int = TOP_K) -> TopKReference:
-        """The FP reference of ``model`` on ``ids``: from disk, or computed now and written."""
-        device = next(model.parameters()).device.type
-        key = content_key(fingerprint=fingerprint, dtype=dtype, device=device, ids=ids, k=k)
+    def get(
+        self, model: nn.Module, fingerprint: str | None, dtype: str, ids: torch.Tensor, k: int = TOP_K
+    ) -> TopKReference:
+        """The FP reference of ``model`` on ``ids``: from disk, or computed now (and written, with a fingerprint)."""
 
         def load(path: Path) -> TopKReference | None:
             data = load_file(str(path))
@@ -128,7 +128,7 @@ class ReferenceCache:
             save_file({"ids": ref.ids.contiguous(), "top_ids": ref.top_ids.contiguous(),
                        "top_logp": ref.top_logp.contiguous()}, str(path))
 
-        ref, computed = load_or_compute(self.root / f"{key}.safetensors", load,
-                                        lambda: compute_reference(model, ids, k), save)
+        path = entry(self.root, ".safetensors", model, fingerprint, dtype=dtype, ids=ids, k=k)
+        ref, computed = load_or_compute(path, load, lambda: compute_reference(model, ids, k), save)
         self.computed += computed
         return ref

@@ -21,11 +21,11 @@ from torch import nn
 from ..models.registry import get_adapter
 from ..paths import cache_root
 from . import divergence
-from .cache import content_key, load_or_compute
+from .cache import entry, load_or_compute
 from .perplexity import perplexity
 from .plan import EvalPlan
 from .sensitivity import Outputs, record_outputs
-from .tasks import FPTaskCache, TaskResults, run_tasks
+from .tasks import FPTaskCache, TaskResults
 
 
 @dataclass
@@ -91,23 +91,17 @@ def build_reference(
     div = plan.config.divergence_config()
     if div is not None and plan.divergence is not None:
         t0 = time.perf_counter()
-        if fingerprint is None:
-            ref.topk = divergence.compute_reference(model, plan.divergence, div.top_k)
+        cache = divergence.ReferenceCache()
+        ref.topk = cache.get(model, fingerprint, dtype, plan.divergence, div.top_k)
+        if cache.computed:
             ref.computed.append("divergence")
-        else:
-            cache = divergence.ReferenceCache()
-            ref.topk = cache.get(model, fingerprint, dtype, plan.divergence, div.top_k)
-            ref.computed += ["divergence"] * cache.computed
         ref.timings["divergence.reference_s"] = time.perf_counter() - t0
     if plan.config.tasks:
         t0 = time.perf_counter()
-        if fingerprint is None:
-            ref.tasks = run_tasks(model, tokenizer, plan.config.tasks, **plan.task_settings)
+        tasks_cache = FPTaskCache()
+        ref.tasks = tasks_cache.get(model, tokenizer, fingerprint, dtype, plan.config.tasks, **plan.task_settings)
+        if tasks_cache.computed:
             ref.computed.append("tasks")
-        else:
-            tasks_cache = FPTaskCache()
-            ref.tasks = tasks_cache.get(model, tokenizer, fingerprint, dtype, plan.config.tasks, **plan.task_settings)
-            ref.computed += ["tasks"] * tasks_cache.computed
         ref.timings["lm_eval.fp_s"] = time.perf_counter() - t0
     if plan.sensitivity is not None:
         ref.outputs = record_outputs(model, get_adapter(model), plan.sensitivity)
@@ -121,17 +115,13 @@ def _window_nll(
     """The FP per-window NLLs of one corpus (from the disk cache when the model has a fingerprint)."""
 
     def compute() -> list[float]:
-        ref.computed.append(f"ppl.{corpus}")
         return perplexity(model, ids, batch_size=batch_size, progress=progress, desc=f"FP ppl {corpus}").nll
-
-    if fingerprint is None:
-        return compute()
-    device = next(model.parameters()).device.type
-    key = content_key(fingerprint=fingerprint, dtype=dtype, device=device, ids=ids)
-    path = Path(cache_root()) / "perplexity" / f"{key}.json"
 
     def save(nll: list[float], p: Path) -> None:
         p.write_text(json.dumps(nll))
 
-    nll, _ = load_or_compute(path, lambda p: list(json.loads(p.read_text())), compute, save)
+    path = entry(cache_root() / "perplexity", ".json", model, fingerprint, dtype=dtype, ids=ids)
+    nll, computed = load_or_compute(path, lambda p: list(json.loads(p.read_text())), compute, save)
+    if computed:
+        ref.computed.append(f"ppl.{corpus}")
     return nll

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..paths import cache_root
-from .cache import content_key, load_or_compute
+from .cache import entry, load_or_compute
 
 log = logging.getLogger(__name__)
 
@@ -272,18 +272,17 @@ class FPTaskCache:
         self.root = root or cache_root() / "lm_eval"
         self.computed = 0
 
-    def get(self, model: nn.Module, tokenizer: Any, fingerprint: str, dtype: str, tasks: Sequence[str],
+    def get(self, model: nn.Module, tokenizer: Any, fingerprint: str | None, dtype: str, tasks: Sequence[str],
             **settings: Any) -> TaskResults:
-        """FP results of ``tasks``: from disk, or computed now (before quantizing) and written."""
-        device = next(model.parameters()).device.type
-        key = content_key(fp=fingerprint, dtype=dtype, device=device, tasks=sorted(tasks),
-                          **{k: str(v) for k, v in settings.items()})
+        """FP results of ``tasks``: from disk, or computed now, before quantizing (and written, with a fingerprint)."""
+        path = entry(self.root, ".json", model, fingerprint, dtype=dtype, tasks=sorted(tasks),
+                     **{k: str(v) for k, v in settings.items()})
 
         def save(res: TaskResults, path: Path) -> None:
             path.write_text(json.dumps(_results_to_json(res)))
 
         res, computed = load_or_compute(
-            self.root / f"{key}.json", lambda path: _results_from_json(json.loads(path.read_text())),
+            path, lambda p: _results_from_json(json.loads(p.read_text())),
             lambda: run_tasks(model, tokenizer, tasks, **settings), save,
         )
         self.computed += computed

@@ -104,7 +104,8 @@ class QuantizationPlan:
         return size_metrics(model, self.adapter, specs, self.activations, self.kv, tokens, self.recipe.extra_bits)
 
 
-def _spec_from(fields: Mapping[str, Any] | None, where: str) -> QuantSpec:
+def spec_from(fields: Mapping[str, Any] | None, where: str) -> QuantSpec:
+    """The weight spec ``fields`` make (full precision for None), a field error named by ``where``."""
     if not fields:
         return QuantSpec(bits=16, where=where)
     try:
@@ -152,14 +153,14 @@ def plan_weights(
 
     """
     compiled = _compile(model, overrides)
-    base = base if base is not None else _spec_from(weight, "scheme.weight")
+    base = base if base is not None else spec_from(weight, "scheme.weight")
     targets: list[LinearTarget] = []
     for li, layer in enumerate(adapter.layers(model)):
         for gi, group in enumerate(adapter.groups):
             for rel in group.linears:
                 full = f"{adapter.layers_path}.{li}.{rel}"
                 fields, where, touched = _merged(full, "weight", weight, compiled)
-                spec = _spec_from(fields, where) if touched else base
+                spec = spec_from(fields, where) if touched else base
                 spec.check_width(in_features(layer.get_submodule(rel)), full)
                 if spec.enabled:
                     targets.append(LinearTarget(full, li, gi, rel, spec))

@@ -43,9 +43,6 @@ class LaterSteps:
         model: The model before any weight of the loop changes (a model refiner copies it as its FP teacher).
         recipe: The recipe.
 
-    Attributes:
-        losses: ``{"layer", "start", "best"}`` per refinement (layer -1: the model refiners).
-
     """
 
     def __init__(self, model: nn.Module, recipe: Recipe) -> None:
@@ -53,8 +50,7 @@ class LaterSteps:
         self.point = compensation_point(recipe)
         self.teacher = fp_copy(model) if recipe.model_refiners else None
         self.kept: list[QuantizedLinear] = []
-        self.losses: list[dict[str, float]] = []
-        self._refined: dict[int, list[Refined]] = {}
+        self._refined: list[tuple[int, int, Refined]] = []  # (refiner index, layer or -1, loss)
         self._inputs: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
 
@@ -96,7 +92,7 @@ class LaterSteps:
 
         for k, refiner in enumerate(self.recipe.layer_refiners):
             loss = refiner.refine_layer(layer, mine, forward, targets)
-            self._record(k, li, loss)
+            self._refined.append((k, li, loss))
             log.info("%s layer %d: output MSE %.3g -> %.3g", type(refiner).__name__, li, loss.start, loss.best)
         if self.point == "layer":
             self._compensate(mine)
@@ -111,7 +107,7 @@ class LaterSteps:
         if self.teacher is not None:
             for k, refiner in enumerate(self.recipe.model_refiners):
                 loss = refiner.refine_model(model, self.teacher, self.kept, batches)
-                self._record(n_layer + k, -1, loss)
+                self._refined.append((n_layer + k, -1, loss))
                 log.info("%s: loss %.3g -> %.3g", type(refiner).__name__, loss.start, loss.best)
             self.teacher = None
         if self.point == "model":
@@ -121,11 +117,12 @@ class LaterSteps:
     def metrics(self) -> list[Metric]:
         """What each refiner reports about its work."""
         refiners: list[Any] = [*self.recipe.layer_refiners, *self.recipe.model_refiners]
-        return [m for k, r in enumerate(refiners) for m in r.metrics(self._refined.get(k, []))]
+        return [m for k, r in enumerate(refiners) for m in r.metrics([d for i, _, d in self._refined if i == k])]
 
-    def _record(self, k: int, layer: int, loss: Refined) -> None:
-        self._refined.setdefault(k, []).append(loss)
-        self.losses.append({"layer": float(layer), "start": loss.start, "best": loss.best})
+    @property
+    def losses(self) -> list[dict[str, float]]:
+        """``{"layer", "start", "best"}`` per refinement, in order (layer -1: the model refiners)."""
+        return [{"layer": float(layer), "start": d.start, "best": d.best} for _, layer, d in self._refined]
 
     def _compensate(self, kept: list[QuantizedLinear]) -> None:
         if not self.recipe.compensators:
