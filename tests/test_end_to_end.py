@@ -137,12 +137,12 @@ def test_bad_input_one_clear_error_and_nothing_stored(tmp_path, capsys, label, m
 
 
 def test_failure_while_running_is_stored_with_reason(tmp_path, capsys, monkeypatch):
-    import ptqlab.study.runner as runner
+    import ptqlab.study.worker as worker
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("simulated crash in layer 3")
 
-    monkeypatch.setattr(runner, "quantize", boom)
+    monkeypatch.setattr(worker, "quantize", boom)
     db = str(tmp_path / "s.db")
     code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, STORIES), "--json", "--quiet")
     run = json.loads(out)

@@ -4,7 +4,8 @@ Python API:
     ``load_model(spec)`` -> a LoadedModel (model, tokenizer, info);
     ``reference(model, tokenizer, evaluate_config)`` measures the FP side of an evaluation, before quantizing;
     ``quantize(model, scheme, recipe, calibration, tokenizer=...)`` quantizes in place;
-    ``evaluate(model, tokenizer, evaluate_config, reference=...)`` measures it.
+    ``evaluate(model, tokenizer, evaluate_config, reference=...)`` measures it;
+    ``sweep(path, store=...)`` runs a sweep file (what is missing of it) as ``ptqlab sweep`` does.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ __all__ = [
     "load_model",
     "quantize",
     "reference",
+    "sweep",
 ]
 
 
 def __getattr__(name: str) -> Any:
     """Import the heavy API lazily, so ``import ptqlab.quant`` stays light."""
-    if name in ("quantize", "evaluate", "reference"):
+    if name in ("quantize", "evaluate", "reference", "sweep"):
         from . import api
 
         return getattr(api, name)

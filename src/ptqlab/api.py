@@ -33,6 +33,10 @@ from .pipeline.plan import QuantizationPlan
 from .pipeline.quantize import is_quantized
 from .pipeline.quantize import quantize as _quantize
 from .schema import Calibration, Evaluate, Scheme
+from .study.executors import Executor, LocalExecutor, ProcessExecutor
+from .study.store import Store
+from .study.sweep import load_sweep
+from .study.sweeper import SweepSummary, plan_sweep, run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +179,39 @@ def evaluate(
     plan = compile_evaluate(evaluate_config, tokenizer, model)
     plan, ref = _reference_for(model, tokenizer, plan, reference, progress)
     return _evaluate(model, tokenizer, plan, ref, progress=progress)
+
+
+def sweep(
+    path: str,
+    *,
+    store: str = "ptqlab.db",
+    sets: Sequence[str] = (),
+    retry_failed: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+) -> SweepSummary:
+    """Run a sweep file as ``ptqlab sweep`` does, in this process (or ``workers`` processes).
+
+    Args:
+        path: The sweep YAML file.
+        store: The results store.
+        sets: ``PATH=VALUE`` overrides of the file's keys.
+        retry_failed: Run the failed runs again.
+        workers: Processes to run in (1: this process).
+        progress: Show the sweep's bar and each run's bars.
+
+    Returns:
+        What was computed now (``records``), failed, already done or running elsewhere.
+
+    Raises:
+        ConfigError: A bad sweep file (nothing is computed).
+        StoreError: A store this version cannot use.
+
+    """
+    sw = load_sweep(path, sets)
+    results = Store(store)
+    executor: Executor = ProcessExecutor(workers) if workers > 1 else LocalExecutor(progress=progress)
+    try:
+        return run_sweep(plan_sweep(sw, results), results, executor, retry_failed=retry_failed, progress=progress)
+    finally:
+        executor.close()

@@ -21,3 +21,7 @@ class UnsupportedModelError(ModelLoadError):
 
 class DataError(PtqlabError):
     """A data set or text file is missing, empty or too short."""
+
+
+class StoreError(PtqlabError):
+    """A results store that cannot be used: not a ptqlab store, or written by a newer version."""

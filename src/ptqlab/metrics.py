@@ -15,6 +15,7 @@ BITS_ACTIVATION = "bits.activation"
 BITS_KV = "bits.kv"
 DIVERGENCE_KINDS = ("kl", "top1", "top5")
 PAIRED_TASK_MEASURES = ("agree_fp", "lost", "gained")
+ADAPTIVE_MEASURES = ("delta_ppl", "lo", "hi", "windows", "early", "class")
 
 
 @dataclass
@@ -56,3 +57,16 @@ def retrieval_name(length: int, pairs: int, samples: int) -> str:
 def method_name(method: str, measure: str) -> str:
     """``<method>.<measure>``: what a quantization method reports about its own work."""
     return f"{method}.{measure}"
+
+
+def adaptive_name(measure: str) -> str:
+    """``adaptive.<measure>``: what adaptive perplexity settled.
+
+    Measures: ``delta_ppl`` (the point estimate of mean quantized minus mean FP perplexity over the
+    corpora), ``lo`` and ``hi`` (its interval), ``windows`` (windows evaluated, all corpora), ``early``
+    (1 when some corpus stopped before its full set) and ``class`` (the ZeroQuant-V2 class the interval
+    settles, when it does).
+    """
+    if measure not in ADAPTIVE_MEASURES:
+        raise ValueError(f"unknown adaptive measure {measure!r}; known: {', '.join(ADAPTIVE_MEASURES)}")
+    return f"adaptive.{measure}"

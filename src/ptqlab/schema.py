@@ -154,6 +154,21 @@ class SampleConfig(_Strict):
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
 
 
+class AdaptiveConfig(_Strict):
+    """Adaptive perplexity: windows in a fixed random order until the degradation from FP is settled.
+
+    The paired per-window differences from the FP reference give an interval of the degradation
+    ``mean(ppl_q) - mean(ppl_fp)`` over the corpora; evaluation stops once the interval lies in one
+    ZeroQuant-V2 class (``target: class``) or overlaps no peer's interval (``target: rank``).
+    """
+
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    target: Literal["class", "rank"] = "class"
+    min_windows: int = Field(default=8, ge=2)
+    step: int = Field(default=4, ge=1)
+    seed: int = 0
+
+
 class Evaluate(_Strict):
     """Evaluations: perplexity (GPTQ protocol), lm-eval tasks, divergence from FP, sensitivity, long context.
 
@@ -173,6 +188,7 @@ class Evaluate(_Strict):
     sample: SampleConfig | None = Field(default_factory=SampleConfig)
     long_context: LongContextConfig | None = None
     sensitivity: SensitivityConfig | None = Field(default_factory=SensitivityConfig)
+    adaptive: AdaptiveConfig | None = None
 
     def divergence_config(self) -> DivergenceConfig | None:
         """The divergence settings, or None when not asked for."""

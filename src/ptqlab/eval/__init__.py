@@ -4,11 +4,13 @@
 measures the FP side once (disk-cached by the model's fingerprint); ``evaluate`` runs every section.
 """
 
+from .adaptive import AdaptiveOutcome
 from .plan import EvalPlan, check_evaluate, plan_evaluation
 from .reference import Reference, build_reference
 from .suite import Evaluation, WindowNLL, evaluate
 
 __all__ = [
+    "AdaptiveOutcome",
     "EvalPlan",
     "Evaluation",
     "Reference",

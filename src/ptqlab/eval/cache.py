@@ -8,9 +8,11 @@ are computed and not kept.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,6 +77,8 @@ def load_or_compute(
     if path.is_file():
         value = load(path)
         if value is not None:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # last use, for the cache's LRU bound
             return value, False
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)

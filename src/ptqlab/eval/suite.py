@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..errors import ConfigError
 from ..metrics import Metric, divergence_name, perplexity_name, retrieval_name, task_name
 from ..models.registry import get_adapter
 from . import divergence as dv
+from .adaptive import AdaptiveOutcome, adaptive_perplexity, check_reference, outcome_metrics
 from .generation import greedy_sample
 from .perplexity import perplexity
 from .plan import EvalPlan
@@ -34,9 +36,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WindowNLL:
-    """Each perplexity window's mean token NLL, of the evaluated model and of the FP model (when known)."""
+    """Each perplexity window's mean token NLL, of the evaluated model and of the FP model (when known).
 
-    nll: list[float]
+    ``nll`` is in window order; under adaptive evaluation a window that was not evaluated is None.
+    """
+
+    nll: list[float | None]
     fp_nll: list[float] | None = None
 
 
@@ -50,6 +55,7 @@ class Evaluation:
         texts: Texts for a person to read (the sample, the retrieval answers).
         windows: Per-window NLLs by perplexity metric name (what paired statistics need).
         sensitivity: Each decoder linear's and layer's deviation from FP.
+        adaptive: What adaptive perplexity settled (``evaluate.adaptive``), else None.
 
     """
 
@@ -58,10 +64,17 @@ class Evaluation:
     texts: dict[str, str] = field(default_factory=dict)
     windows: dict[str, WindowNLL] = field(default_factory=dict)
     sensitivity: list[Sensitivity] = field(default_factory=list)
+    adaptive: AdaptiveOutcome | None = None
 
 
 def evaluate(
-    model: nn.Module, tokenizer: Any, plan: EvalPlan, reference: Reference | None = None, *, progress: bool = True
+    model: nn.Module,
+    tokenizer: Any,
+    plan: EvalPlan,
+    reference: Reference | None = None,
+    *,
+    progress: bool = True,
+    peers: Sequence[tuple[float, float]] = (),
 ) -> Evaluation:
     """Evaluate a (quantized) model in memory, every section of ``plan``.
 
@@ -72,22 +85,33 @@ def evaluate(
         reference: The FP side (from :func:`ptqlab.eval.reference.build_reference`); the divergence and the
             sensitivity need it, the paired task measures and the FP window NLLs use it when present.
         progress: Show progress bars.
+        peers: Under ``evaluate.adaptive`` with ``target: rank``, the degradation intervals ``(lo, hi)`` of the
+            other runs of the sweep: perplexity stops once this run's interval overlaps none of them.
 
     Returns:
-        Metrics, timings, texts, window NLLs and sensitivities.
+        Metrics, timings, texts, window NLLs, sensitivities and the adaptive outcome.
 
     Raises:
-        ConfigError: The plan asks for the divergence or the sensitivity without the FP reference.
+        ConfigError: The plan asks for the divergence, the sensitivity or adaptive perplexity without the
+            FP reference.
 
     """
     ref = reference or Reference()
+    if plan.config.adaptive is not None:
+        if ref.same_model and plan.windows:
+            raise ConfigError("evaluate.adaptive compares against the FP reference, but the model is evaluated as "
+                              "its own FP model: pass the FP reference measured before quantizing")
+        check_reference(plan.windows, ref.nll)
     if plan.divergence is not None and ref.topk is None:
         raise ConfigError("evaluate.divergence compares against the FP model, but no FP reference was given")
     if plan.sensitivity is not None and ref.outputs is None:
         raise ConfigError("evaluate.sensitivity compares against the FP model, but no FP reference was given")
     result = Evaluation()
     with torch.inference_mode():
-        _perplexity(model, plan, ref, result, progress)
+        if plan.config.adaptive is not None:
+            _adaptive(model, plan, ref, result, progress, peers)
+        else:
+            _perplexity(model, plan, ref, result, progress)
         _long_context(model, tokenizer, plan, result)
         if plan.config.sample is not None:
             sample = plan.config.sample
@@ -107,10 +131,32 @@ def _perplexity(model: nn.Module, plan: EvalPlan, ref: Reference, result: Evalua
         res = perplexity(model, ids, batch_size=plan.config.batch_size, progress=progress, desc=f"ppl {corpus}")
         name = perplexity_name(corpus, ids.shape[1], ids.shape[0])
         result.metrics.append(Metric(name, res.ppl))
-        result.windows[name] = WindowNLL(res.nll, res.nll if ref.same_model else ref.nll.get(corpus))
+        nll: list[float | None] = list(res.nll)
+        result.windows[name] = WindowNLL(nll, res.nll if ref.same_model else ref.nll.get(corpus))
         result.timings[f"eval.{corpus}_s"] = time.perf_counter() - t0
         result.timings[f"eval.{corpus}_tok_per_s"] = res.tokens_per_second
         log.info("%s = %.4f (%.1f tok/s)", name, res.ppl, res.tokens_per_second)
+
+
+def _adaptive(
+    model: nn.Module, plan: EvalPlan, ref: Reference, result: Evaluation, progress: bool,
+    peers: Sequence[tuple[float, float]],
+) -> None:
+    """Perplexity until the degradation is settled; each corpus's metric is the estimate of its full set."""
+    assert plan.config.adaptive is not None
+    if not plan.windows:
+        return
+    run = adaptive_perplexity(model, plan.windows, ref.nll, plan.config.adaptive, batch_size=plan.config.batch_size,
+                              peers=peers, progress=progress)
+    for corpus, c in run.corpora.items():
+        name = perplexity_name(corpus, c.ids.shape[1], c.total)
+        result.metrics.append(Metric(name, c.estimate))
+        result.windows[name] = WindowNLL(c.nll, ref.nll[corpus])
+        result.timings[f"eval.{corpus}_s"] = c.seconds
+        result.timings[f"eval.{corpus}_tok_per_s"] = c.tokens / c.seconds if c.seconds > 0 else float("inf")
+        log.info("%s ~ %.4f (%d of %d windows)", name, c.estimate, c.used, c.total)
+    result.metrics += outcome_metrics(run.outcome)
+    result.adaptive = run.outcome
 
 
 def _long_context(model: nn.Module, tokenizer: Any, plan: EvalPlan, result: Evaluation) -> None:

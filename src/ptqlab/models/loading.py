@@ -367,6 +367,38 @@ def _unknown_name(spec: str) -> ModelLoadError:
     return ModelLoadError(f"unknown model {spec!r}: not an alias, a path or a hub id (org/name); aliases: {known}")
 
 
+def model_fingerprint(spec: str) -> str:
+    """The fingerprint :func:`load_model` gives ``spec``, from its weight files alone (nothing is loaded).
+
+    A sweep uses it to know its runs' ids (and which are stored) before any model is loaded. A hub id
+    is fetched first, as :func:`load_model` would.
+
+    Raises:
+        ModelLoadError: As :func:`load_model` for an unknown alias, a missing path or pickled weights.
+
+    """
+    if spec == "stories260k":
+        return fingerprint_files(_weight_files(stories260k_dir()))
+    if spec == "smollm2-135m":
+        return fingerprint_files([smollm2_gguf()])
+    path = Path(spec).expanduser()
+    if path.exists() or _looks_like_path(spec):
+        if not path.exists():
+            raise ModelLoadError(f"model path not found: {spec}")
+        if path.is_dir():
+            return fingerprint_files(_weight_files(path.resolve()))
+        if path.suffix == ".gguf":
+            return fingerprint_files([path.resolve()])
+        raise ModelLoadError(f"{spec} is a file: give its Hugging Face directory, or a .gguf file")
+    if _looks_like_hub_id(spec):
+        local = _hub_snapshot(spec, ["*.json"])
+        index = local / _INDEX
+        weights = _index_shards(index) if index.is_file() else [_SINGLE]
+        _hub_snapshot(spec, weights, revision=local.name)
+        return fingerprint_files(_weight_files(local))
+    raise _unknown_name(spec)
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM, its tokenizer and its identity.
 

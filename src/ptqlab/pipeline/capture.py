@@ -9,6 +9,7 @@ so the final norm and the LM head never run.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,34 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, chunks: list[torch.T
         for layer in layers:
             del layer.forward
     return store
+
+
+class InputCache:
+    """Captured layer inputs of one FP model, kept by calibration content for the runs that share them.
+
+    Valid only while the model's part before layer 0 (embeddings, rotary tables) is the FP model's: the
+    driver does not use it after a model transform (a rotation changes the embeddings). It keeps the last
+    ``size`` captures.
+    """
+
+    def __init__(self, size: int = 1) -> None:
+        self.size = size
+        self._entries: dict[tuple[Any, ...], CapturedInputs] = {}
+        self.hits = 0
+
+    def capture(self, model: nn.Module, layers: nn.ModuleList, chunks: list[torch.Tensor]) -> CapturedInputs:
+        """What :func:`capture_inputs` returns, computed once per (chunks' tokens, device)."""
+        key = (tuple(hashlib.sha256(c.cpu().numpy().tobytes()).hexdigest() for c in chunks), str(chunks[0].device))
+        found = self._entries.get(key)
+        if found is None:
+            found = capture_inputs(model, layers, chunks)
+            while self._entries and len(self._entries) >= self.size:
+                del self._entries[next(iter(self._entries))]
+            if self.size > 0:
+                self._entries[key] = found
+        else:
+            self.hits += 1
+        return CapturedInputs(list(found.hidden), [list(calls) for calls in found.calls])
 
 
 def layer_output(out: Any) -> torch.Tensor:

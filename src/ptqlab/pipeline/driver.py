@@ -135,7 +135,10 @@ def _quantize_calibrated(
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     chunks = [c.to(device) for c in calibration.split(plan.batch_size)]
-    captured = capture_inputs(model, layers, chunks)
+    if plan.inputs is not None and not plan.recipe.model_transforms:  # the embeddings are still the FP model's
+        captured = plan.inputs.capture(model, layers, chunks)
+    else:
+        captured = capture_inputs(model, layers, chunks)
     report.timings["capture_s"] = time.perf_counter() - t0
     hidden: list[torch.Tensor | None] = list(captured.hidden)
     del captured.hidden[:]

@@ -21,6 +21,7 @@ from ..models.adapter import Adapter
 from ..models.weights import in_features, out_features
 from ..nn.specs import ActivationSpec, KVSpec, activation_spec
 from ..quant.spec import QuantSpec
+from .capture import InputCache
 from .size import size_metrics
 
 
@@ -68,6 +69,7 @@ class QuantizationPlan:
         attention: The spec of the attention matmuls' inputs, when they are quantized.
         kv: KV cache quantization, or None.
         kv_tokens: Tokens per range for KV ``channel`` granularity, for the size accounting.
+        inputs: Layer-0 inputs captured before, shared by the runs of one FP model (None: capture anew).
 
     """
 
@@ -80,6 +82,7 @@ class QuantizationPlan:
     attention: ActivationSpec | None = None
     kv: KVSpec | None = None
     kv_tokens: int = 2048
+    inputs: InputCache | None = None
 
     @property
     def changes_weights(self) -> bool:

@@ -69,6 +69,38 @@ def quantize(
         report.timings["model_transforms_s"] = time.perf_counter() - t0
     quantize_weights(model, plan, report, progress)
     report.timings["quantize_s"] = time.perf_counter() - t0
+    _finish(model, plan, report, progress)
+    return report
+
+
+def restore(
+    model: nn.Module, plan: QuantizationPlan, weights: dict[str, torch.Tensor], report: QuantizeReport,
+    *, progress: bool = True,
+) -> QuantizeReport:
+    """Make ``model`` (the FP model ``plan`` was made for) the quantized model a finished run kept.
+
+    ``weights`` are the tensors :func:`quantize` changed (by state-dict name; the model's structure must be
+    the FP model's, i.e. no model transform installed hooks); the runtime quantizers and static ranges are
+    installed as :func:`quantize` does. ``report`` holds what the run that quantized it recorded (layer
+    records, the methods' metrics); size metrics are measured again.
+
+    Raises:
+        ValueError: A name in ``weights`` that the model does not have, or a shape that differs.
+
+    """
+    state = model.state_dict()
+    for name, tensor in weights.items():
+        if name not in state or state[name].shape != tensor.shape:
+            raise ValueError(f"kept quantized weight {name!r} does not fit the model")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            state[name].copy_(tensor)
+    _finish(model, plan, report, progress)
+    return report
+
+
+def _finish(model: nn.Module, plan: QuantizationPlan, report: QuantizeReport, progress: bool) -> None:
+    """Install the runtime quantizers, calibrate static ranges, measure the size, mark the model."""
     report.runtime = install_runtime(model, plan.adapter, plan.activations, plan.kv, plan.attention)
     if plan.calibration is not None and any(not a.dynamic for _, _, a in plan.activations):
         t1 = time.perf_counter()
@@ -77,4 +109,3 @@ def quantize(
     report.metrics = [Metric(k, v) for k, v in plan.size_metrics(model).items()] + report.metrics
     if plan.changes_weights or report.runtime.installed:
         setattr(model, _MARK, True)
-    return report

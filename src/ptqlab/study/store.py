@@ -1,18 +1,31 @@
-"""The results store: SQLite, one transaction per finished run."""
+"""The results store: SQLite in WAL mode, one transaction per finished run, leases for running ones.
+
+The file carries a schema version (``PRAGMA user_version``): an older store is migrated when opened, a
+newer one or a file that is not a ptqlab store is refused with one error before anything is written.
+A sweep claims a run with a lease (owner, host, pid, expiry) so that two sweeps on one store never run the
+same configuration; a lease whose owner died (its pid is gone on this host, or it was not renewed in
+time) is free again.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import StoreError
 from ..metrics import Metric
 
-__all__ = ["Metric", "RunRecord", "Store"]
+__all__ = ["SCHEMA_VERSION", "Metric", "RunRecord", "Store"]
+
+SCHEMA_VERSION = 2  # 1: runs, metrics, sensitivity, texts, windows, layer_records; 2: + sweeps, leases, adaptive
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -72,6 +85,26 @@ CREATE TABLE IF NOT EXISTS layer_records (
     seconds REAL,
     PRIMARY KEY (run_id, module)
 );
+CREATE TABLE IF NOT EXISTS adaptive (
+    run_id TEXT PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
+    info_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sweep_runs (
+    sweep TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    values_json TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    PRIMARY KEY (sweep, run_id)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    run_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    expires REAL NOT NULL
+);
 """
 
 
@@ -103,7 +136,8 @@ class RunRecord:
     layers: list[dict[str, Any]] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
-    windows: dict[str, dict[str, list[float] | None]] = field(default_factory=dict)
+    windows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    adaptive: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The run as a JSON-ready mapping (metrics as ``{name: {value, stderr}}``)."""
@@ -129,7 +163,29 @@ class RunRecord:
             "texts": self.texts,
             "sensitivity": self.sensitivity,
             "windows": self.windows,
+            "adaptive": self.adaptive,
         }
+
+
+@dataclass(frozen=True)
+class SweepEntry:
+    """A run a sweep asked for: its position, model, the values the sweep gave it, and its config."""
+
+    sweep: str
+    run_id: str
+    position: int
+    model: str
+    values: dict[str, Any]
+    config: dict[str, Any]
+
+
+def check_store(path: str | Path) -> None:
+    """Raise StoreError when ``path`` exists and is not a ptqlab store this version reads (writes nothing)."""
+    p = Path(path)
+    if p.is_dir():
+        raise StoreError(f"store {p} is a folder, not a ptqlab store file")
+    if p.is_file() and p.stat().st_size > 0:
+        _check_existing(p)
 
 
 class Store:
@@ -138,30 +194,57 @@ class Store:
     Args:
         path: Database file (created with its parent folder when missing).
 
+    Raises:
+        StoreError: The file is not a ptqlab store, or a newer ptqlab wrote it.
+
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        check_store(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
+            con.execute("PRAGMA journal_mode = WAL")
+        with self._connect() as con:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
             con.executescript(SCHEMA)
             have = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
             for column, sql_type in _ADDED_COLUMNS:
                 if column not in have:
                     con.execute(f"ALTER TABLE runs ADD COLUMN {column} {sql_type}")
+            if version < SCHEMA_VERSION:
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         con = sqlite3.connect(self.path, timeout=60)
         con.execute("PRAGMA foreign_keys = ON")
+        con.execute("PRAGMA synchronous = FULL")
         try:
             with con:  # one transaction: commit on success, roll back on error
                 yield con
         finally:
             con.close()
 
+    @contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the lock at its start (read-check-write without races)."""
+        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        con.execute("PRAGMA foreign_keys = ON")
+        con.execute("PRAGMA synchronous = FULL")
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
     def save(self, run: RunRecord) -> None:
-        """Write a run with its metrics and layer records in one transaction (replacing a failed one)."""
+        """Write a run with everything measured in one transaction (replacing a failed one); free its lease."""
         with self._connect() as con:
             con.execute("DELETE FROM runs WHERE id = ?", (run.id,))
             con.execute(
@@ -177,7 +260,7 @@ class Store:
             )
             con.executemany(
                 "INSERT INTO windows VALUES (?,?,?,?,?)",
-                [(run.id, name, i, nll, None if w.get("fp_nll") is None else w["fp_nll"][i])  # type: ignore[index]
+                [(run.id, name, i, nll, None if w.get("fp_nll") is None else w["fp_nll"][i])
                  for name, w in run.windows.items() for i, nll in enumerate(w["nll"] or [])],
             )
             con.executemany(
@@ -193,6 +276,9 @@ class Store:
                 "INSERT INTO layer_records VALUES (?,?,?,?,?,?)",
                 [(run.id, r["layer"], r["module"], r["bits"], r["rel_error"], r["seconds"]) for r in run.layers],
             )
+            if run.adaptive is not None:
+                con.execute("INSERT INTO adaptive VALUES (?,?)", (run.id, json.dumps(run.adaptive, sort_keys=True)))
+            con.execute("DELETE FROM leases WHERE run_id = ?", (run.id,))
 
     def get(self, run_id: str) -> RunRecord | None:
         """Return the run whose id is ``run_id`` or starts with it (unique prefix), else None."""
@@ -220,27 +306,161 @@ class Store:
                 w = windows.setdefault(r["metric"], {"nll": [], "fp_nll": []})
                 w["nll"].append(r["nll"])
                 w["fp_nll"].append(r["fp_nll"])
+            adaptive = con.execute("SELECT info_json FROM adaptive WHERE run_id = ?", (row["id"],)).fetchone()
         record = _record(row, metrics, layers)
         record.texts, record.sensitivity = texts, sens
         record.windows = {k: {"nll": w["nll"], "fp_nll": None if None in w["fp_nll"] else w["fp_nll"]}
                           for k, w in windows.items()}
+        record.adaptive = None if adaptive is None else json.loads(adaptive[0])
         return record
 
-    def list_runs(self) -> list[RunRecord]:
-        """All runs, oldest first, with their metrics (layer records left out)."""
+    def list_runs(
+        self, *, sweep: str | None = None, status: str | None = None, model: str | None = None
+    ) -> list[RunRecord]:
+        """Runs, oldest first, with their metrics and adaptive summary (layer records left out).
+
+        Args:
+            sweep: Only the runs of this sweep.
+            status: Only ``done`` or ``failed`` runs.
+            model: Only runs of this model (as the config names it).
+
+        """
+        where, params = [], []
+        if sweep is not None:
+            where.append("id IN (SELECT run_id FROM sweep_runs WHERE sweep = ?)")
+            params.append(sweep)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if model is not None:
+            where.append("model = ?")
+            params.append(model)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
         with self._connect() as con:
             con.row_factory = sqlite3.Row
-            rows = con.execute("SELECT * FROM runs ORDER BY created_at, id").fetchall()
+            rows = con.execute(f"SELECT * FROM runs{clause} ORDER BY created_at, id", params).fetchall()
             by_run: dict[str, list[Metric]] = {}
             for r in con.execute("SELECT * FROM metrics ORDER BY name"):
                 by_run.setdefault(r["run_id"], []).append(Metric(r["name"], r["value"], r["stderr"]))
-        return [_record(row, by_run.get(row["id"], []), []) for row in rows]
+            adaptive = {r[0]: json.loads(r[1]) for r in con.execute("SELECT run_id, info_json FROM adaptive")}
+        out = [_record(row, by_run.get(row["id"], []), []) for row in rows]
+        for rec in out:
+            rec.adaptive = adaptive.get(rec.id)
+        return out
 
     def has_finished(self, run_id: str) -> bool:
         """Whether a run with this exact id finished successfully."""
+        return self.statuses([run_id]).get(run_id) == "done"
+
+    def statuses(self, run_ids: list[str] | None = None) -> dict[str, str]:
+        """``{run id: done | failed}`` of the stored runs among ``run_ids`` (all runs when None)."""
         with self._connect() as con:
+            rows = con.execute("SELECT id, status FROM runs").fetchall()
+        wanted = None if run_ids is None else set(run_ids)
+        return {rid: status for rid, status in rows if wanted is None or rid in wanted}
+
+    def timings(self) -> list[tuple[dict[str, Any], dict[str, float]]]:
+        """``(config, timings)`` of every finished run (what the time estimates are made from)."""
+        with self._connect() as con:
+            rows = con.execute("SELECT config_json, timings_json FROM runs WHERE status = 'done'").fetchall()
+        return [(json.loads(c), json.loads(t or "{}")) for c, t in rows]
+
+    # --- sweeps -----------------------------------------------------------------------------------------
+
+    def register_sweep(self, entries: list[SweepEntry]) -> None:
+        """Record which runs a sweep asks for (idempotent: a resumed sweep registers the same rows)."""
+        with self._connect() as con:
+            con.executemany(
+                "INSERT OR REPLACE INTO sweep_runs VALUES (?,?,?,?,?,?)",
+                [(e.sweep, e.run_id, e.position, e.model, json.dumps(e.values, sort_keys=True),
+                  json.dumps(e.config, sort_keys=True)) for e in entries],
+            )
+
+    def sweep_entries(self, sweep: str) -> list[SweepEntry]:
+        """The runs a sweep asked for, in its order."""
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT sweep, run_id, position, model, values_json, config_json FROM sweep_runs WHERE sweep = ? "
+                "ORDER BY position", (sweep,)
+            ).fetchall()
+        return [SweepEntry(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5])) for r in rows]
+
+    def sweeps(self) -> list[str]:
+        """The names of the sweeps in the store."""
+        with self._connect() as con:
+            return [r[0] for r in con.execute("SELECT DISTINCT sweep FROM sweep_runs ORDER BY sweep")]
+
+    # --- leases -----------------------------------------------------------------------------------------
+
+    def acquire(self, run_id: str, owner: str, ttl: float, *, retry_failed: bool = False) -> bool:
+        """Claim a run for ``owner`` unless it is stored (done; or failed, unless ``retry_failed``) or leased.
+
+        A lease held by another owner counts only while it is unexpired and, on this host, its process lives.
+        """
+        now = time.time()
+        with self._immediate() as con:
             row = con.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return bool(row and row[0] == "done")
+            if row is not None and (row[0] == "done" or not retry_failed):
+                return False
+            lease = con.execute("SELECT owner, host, pid, expires FROM leases WHERE run_id = ?", (run_id,)).fetchone()
+            if lease is not None and lease[0] != owner and _alive(lease[1], lease[2], lease[3], now):
+                return False
+            con.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?)",
+                        (run_id, owner, socket.gethostname(), os.getpid(), now + ttl))
+        return True
+
+    def renew(self, owner: str, ttl: float) -> None:
+        """Push back the expiry of every lease ``owner`` holds."""
+        with self._connect() as con:
+            con.execute("UPDATE leases SET expires = ? WHERE owner = ?", (time.time() + ttl, owner))
+
+    def release(self, owner: str, run_id: str | None = None) -> None:
+        """Give up one lease of ``owner`` (or all of them)."""
+        with self._connect() as con:
+            if run_id is None:
+                con.execute("DELETE FROM leases WHERE owner = ?", (owner,))
+            else:
+                con.execute("DELETE FROM leases WHERE owner = ? AND run_id = ?", (owner, run_id))
+
+    def leased(self) -> dict[str, str]:
+        """``{run id: owner}`` of the live leases."""
+        now = time.time()
+        with self._connect() as con:
+            rows = con.execute("SELECT run_id, owner, host, pid, expires FROM leases").fetchall()
+        return {r[0]: r[1] for r in rows if _alive(r[2], r[3], r[4], now)}
+
+
+def _alive(host: str, pid: int, expires: float, now: float) -> bool:
+    """Whether a lease's owner may still be working: unexpired, and on this host its process exists."""
+    if expires <= now:
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_existing(path: Path) -> None:
+    """Refuse, before writing anything, a file that is not a ptqlab store or is from a newer version."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path} is not a ptqlab store (not an SQLite database: {exc})") from None
+    if "runs" not in tables or "metrics" not in tables:
+        raise StoreError(f"{path} is not a ptqlab store (an SQLite database without ptqlab's runs table)")
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path} was written by a newer ptqlab (store schema {version}; this ptqlab "
+                         f"reads up to {SCHEMA_VERSION}): upgrade ptqlab")
 
 
 def _finite(x: float) -> float | None:

@@ -1,17 +1,15 @@
-"""The ``ptqlab`` command line: run a configuration, list and show stored runs."""
+"""Commands on single runs: ``run``, ``ls``, ``show``."""
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
-import logging
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any, TextIO
 
-from .errors import PtqlabError
-from .study.store import RunRecord, Store
+from ..study.store import RunRecord, Store
 
 DEFAULT_STORE = "ptqlab.db"
 
@@ -64,8 +62,8 @@ def _run_table(run: RunRecord, out: TextIO) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run one configuration file."""
-    from .study.config import load_config
-    from .study.runner import execute
+    from ..study.config import load_config
+    from ..study.runner import execute
 
     cfg = load_config(args.config)
     outcome = execute(cfg, _store(args), force=args.force, progress=not args.quiet)
@@ -80,20 +78,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List stored runs, one line each."""
-    runs = _store(args).list_runs()
-    if not runs:
-        sys.stdout.write("no runs in the store\n")
-        return 0
+    """List stored runs, one line each (filtered by sweep, status, model and metric)."""
+    runs = _store(args).list_runs(sweep=args.sweep, status=args.status, model=args.model)
+    pattern = args.metric or "ppl.*"
+    rows = []
     for r in runs:
-        w = (r.config.get("scheme") or {}).get("weight") or {}
+        metric = next((m for m in r.metrics if fnmatch.fnmatchcase(m.name, pattern)), None)
+        if args.metric and metric is None:
+            continue
         recipe = ",".join(next(iter(s)) for s in r.config.get("recipe") or []) or "-"
-        bits = w.get("bits", 16)
-        scheme = f"W{bits}/{w.get('granularity')}{w.get('group_size') or ''}" if bits < 16 else "FP"
-        ppl = next((m for m in r.metrics if m.name.startswith("ppl.")), None)
-        metric = f"{ppl.name}={ppl.value:.3f}" if ppl else ""
-        sys.stdout.write(f"{r.id}  {r.status:<6}  {r.model:<14}  {scheme:<14}  {recipe:<6}  {metric}\n")
+        shown = f"{metric.name}={metric.value:.4g}" if metric else ""
+        scheme = describe_scheme(r.config.get("scheme") or {})
+        rows.append(f"{r.id}  {r.status:<6}  {r.model:<14}  {scheme:<28}  {recipe:<12}  {shown}\n")
+    if not rows:
+        sys.stdout.write("no runs in the store\n" if not runs and not _filtered(args) else "no run matches\n")
+        return 0
+    sys.stdout.writelines(rows)
     return 0
+
+
+def _filtered(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k) for k in ("sweep", "status", "model", "metric"))
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -111,49 +116,3 @@ def cmd_show(args: argparse.Namespace) -> int:
             err = f"{rec['rel_error']:.5f}" if rec["rel_error"] is not None else "-"
             sys.stdout.write(f"  {rec['module']:<45} W{rec['bits']}  err {err}  {rec['seconds']:.2f} s\n")
     return 0
-
-
-def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
-    """``--store`` and ``-v``: on the main parser with their defaults, on each subcommand without."""
-    keep: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
-    parser.add_argument("--store", help=f"results store (default: $PTQLAB_STORE or ./{DEFAULT_STORE})", **keep)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages", **keep)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``ptqlab`` command (global options go before or after the subcommand)."""
-    parser = argparse.ArgumentParser(prog="ptqlab", description="Post-training quantization studies of LLMs.")
-    _global_options(parser, defaults=True)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="quantize, evaluate and store one configuration")
-    run.add_argument("config", help="YAML configuration file")
-    run.add_argument("--json", action="store_true", help="print the stored run as JSON")
-    run.add_argument("--force", action="store_true", help="recompute even if the run is stored")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.set_defaults(func=cmd_run)
-    ls = sub.add_parser("ls", help="list stored runs")
-    ls.set_defaults(func=cmd_ls)
-    show = sub.add_parser("show", help="show one stored run")
-    show.add_argument("run", help="run id (a unique prefix is enough)")
-    show.add_argument("--json", action="store_true", help="print as JSON")
-    show.set_defaults(func=cmd_show)
-    for command in (run, ls, show):
-        _global_options(command, defaults=False)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ptqlab`` console script."""
-    args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        code: int = args.func(args)
-    except PtqlabError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    return code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

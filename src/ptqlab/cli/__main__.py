@@ -1,0 +1,5 @@
+"""``python -m ptqlab.cli``: the ``ptqlab`` command."""
+
+from . import main
+
+raise SystemExit(main())
