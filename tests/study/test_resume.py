@@ -136,6 +136,13 @@ def test_a_new_evaluation_reuses_the_quantized_model(tmp_path: Path, monkeypatch
     assert [r["rel_error"] for r in a.layers] == [r["rel_error"] for r in b.layers]
     fresh = Worker(progress=False, share=False).run(second)  # quantized again from scratch, alone
     assert [(m.name, m.value) for m in fresh.metrics] == [(m.name, m.value) for m in b.metrics]
+    # W4A8 with the same weights: the weights are reused, its own sizes measured
+    w4a8 = parse_config({**cfg, "scheme": {**BASE["scheme"], "activation": {"bits": 8}}})
+    c = worker.run(w4a8)
+    assert c.timings["qmodel_reused"] == 1.0 and worker.stats.quantized == 1
+    alone = Worker(progress=False, share=False).run(w4a8)
+    assert [(m.name, m.value) for m in c.metrics] == [(m.name, m.value) for m in alone.metrics]
+    assert "bits.activation" in {m.name for m in c.metrics}
 
 
 @pytest.mark.parametrize("recipe", [[{"rtn": {}}], [{"gptq": {}}]])

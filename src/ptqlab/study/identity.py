@@ -38,6 +38,21 @@ def qmodel_key(cfg: RunConfig, fingerprint: str) -> str:
     return _digest({"q": keep, "model": fingerprint})[:16]
 
 
+def weights_key(cfg: RunConfig, fingerprint: str) -> str:
+    """Key of the quantized weights alone: what decides them (activation and KV settings do not).
+
+    The weights are quantized before any activation or KV quantizer is installed, so runs that differ only
+    in those (W4 and W4A8 with the same recipe and calibration) share them.
+    """
+    scheme = cfg.scheme
+    overrides = [(o.match, o.weight if o.sets("weight") else "unset") for o in scheme.overrides]
+    weight = None if scheme.weight is None else scheme.weight.model_dump(mode="json")
+    data = normalized(cfg)
+    keep = {"dtype": data["dtype"], "weight": weight, "overrides": overrides, "recipe": data["recipe"],
+            "calibration": data["calibration"]}
+    return _digest({"w": keep, "model": fingerprint})[:16]
+
+
 def package_versions() -> dict[str, str]:
     """Versions of the packages that decide the numbers, plus Python's."""
     out = {"python": platform.python_version()}

@@ -3,8 +3,9 @@
 What a sweep's runs share is kept by content: the FP model (loaded once per worker; each run quantizes a
 copy), the FP reference of an ``evaluate`` section (in memory here, and its window NLLs, divergence
 top-k and task answers on disk), the layer-0 inputs of a calibration set, and the quantized model itself
-by its qmodel key (on disk), so a run that differs from a finished one only in what it evaluates is not
-quantized again. Tokenized corpora are kept per tokenizer by :mod:`ptqlab.data`.
+by the content that decides its weights (on disk), so a run that differs from a finished one only in
+what it evaluates, or in its activation and KV quantization, is not quantized again. Tokenized corpora
+are kept per tokenizer by :mod:`ptqlab.data`.
 
 A worker computes and returns records; it never writes the store (the driver of a sweep, or
 :func:`ptqlab.study.runner.execute`, does).
@@ -36,7 +37,7 @@ from ..pipeline.driver import LayerRecord, QuantizeReport
 from ..pipeline.quantize import place, quantize, restore
 from ..schema import RunConfig
 from .cache import QModelCache
-from .identity import git_revision, normalized, package_versions, qmodel_key, run_id
+from .identity import git_revision, normalized, package_versions, qmodel_key, run_id, weights_key
 from .store import RunRecord
 
 log = logging.getLogger(__name__)
@@ -177,16 +178,16 @@ class Worker:
 
     def _quantized(self, cfg: RunConfig, fp: _FPModel, model: nn.Module, plan: Any, device: torch.device,
                    timings: dict[str, float]) -> QuantizeReport:
-        """Quantize ``model``, or restore it from the quantized model a run with the same qmodel key kept."""
-        key = qmodel_key(cfg, fp.loaded.info.fingerprint)
+        """Quantize ``model``, or restore the quantized weights a run with the same weights key kept."""
+        key = weights_key(cfg, fp.loaded.info.fingerprint)
         kept = self.qmodels.load(key, device.type) if self.share else None
         if kept is not None:
             t0 = time.perf_counter()
             weights, meta = kept
-            report = QuantizeReport(records=[LayerRecord(**r) for r in meta["records"]], distill=meta["distill"])
+            report = QuantizeReport(records=[LayerRecord(**r) for r in meta["records"]], distill=meta["distill"],
+                                    metrics=[Metric(**m) for m in meta["metrics"]])
             restore(model, plan.quantization, {k: v.to(device) for k, v in weights.items()}, report,
-                    progress=self.progress)
-            report.metrics = [Metric(**m) for m in meta["metrics"]]
+                    progress=self.progress)  # measures this run's sizes (its activation and KV bits) again
             report.timings = {"qmodel_restore_s": time.perf_counter() - t0}
             timings["qmodel_reused"] = 1.0
             self.stats.qmodel_hits += 1
@@ -194,8 +195,9 @@ class Worker:
         report = quantize(model, plan.quantization, progress=self.progress)
         self.stats.quantized += 1
         if self.share and plan.quantization.changes_weights:
+            sizes = set(plan.quantization.size_metrics(model))
             meta = {"records": [vars(r) for r in report.records], "distill": report.distill,
-                    "metrics": [dataclasses.asdict(m) for m in report.metrics]}
+                    "metrics": [dataclasses.asdict(m) for m in report.metrics if m.name not in sizes]}
             self.qmodels.save(key, device.type, fp.state, model, meta, bool(report.hooks))
         return report
 
