@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
-.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval clean
+.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-bench: bench-foundation bench-space bench-methods bench-eval
+bench: bench-foundation bench-space bench-methods bench-eval bench-study
 
 bench-foundation: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_foundation.py
@@ -45,6 +45,10 @@ bench-methods: setup
 
 bench-eval: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_eval.py
+
+# The whole quick study takes hours on two cores; BENCH_STUDY_ARGS="--limit 8" runs 8 of its runs.
+bench-study: setup
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_study.py $(BENCH_STUDY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
