@@ -253,9 +253,15 @@ class Store:
     def statuses(self, run_ids: list[str] | None = None) -> dict[str, str]:
         """``{run id: done | failed}`` of the stored runs among ``run_ids`` (all runs when None)."""
         with self._connect() as con:
-            rows = con.execute("SELECT id, status FROM runs").fetchall()
-        wanted = None if run_ids is None else set(run_ids)
-        return {rid: status for rid, status in rows if wanted is None or rid in wanted}
+            if run_ids is None:
+                rows = con.execute("SELECT id, status FROM runs").fetchall()
+            else:
+                rows = []
+                for start in range(0, len(run_ids), 500):  # SQLite's limit on bound parameters
+                    part = run_ids[start:start + 500]
+                    marks = ",".join("?" * len(part))
+                    rows += con.execute(f"SELECT id, status FROM runs WHERE id IN ({marks})", part).fetchall()
+        return dict(rows)
 
     def timings(self) -> list[tuple[dict[str, Any], dict[str, float]]]:
         """``(config, timings)`` of every finished run (what the time estimates are made from)."""
