@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
-.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study clean
+.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study report-demo clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,14 @@ bench-eval: setup
 # The whole quick study takes hours on two cores; BENCH_STUDY_ARGS="--limit 8" runs 8 of its runs.
 bench-study: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_study.py $(BENCH_STUDY_ARGS)
+
+# The built-in quick studies on SmolLM2-135M into the bench store (resumable), then their report under docs/.
+STUDIES_STORE ?= bench/results/studies.db
+report-demo: setup
+	$(VENV)/bin/ptqlab sweep configs/studies/zeroquant-v2-quick.yaml --store $(STUDIES_STORE)
+	$(VENV)/bin/ptqlab sweep configs/studies/qllm-eval-quick.yaml --store $(STUDIES_STORE)
+	$(VENV)/bin/ptqlab report --store $(STUDIES_STORE) --out docs/report-demo \
+		--title "ptqlab example report: the quick ZeroQuant-V2 and qllm-eval studies on SmolLM2-135M"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,8 @@
-"""`make demo`: a small real study on SmolLM2-135M: FP, RTN and GPTQ at W4 per-channel and W3 g64.
+"""`make demo`: a small real study on SmolLM2-135M, run as a sweep, ending with its report.
 
-Calibration 32 x 512 tokens from c4local, wikitext2 perplexity on the first 8 windows of 2048 tokens.
-Results go to the store (./ptqlab.db or $PTQLAB_STORE); a finished run is not recomputed.
+configs/studies/demo.yaml: FP, RTN and GPTQ at W4 per row and W3 in groups of 64; calibration 32 x 512
+tokens from c4local, wikitext2 perplexity on the first 8 windows of 2048 tokens. Results go to the store
+(./ptqlab.db or $PTQLAB_STORE; a finished run is not recomputed), the report to ./demo-report/.
 """
 
 from __future__ import annotations
@@ -9,53 +10,37 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
-from ptqlab.study.config import parse_config
-from ptqlab.study.runner import execute
-from ptqlab.study.store import Store
+import ptqlab
+from ptqlab.report import load_views, open_store, write_report
+from ptqlab.report.runs import quality
 
-SCHEMES = {
-    "FP": None,
-    "W4 per-channel": {"bits": 4, "granularity": "channel"},
-    "W3 g64": {"bits": 3, "granularity": "group", "group_size": 64},
-}
-
-
-def configs() -> list[tuple[str, str, dict]]:
-    """The demo's configurations: (scheme label, method, config mapping)."""
-    out = []
-    for label, weight in SCHEMES.items():
-        for method in (["-"] if weight is None else ["rtn", "gptq"]):
-            cfg = {
-                "model": "smollm2-135m",
-                "scheme": {"weight": weight} if weight else {},
-                "recipe": [] if weight is None else [{method: {}}],
-                "calibration": {"dataset": "c4local", "samples": 32, "seqlen": 512, "seed": 0},
-                "evaluate": {"perplexity": ["wikitext2"], "seqlen": 2048, "max_windows": 8},
-            }
-            out.append((label, method, cfg))
-    return out
+ROOT = Path(__file__).resolve().parent.parent
+STUDY = ROOT / "configs" / "studies" / "demo.yaml"
 
 
 def main() -> None:
-    """Run the study and print its table."""
+    """Run the sweep, print its table, write the report and print where its page is."""
     logging.basicConfig(level=logging.WARNING)
-    store = Store(os.environ.get("PTQLAB_STORE", "ptqlab.db"))
-    rows = []
+    store_path = os.environ.get("PTQLAB_STORE", "ptqlab.db")
     t0 = time.perf_counter()
-    for label, method, raw in configs():
-        print(f"== {label} {method}", flush=True)
-        outcome = execute(parse_config(raw), store, progress=True)
-        rec = outcome.record
-        ppl = next(m.value for m in rec.metrics if m.name.startswith("ppl.wikitext2"))
-        rows.append((label, method, ppl, rec.timings.get("quantize_s", 0.0), rec.id, outcome.reused))
+    summary = ptqlab.sweep(str(STUDY), store=store_path)
+    if summary.failed:
+        raise SystemExit(f"{summary.failed} demo runs failed: ptqlab ls --status failed")
+    views = [v for v in load_views(open_store(store_path)) if "demo" in v.sweeps]
     print(f"\nSmolLM2-135M, wikitext2 ppl (8 windows of 2048), calibration 32 x 512 c4local; "
           f"{time.perf_counter() - t0:.0f} s in all")
-    print(f"| {'scheme':<15} | {'method':<6} | {'ppl':>8} | {'quantize s':>10} | run id |")
-    print(f"|{'-' * 17}|{'-' * 8}|{'-' * 10}|{'-' * 12}|{'-' * 18}|")
-    for label, method, ppl, qs, rid, reused in rows:
-        print(f"| {label:<15} | {method:<6} | {ppl:8.3f} | {qs:10.1f} | {rid}{' (stored)' if reused else ''} |")
-    print("\n`.venv/bin/ptqlab ls` lists the stored runs; `.venv/bin/ptqlab show ID` shows one.")
+    print(f"| {'scheme [recipe]':<26} | {'ppl':>8} | {'Δ ppl':>8} | {'bits/w':>6} | {'quantize s':>10} | run id |")
+    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 12}|{'-' * 18}|")
+    for v in views:
+        q = quality(v)
+        ppl, delta = (q.value, q.delta) if q else (float("nan"), float("nan"))
+        print(f"| {v.label:<26} | {ppl:8.3f} | {delta:8.3f} | {v.weight_bits or 16:6.2f} | "
+              f"{v.record.timings.get('quantize_s', 0.0):10.1f} | {v.id} |")
+    report = write_report(store_path, "demo-report", where="sweep=demo", title="ptqlab demo: SmolLM2-135M")
+    print(f"\nThe report ({len(report.tables)} tables, {len(report.figures)} figures, checked findings):")
+    print(report.index.resolve())
 
 
 if __name__ == "__main__":

@@ -25,3 +25,7 @@ class DataError(PtqlabError):
 
 class StoreError(PtqlabError):
     """A results store that cannot be used: not a ptqlab store, or written by a newer version."""
+
+
+class ReportError(PtqlabError):
+    """A report, recommendation or comparison has nothing to work from (the message says what is missing)."""

@@ -114,3 +114,13 @@ def test_include_errors(tmp_path: Path) -> None:
     _write(tmp_path / "c.yaml", {"include": ["b.yaml"]})
     with pytest.raises(ConfigError, match="includes itself"):
         load_sweep(tmp_path / "b.yaml")
+
+
+STUDIES = Path(__file__).resolve().parents[2] / "configs" / "studies"
+
+
+@pytest.mark.parametrize(("name", "runs"), [("demo", 5), ("zeroquant-v2-quick", 28), ("qllm-eval-quick", 21),
+                                             ("qllm-eval", 21)])
+def test_built_in_studies_expand(name: str, runs: int) -> None:
+    sweep = load_sweep(STUDIES / f"{name}.yaml", [])
+    assert sweep.name == name and len(sweep.runs) == runs

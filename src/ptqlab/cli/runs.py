@@ -7,35 +7,21 @@ import fnmatch
 import json
 import os
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
+from ..report import describe_scheme
 from ..study.store import RunRecord, Store
 
 DEFAULT_STORE = "ptqlab.db"
 
 
+def store_path(args: argparse.Namespace) -> str:
+    """The store a command works on: ``--store``, else ``$PTQLAB_STORE``, else ``./ptqlab.db``."""
+    return str(getattr(args, "store", None) or os.environ.get("PTQLAB_STORE") or DEFAULT_STORE)
+
+
 def _store(args: argparse.Namespace) -> Store:
-    return Store(args.store or os.environ.get("PTQLAB_STORE") or DEFAULT_STORE)
-
-
-def _part(prefix: str, section: dict[str, Any] | None) -> str | None:
-    """``W4 group64`` / ``Anf4`` / ``KV4``, or None for a full-precision part."""
-    if not section:
-        return None
-    fmt = section.get("format") or "int"
-    bits = section.get("bits")
-    if fmt == "int" and (bits is None or bits >= 16):
-        return None
-    size = fmt if fmt != "int" else str(bits)
-    gran = section.get("granularity") or ""
-    return f"{prefix}{size} {gran}{section.get('group_size') or ''}".strip()
-
-
-def describe_scheme(scheme: dict[str, Any]) -> str:
-    """A short description of a scheme, e.g. ``W4 group64 + A8 token + KV4 head`` (``FP`` if none)."""
-    keys = (("W", "weight"), ("A", "activation"), ("KV", "kv_cache"))
-    parts = [_part(prefix, scheme.get(key)) for prefix, key in keys]
-    return " + ".join(p for p in parts if p) or "FP"
+    return Store(store_path(args))
 
 
 def _run_table(run: RunRecord, out: TextIO) -> None:

@@ -15,13 +15,9 @@ from ..study import cache
 from ..study.executors import Executor
 from ..study.store import Store, check_store
 from ..study.sweeper import PlannedRun, SweepPlan
-from .runs import DEFAULT_STORE
+from .runs import store_path
 
 log = logging.getLogger(__name__)
-
-
-def _store_path(args: argparse.Namespace) -> str:
-    return str(args.store or os.environ.get("PTQLAB_STORE") or DEFAULT_STORE)
 
 
 def _short(value: Any) -> str:
@@ -84,7 +80,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ..study.sweeper import plan_sweep, run_sweep
 
     sweep = load_sweep(args.file, args.set or [])
-    path = _store_path(args)
+    path = store_path(args)
     check_store(path)
     if args.dry_run:
         store = Store(path) if os.path.isfile(path) else None
@@ -129,7 +125,7 @@ def _plan_json(plan: SweepPlan, retry_failed: bool) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Summarise a sweep stored in the store: counts, failures, time spent and left."""
-    store = Store(_store_path(args))
+    store = Store(store_path(args))
     entries = store.sweep_entries(args.sweep)
     if not entries:
         known = ", ".join(store.sweeps()) or "none"

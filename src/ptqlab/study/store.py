@@ -199,16 +199,10 @@ class Store:
             texts = {r["name"]: r["text"] for r in con.execute("SELECT * FROM texts WHERE run_id = ?", (row["id"],))}
             query = "SELECT module, layer, kind, rel_error, sqnr_db FROM sensitivity WHERE run_id = ? ORDER BY "
             sens = [dict(r) for r in con.execute(query + "layer, rowid", (row["id"],))]
-            windows: dict[str, dict[str, list[Any]]] = {}
-            for r in con.execute("SELECT * FROM windows WHERE run_id = ? ORDER BY metric, idx", (row["id"],)):
-                w = windows.setdefault(r["metric"], {"nll": [], "fp_nll": []})
-                w["nll"].append(r["nll"])
-                w["fp_nll"].append(r["fp_nll"])
             adaptive = con.execute("SELECT info_json FROM adaptive WHERE run_id = ?", (row["id"],)).fetchone()
         record = _record(row, metrics, layers)
         record.texts, record.sensitivity = texts, sens
-        record.windows = {k: {"nll": w["nll"], "fp_nll": None if None in w["fp_nll"] else w["fp_nll"]}
-                          for k, w in windows.items()}
+        record.windows = self.windows([record.id]).get(record.id, {})
         record.adaptive = None if adaptive is None else json.loads(adaptive[0])
         return record
 
@@ -256,12 +250,33 @@ class Store:
             if run_ids is None:
                 rows = con.execute("SELECT id, status FROM runs").fetchall()
             else:
-                rows = []
-                for start in range(0, len(run_ids), 500):  # SQLite's limit on bound parameters
-                    part = run_ids[start:start + 500]
-                    marks = ",".join("?" * len(part))
-                    rows += con.execute(f"SELECT id, status FROM runs WHERE id IN ({marks})", part).fetchall()
+                rows = _select_in(con, "SELECT id, status FROM runs WHERE id IN ({})", run_ids)
         return dict(rows)
+
+    def windows(self, run_ids: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{run id: {metric: {"nll": [...], "fp_nll": [...] or None}}}``: the stored window NLLs of runs."""
+        with self._connect() as con:
+            rows = _select_in(con, "SELECT run_id, metric, nll, fp_nll FROM windows WHERE run_id IN ({}) "
+                                   "ORDER BY run_id, metric, idx", run_ids)
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for run_id, metric, nll, fp_nll in rows:
+            w = out.setdefault(run_id, {}).setdefault(metric, {"nll": [], "fp_nll": []})
+            w["nll"].append(nll)
+            w["fp_nll"].append(fp_nll)
+        for per_run in out.values():
+            for w in per_run.values():
+                if None in w["fp_nll"]:
+                    w["fp_nll"] = None
+        return out
+
+    def memberships(self) -> dict[str, list[str]]:
+        """``{run id: [sweep names]}``: the sweeps that asked for each run."""
+        with self._connect() as con:
+            rows = con.execute("SELECT run_id, sweep FROM sweep_runs ORDER BY sweep").fetchall()
+        out: dict[str, list[str]] = {}
+        for run_id, sweep in rows:
+            out.setdefault(run_id, []).append(sweep)
+        return out
 
     def timings(self) -> list[tuple[dict[str, Any], dict[str, float]]]:
         """``(config, timings)`` of every finished run (what the time estimates are made from)."""
@@ -347,6 +362,15 @@ def _alive(host: str, pid: int, expires: float, now: float) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _select_in(con: sqlite3.Connection, query: str, ids: list[str]) -> list[Any]:
+    """``query`` (with one ``IN ({})``) over ``ids`` in chunks under SQLite's limit on bound parameters."""
+    rows: list[Any] = []
+    for start in range(0, len(ids), 500):
+        part = ids[start:start + 500]
+        rows += con.execute(query.format(",".join("?" * len(part))), part).fetchall()
+    return rows
 
 
 def _finite(x: float) -> float | None:

@@ -1,0 +1,170 @@
+"""``ptqlab report``: the store's runs as tables, figures, checked findings and one HTML page.
+
+Everything is built in a temporary folder beside ``out`` and moved into place at the end, so a failure
+leaves no half-written report (and an earlier report in ``out`` stays until the new one is complete).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ReportError
+from ..study.store import RunRecord, Store
+from .findings import Finding, check_findings
+from .html import page
+from .plots import Figure, draw_figures
+from .render import to_csv, to_latex, to_markdown
+from .runs import RunView, load_views
+from .select import apply_filter, parse_filter
+from .tables import Table, build_tables
+
+__all__ = ["Report", "open_store", "select_views", "write_report"]
+
+log = logging.getLogger(__name__)
+HEATMAPS = 2  # runs drawn as sensitivity heatmaps when none are named: those with the fewest weight bits
+
+
+@dataclass
+class Report:
+    """What a report wrote: the page, the tables, the figures and the checked findings."""
+
+    out: Path
+    index: Path
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    runs: int = 0
+
+
+def open_store(path: str | Path) -> Store:
+    """An existing store (a report never creates one).
+
+    Raises:
+        ReportError: No file at ``path``.
+
+    """
+    if not Path(path).is_file():
+        raise ReportError(f"no results store at {path} (--store PATH, or $PTQLAB_STORE)")
+    return Store(path)
+
+
+def select_views(store: Store, where: str | None) -> list[RunView]:
+    """The store's finished runs that pass ``where``, with FP baselines attached.
+
+    Raises:
+        ReportError: The store has no finished run, or the filter matches none.
+
+    """
+    clauses = parse_filter(where)
+    views = load_views(store)
+    if not views:
+        raise ReportError(f"the store {store.path} has no finished run")
+    chosen = apply_filter(views, clauses)
+    if not chosen:
+        raise ReportError(f"no stored run matches --where {where!r} ({len(views)} finished runs in {store.path})")
+    return chosen
+
+
+def _heatmap_records(store: Store, views: list[RunView], names: Sequence[str] | None) -> list[RunRecord]:
+    if names is not None:
+        records = [store.get(n) for n in names]
+        missing = [n for n, r in zip(names, records, strict=True) if r is None]
+        if missing:
+            raise ReportError(f"--heatmap: no single stored run has id {', '.join(missing)}")
+        return [r for r in records if r is not None]
+    quantized = sorted((v for v in views if v.w_bits is not None), key=lambda v: (v.w_bits or 16, v.id))
+    out = []
+    for v in quantized:
+        record = store.get(v.id)
+        if record is not None and (record.sensitivity or record.layers):
+            out.append(record)
+        if len(out) == HEATMAPS:
+            break
+    return out
+
+
+def _prepare(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "index.html").is_file())):
+        raise ReportError(f"--out {out} exists and is not a ptqlab report folder: name a new or empty folder")
+
+
+def _markdown(title: str, intro: str, findings: list[Finding], tables: list[Table], figures: list[Figure]) -> str:
+    lines = [f"# {title}", "", intro, "", "## Findings", ""]
+    for f in findings:
+        lines += [f"- **{f.claim}** {f.verdict} ({f.source})", *[f"  - {e}" for e in f.evidence]]
+    lines += ["", "## Tables", ""]
+    lines += [to_markdown(t) for t in tables]
+    lines += ["## Figures", ""]
+    lines += [f"![{f.title}](figures/{f.png.name})\n\n{f.title}. {f.caption}\n" for f in figures]
+    return "\n".join(lines)
+
+
+def write_report(store_path: str | Path, out: str | Path, where: str | None = None,
+                 heatmaps: Sequence[str] | None = None, title: str = "ptqlab report") -> Report:
+    """Write the report of the stored runs under ``out``.
+
+    Args:
+        store_path: The results store.
+        out: The report folder (created; an earlier report there is replaced).
+        where: A ``--where`` filter (see :mod:`ptqlab.report.select`).
+        heatmaps: Run ids to draw per-module sensitivity heatmaps for (default: the two runs with the fewest
+            weight bits that stored sensitivity or layer records).
+        title: The page title.
+
+    Returns:
+        What was written.
+
+    Raises:
+        ReportError: A missing or empty store, a filter that matches nothing, an ``out`` that is not a report.
+
+    """
+    out = Path(out)
+    _prepare(out)
+    store = open_store(store_path)
+    views = select_views(store, where)
+    records = _heatmap_records(store, views, heatmaps)
+    models = sorted({v.record.model for v in views})
+    intro = (f"{len(views)} finished runs of {', '.join(models)} from {store.path}"
+             f"{f' where {where}' if where else ''}; written {dt.date.today().isoformat()}.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        report = _write(tmp, title, intro, views, records)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.out, report.index = out, out / "index.html"
+    report.figures = [_moved(f, tmp, out) for f in report.figures]
+    log.info("report of %d runs written to %s", len(views), report.index)
+    return report
+
+
+def _moved(f: Figure, old: Path, new: Path) -> Figure:
+    f.png, f.svg = new / f.png.relative_to(old), new / f.svg.relative_to(old)
+    return f
+
+
+def _write(folder: Path, title: str, intro: str, views: list[RunView], records: list[RunRecord]) -> Report:
+    tables, findings = build_tables(views), check_findings(views)
+    figures = draw_figures(views, records, folder / "figures")
+    (folder / "tables").mkdir()
+    for t in tables:
+        (folder / "tables" / f"{t.key}.md").write_text(to_markdown(t))
+        (folder / "tables" / f"{t.key}.csv").write_text(to_csv(t))
+        (folder / "tables" / f"{t.key}.tex").write_text(to_latex(t))
+    (folder / "findings.json").write_text(json.dumps(
+        [{"key": f.key, "claim": f.claim, "source": f.source, "verdict": f.verdict, "evidence": f.evidence,
+          "runs": f.runs} for f in findings], indent=2))
+    (folder / "report.md").write_text(_markdown(title, intro, findings, tables, figures))
+    (folder / "index.html").write_text(page(title, intro, findings, tables, figures, views))
+    return Report(folder, folder / "index.html", tables, figures, findings, len(views))
