@@ -98,10 +98,16 @@ def sweep(folder: Path, cache: Path, sets: list[str], limit: int | None, *extra:
 
 
 def records(store: Path) -> dict[str, Any]:
-    """The runs of a store by id (none when the store was never written)."""
+    """The runs of a store by id, with their window NLLs (none when the store was never written)."""
     from ptqlab.study.store import Store
 
-    return {r.id: r for r in Store(store).list_runs()} if store.exists() else {}
+    if not store.exists():
+        return {}
+    results = Store(store)
+    runs = {r.id: r for r in results.list_runs()}
+    for run_id, windows in results.windows(list(runs)).items():
+        runs[run_id].windows = windows
+    return runs
 
 
 def shares(recs: list[Any]) -> dict[str, float]:

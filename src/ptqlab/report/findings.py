@@ -42,6 +42,10 @@ def loss_category(q: Change) -> str:
     return next(name for bound, name in CATEGORIES if rel < bound)
 
 
+def _pct(x: float) -> str:
+    return f"{round(100 * x, 1) + 0.0:.1f}%"  # + 0.0: no "-0.0%"
+
+
 def _noise(a: Change, b: Change) -> float:
     se = math.sqrt((a.stderr or 0.0) ** 2 + (b.stderr or 0.0) ** 2)
     return max(1.96 * se, 0.01)
@@ -201,8 +205,8 @@ def _long_context_kv(views: list[RunView]) -> Finding:
         more = acc_loss > ppl_loss
         support += more and not lossless
         against += not more and not lossless
-        f.evidence.append(f"KV{v.kv_bits}: retrieval at {names[-1].split('.')[1]} loses {100 * acc_loss:.1f}% of "
-                          f"FP's accuracy, perplexity rises {100 * ppl_loss:.1f}%"
+        f.evidence.append(f"KV{v.kv_bits}: retrieval at {names[-1].split('.')[1]} loses {_pct(acc_loss)} of FP's "
+                          f"accuracy, perplexity rises {_pct(ppl_loss)}"
                           + (": both lossless, no evidence either way" if lossless else ""))
         f.runs.append(v.id)
     if support + against:

@@ -15,7 +15,7 @@ from .findings import Finding
 from .plots import Figure
 from .render import fmt
 from .runs import RunView, quality
-from .tables import Table
+from .tables import Cell, Table
 
 __all__ = ["page"]
 
@@ -26,6 +26,7 @@ table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.86em}
 th,td{border-bottom:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{cursor:pointer;border-bottom:2px solid #444;background:#f6f6f6}
 td:first-child,th:first-child{text-align:left}
+td.s{text-align:left}
 td.runs{text-align:left;font-family:monospace;font-size:.9em}
 figure{margin:1em 0 2em}figure svg{max-width:100%;height:auto}
 .verdict{font-weight:600;padding:0 .4em;border-radius:3px}
@@ -62,11 +63,17 @@ def _run_links(ids: Sequence[str]) -> str:
     return " ".join(f'<a href="#run-{escape(i)}">{escape(i)}</a>' for i in ids)
 
 
+def _cell(c: Cell) -> str:
+    """A sortable cell: the raw value in ``data-v``; text left-aligned, numbers right-aligned."""
+    cls = ' class="s"' if isinstance(c, str) else ""
+    return f'<td{cls} data-v="{escape("" if c is None else str(c))}">{escape(fmt(c))}</td>'
+
+
 def _table(t: Table) -> str:
     head = "".join(f"<th>{escape(c)}</th>" for c in [*t.columns, "runs"])
     body = []
     for cells, runs in zip(t.rows, t.runs, strict=True):
-        tds = "".join(f'<td data-v="{escape("" if c is None else str(c))}">{escape(fmt(c))}</td>' for c in cells)
+        tds = "".join(_cell(c) for c in cells)
         body.append(f'<tr>{tds}<td class="runs" data-v="{escape(" ".join(runs))}">{_run_links(runs)}</td></tr>')
     note = f"<p>{escape(t.note)}</p>" if t.note else ""
     return (f'<section id="{t.key}"><h3>{escape(t.title)}</h3>{note}<table class="sortable"><thead><tr>{head}</tr>'
@@ -96,13 +103,10 @@ def _runs(views: Sequence[RunView]) -> str:
     rows = []
     for v in views:
         q = quality(v)
+        cells = [_cell(x) for x in (v.record.model, v.label, ", ".join(v.sweeps) or None, v.weight_bits,
+                                    None if q is None else q.value)]
         rows.append(f'<tr id="run-{escape(v.id)}"><td data-v="{escape(v.id)}"><code>{escape(v.id)}</code></td>'
-                    f'<td data-v="{escape(v.record.model)}">{escape(v.record.model)}</td>'
-                    f'<td data-v="{escape(v.label)}">{escape(v.label)}</td>'
-                    f'<td data-v="{escape(" ".join(v.sweeps))}">{escape(", ".join(v.sweeps) or "–")}</td>'
-                    f'<td data-v="{v.weight_bits or ""}">{escape(fmt(v.weight_bits))}</td>'
-                    f'<td data-v="{"" if q is None else q.value}">{escape(fmt(None if q is None else q.value))}</td>'
-                    "</tr>")
+                    f'{"".join(cells)}</tr>')
     head = "".join(f"<th>{h}</th>" for h in ("run", "model", "scheme [recipe]", "sweeps", "bits/weight", "mean ppl"))
     return (f'<section id="runs"><h2>Runs</h2><table class="sortable"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></section>')
