@@ -41,7 +41,8 @@ def kv(bits: int) -> dict[str, Any]:
 
 def make_run(rid: str, *, w: dict[str, Any] | None = None, a: dict[str, Any] | None = None,
              k: dict[str, Any] | None = None, recipe: tuple[str, ...] = (), d: float = 0.0, windows: bool = True,
-             bits_weight: float = 16.0, extra: list[Metric] | None = None, n: int = 0) -> RunRecord:
+             bits_weight: float = 16.0, extra: list[Metric] | None = None, n: int = 0,
+             sensitivity: list[dict[str, Any]] | None = None) -> RunRecord:
     """A finished run whose perplexity is FP's times exp(d) per window (plus Q_NOISE)."""
     fp = not (w or a or k)
     config = {"model": "tiny", "scheme": {"weight": w, "activation": a, "kv_cache": k, "overrides": []},
@@ -55,7 +56,7 @@ def make_run(rid: str, *, w: dict[str, Any] | None = None, a: dict[str, Any] | N
             wins[ppl_name(corpus)] = {"nll": nll, "fp_nll": fp_nll(corpus)}
     return RunRecord(id=rid, qmodel_key=rid, model="tiny", model_fingerprint="fp-tiny", architecture="Tiny",
                      config=config, status="done", created_at=f"2026-01-01T00:00:{n:02d}+00:00",
-                     metrics=metrics + (extra or []), windows=wins)
+                     metrics=metrics + (extra or []), windows=wins, sensitivity=sensitivity or [])
 
 
 def acc_metrics(task: str, acc: float, items: int, lost: float | None = None,
@@ -72,14 +73,22 @@ def retrieval(acc512: float, acc2048: float) -> list[Metric]:
     return [Metric("retrieval.len512.p4.n10", acc512), Metric("retrieval.len2048.p4.n10", acc2048)]
 
 
+def module_errors(scale: float) -> list[dict[str, Any]]:
+    """Per-module errors of a 2-layer model: larger in deeper layers and in the MLP."""
+    return [{"module": f"model.layers.{layer}.{name}", "layer": layer, "kind": "linear",
+             "rel_error": scale * (1 + layer) * (2 if "mlp" in name else 1), "sqnr_db": 20.0}
+            for layer in range(2) for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
+
+
 RUNS: list[dict[str, Any]] = [
     dict(rid="fp", extra=acc_metrics("piqa", 0.60, 400) + retrieval(1.0, 0.9)),
     dict(rid="w8row", w=weight(8), recipe=("rtn",), d=0.001, bits_weight=8.03),
     dict(rid="w4row", w=weight(4), recipe=("rtn",), d=0.10, bits_weight=4.03,
-         extra=acc_metrics("piqa", 0.55, 400, lost=0.08, gained=0.03) + [Metric("kl.wikitext2.s512.w16", 0.2)]),
+         extra=acc_metrics("piqa", 0.55, 400, lost=0.08, gained=0.03) + [Metric("kl.wikitext2.s512.w16", 0.2)],
+         sensitivity=module_errors(0.01)),
     dict(rid="w4g64", w=weight(4, "group", group=64), recipe=("rtn",), d=0.05, bits_weight=4.5),
     dict(rid="w4gptq", w=weight(4), recipe=("gptq",), d=0.06, bits_weight=4.03),
-    dict(rid="w3row", w=weight(3), recipe=("rtn",), d=0.5, bits_weight=3.03),
+    dict(rid="w3row", w=weight(3), recipe=("rtn",), d=0.5, bits_weight=3.03, sensitivity=module_errors(0.1)),
     dict(rid="w3g64", w=weight(3, "group", group=64), recipe=("rtn",), d=0.3, bits_weight=3.5),
     dict(rid="w3lorc", w=weight(3), recipe=("rtn", "lorc"), d=0.2, bits_weight=3.3),
     dict(rid="w4lorc", w=weight(4), recipe=("rtn", "lorc"), d=0.08, bits_weight=4.3),

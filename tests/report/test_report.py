@@ -17,7 +17,7 @@ from ptqlab.cli import main
 from ptqlab.errors import ConfigError, ReportError
 from ptqlab.report import Budget, compare_runs, load_views, recommend, select_views, write_report
 from ptqlab.report.findings import HOLDS, NOT_ENOUGH, NOT_HOLDS, check_findings
-from ptqlab.report.plots import pareto_front
+from ptqlab.report.plots import pareto_front, sensitivity_grid
 from ptqlab.report.render import to_csv, to_latex
 from ptqlab.report.select import apply_filter, parse_filter
 from ptqlab.report.tables import build_tables
@@ -73,6 +73,8 @@ def test_qllm_tables(store: Store) -> None:
     assert tasks["agree piqa"] == pytest.approx(0.89)
     lc = _row(_table(views, "qllm-long-context"), "kv4")
     assert (lc["len512 acc"], lc["len2048 acc"]) == (0.9, 0.5)
+    assert lc["Δ len2048"] == pytest.approx(0.5 - 0.9)  # against the FP run's retrieval
+    assert lc["± len2048"] == pytest.approx(math.sqrt(0.5 * 0.5 / 10))
     assert _row(_table(views, "qllm-divergence"), "kv4")["kl.wikitext2.s512.w16"] == 0.05
 
 
@@ -116,6 +118,13 @@ def test_pareto_front_matches_brute_force() -> None:
         # duplicates of a front point: one of them is on the front
         assert {pts[i] for i in front} == {pts[i] for i in brute}
         assert [pts[i][0] for i in front] == sorted(pts[i][0] for i in front)
+
+
+def test_sensitivity_grid_is_layers_by_linears(store: Store) -> None:
+    layers, modules, grid = sensitivity_grid(store.get("w3row"))  # type: ignore[arg-type]
+    assert layers == [0, 1] and modules == ["down_proj", "o_proj", "q_proj"]
+    assert grid == [[pytest.approx(0.2), pytest.approx(0.1), pytest.approx(0.1)],
+                    [pytest.approx(0.4), pytest.approx(0.2), pytest.approx(0.2)]]
 
 
 def test_recommend_smallest_meeting_the_class(store: Store) -> None:
@@ -192,6 +201,12 @@ def test_write_report_files(store: Store, tmp_path: Path) -> None:
     assert {"zq-weight.csv", "zq-weight.md", "zq-weight.tex", "qllm-tasks.csv"} <= names
     figures = {f.key for f in report.figures}
     assert {"pareto", "loss-by-bits", "long-context", "kl-vs-accuracy"} <= figures
+    # heatmaps: by default the runs with the fewest weight bits that stored per-module errors
+    assert {k for k in figures if k.startswith("sensitivity-")} == {"sensitivity-w3row", "sensitivity-w4row"}
+    only = write_report(store.path, tmp_path / "rep-h", heatmaps=["w4row"])
+    assert [f.key for f in only.figures if f.key.startswith("sensitivity-")] == ["sensitivity-w4row"]
+    with pytest.raises(ReportError, match="--heatmap"):
+        write_report(store.path, tmp_path / "rep-x", heatmaps=["nope"])
     html = report.index.read_text()
     assert "<svg" in html and 'id="run-w4row"' in html and "<metadata>" not in html
     assert not re.search(r"""(src|href)=["']?(https?:)?//|url\((https?:)?//|@import""", html)

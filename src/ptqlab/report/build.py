@@ -83,7 +83,7 @@ def _heatmap_records(store: Store, views: list[RunView], names: Sequence[str] | 
     out = []
     for v in quantized:
         record = store.get(v.id)
-        if record is not None and (record.sensitivity or record.layers):
+        if record is not None and any(r.get("rel_error") is not None for r in [*record.sensitivity, *record.layers]):
             out.append(record)
         if len(out) == HEATMAPS:
             break
@@ -115,7 +115,8 @@ def write_report(store_path: str | Path, out: str | Path, where: str | None = No
         out: The report folder (created; an earlier report there is replaced).
         where: A ``--where`` filter (see :mod:`ptqlab.report.select`).
         heatmaps: Run ids to draw per-module sensitivity heatmaps for (default: the two runs with the fewest
-            weight bits that stored sensitivity or layer records).
+            weight bits that stored per-module errors: sensitivity, or the layer records of GPTQ and
+            ZeroQuant; RTN records none).
         title: The page title.
 
     Returns:

@@ -18,7 +18,7 @@ from ..metrics import BITS_ACTIVATION, BITS_KV, BITS_WEIGHT
 from ..study.store import RunRecord
 from .runs import RunView, quality
 
-__all__ = ["Figure", "draw_figures", "pareto_front"]
+__all__ = ["Figure", "draw_figures", "pareto_front", "sensitivity_grid"]
 
 
 @dataclass
@@ -147,16 +147,25 @@ def _long_context(plt: Any, views: list[RunView], out: Path) -> Figure | None:
                   "Pass-key retrieval accuracy of the FP and KV-quantized runs.", png, svg, [v.id for v in chosen])
 
 
-def _heatmap(plt: Any, record: RunRecord, label: str, out: Path) -> Figure | None:
+def sensitivity_grid(record: RunRecord) -> tuple[list[int], list[str], list[list[float]]]:
+    """Layers, linears (the last part of the module name) and ``grid[layer][linear]`` of relative errors.
+
+    From the run's sensitivity records, else its layer records (NaN where a linear has none).
+    """
     rows = [r for r in record.sensitivity if r.get("rel_error") is not None] or \
            [r for r in record.layers if r.get("rel_error") is not None]
-    if not rows:
-        return None
     layers = sorted({int(r["layer"]) for r in rows})
     modules = sorted({str(r["module"]).split(".")[-1] for r in rows})
     grid = [[math.nan] * len(modules) for _ in layers]
     for r in rows:
         grid[layers.index(int(r["layer"]))][modules.index(str(r["module"]).split(".")[-1])] = float(r["rel_error"])
+    return layers, modules, grid
+
+
+def _heatmap(plt: Any, record: RunRecord, label: str, out: Path) -> Figure | None:
+    layers, modules, grid = sensitivity_grid(record)
+    if not grid:
+        return None
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(modules), 1.0 + 0.22 * len(layers)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right")

@@ -6,6 +6,7 @@ Cells hold raw values (numbers stay numbers for CSV and sorting); :mod:`.render`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,28 +124,19 @@ def _change(name: str, *, se: bool = False) -> Callable[[RunView], Cell]:
     return cell
 
 
-def _corpus(corpus: str, *, se: bool = False) -> Callable[[RunView], Cell]:
-    """The run's perplexity change on ``corpus`` (or its standard error), whatever its protocol."""
-    def cell(v: RunView) -> Cell:
-        name = v.perplexities([corpus]).get(corpus)
-        c = v.change(name) if name else None
-        return None if c is None else c.stderr if se else c.delta
-    return cell
-
-
 def _value(name: str) -> Callable[[RunView], Cell]:
     return lambda v: v.metrics.get(name)
 
 
 def _qllm_tables(views: list[RunView]) -> list[Table]:
     tables = []
-    ppl = sorted({c for v in views for c in v.perplexities()})
+    ppl = [n for n in _names(views, "ppl.") if len(n.split(".")) == 4]  # one column per protocol
     if ppl:
         measures: list[tuple[str, Callable[[RunView], Cell]]] = []
-        for corpus in ppl:
-            measures += [(f"Δ ppl {corpus}", _corpus(corpus)), (f"± {corpus}", _corpus(corpus, se=True))]
+        for name in ppl:
+            measures += [(f"Δ {name}", _change(name)), (f"± {name.split('.')[1]}", _change(name, se=True))]
         tables.append(_qllm(views, "qllm-perplexity", "qllm-eval: perplexity change by target and bits", measures,
-                            lambda v: bool(v.perplexities())))
+                            lambda v: any(n in v.metrics for n in ppl)))
     accs = _names(views, "lm_eval.", ".acc")
     if accs:
         measures = []
@@ -160,10 +152,23 @@ def _qllm_tables(views: list[RunView]) -> list[Table]:
                             [(n, _value(n)) for n in kls], lambda v: any(n in v.metrics for n in kls)))
     ret = sorted(_names(views, "retrieval."), key=_retrieval_length)
     if ret:
-        measures = [(f"{n.split('.')[1]} acc", _value(n)) for n in ret]
+        measures = []
+        for n in ret:
+            length = n.split(".")[1]
+            measures += [(f"{length} acc", _value(n)), (f"± {length}", _binomial_se(n)), (f"Δ {length}", _change(n))]
         tables.append(_qllm(views, "qllm-long-context", "qllm-eval: long-context retrieval accuracy", measures,
                             lambda v: any(n in v.metrics for n in ret)))
     return tables
+
+
+def _binomial_se(name: str) -> Callable[[RunView], Cell]:
+    """The standard error of a retrieval accuracy over its ``n<samples>`` samples (binomial)."""
+    samples = int(name.split(".")[-1].removeprefix("n"))
+
+    def cell(v: RunView) -> Cell:
+        p = v.metrics.get(name)
+        return None if p is None or samples < 2 else math.sqrt(p * (1 - p) / samples)
+    return cell
 
 
 def _retrieval_length(name: str) -> int:
