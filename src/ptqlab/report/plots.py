@@ -171,6 +171,7 @@ def _heatmap(plt: Any, record: RunRecord, label: str, out: Path) -> Figure | Non
     ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), [str(x) for x in layers])
     ax.set_ylabel("layer")
+    ax.set_title(label, fontsize=8)
     fig.colorbar(im, ax=ax, label="relative output error")
     key = f"sensitivity-{record.id}"
     png, svg = _save(plt, fig, out, key)
