@@ -201,13 +201,14 @@ def _long_context_kv(views: list[RunView]) -> Finding:
         if r is None or r.fp <= 0:
             continue
         acc_loss, ppl_loss = -r.delta / r.fp, q.delta / q.fp
-        lossless = max(acc_loss, ppl_loss) < CATEGORIES[0][0]
-        more = acc_loss > ppl_loss
-        support += more and not lossless
-        against += not more and not lossless
+        # both on one scale: a loss of all FP's accuracy and a doubled perplexity are both collapse
+        same = max(acc_loss, ppl_loss) < CATEGORIES[0][0] or min(acc_loss, ppl_loss) >= 1.0
+        more = acc_loss > min(ppl_loss, 1.0)
+        support += more and not same
+        against += not more and not same
         f.evidence.append(f"KV{v.kv_bits}: retrieval at {names[-1].split('.')[1]} loses {_pct(acc_loss)} of FP's "
                           f"accuracy, perplexity rises {_pct(ppl_loss)}"
-                          + (": both lossless, no evidence either way" if lossless else ""))
+                          + (": both lossless or both collapsed, no evidence either way" if same else ""))
         f.runs.append(v.id)
     if support + against:
         f.verdict = NOT_HOLDS if against else HOLDS
