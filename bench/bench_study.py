@@ -42,7 +42,6 @@ RAY_RUNS = 8
 B_WINDOWS = 40  # windows per corpus in part b (the quick study has 8: adaptive evaluation starts from 8)
 B_PICK = slice(1, None, 4)  # part b: runs 1 and 5 of part a's 8 (their quantized weights are in a's cache)
 C_SET = "evaluate.max_windows=2"  # part c measures the executors: its runs evaluate 2 windows per corpus
-CLASS_BOUNDS = (0.1, 0.5)
 # Where a run's time goes: categories of the stored timings (capture_s is inside quantize_s).
 SHARES = ("loading", "FP references", "calibration/data", "quantization", "evaluation", "other in-run")
 
@@ -164,10 +163,6 @@ def part_a(work: Path, limit: int | None, keep_runs: list[float] | None = None) 
             "bit_identical": same}
 
 
-def zq_class(delta: float) -> int:
-    return 1 if delta <= CLASS_BOUNDS[0] else 2 if delta <= CLASS_BOUNDS[1] else 3
-
-
 def full_delta(rec: Any) -> tuple[float, int]:
     """Mean perplexity over the corpora minus FP's (from the FP window NLLs stored with the run), windows."""
     q = [math.exp(sum(w["nll"]) / len(w["nll"])) for w in rec.windows.values()]
@@ -183,6 +178,7 @@ def part_b(work: Path, limit: int | None) -> dict[str, Any]:
     weights are restored, not computed again.
     """
     from ptqlab.models.loading import model_fingerprint
+    from ptqlab.report.runs import zq_class
     from ptqlab.study.identity import run_id
 
     print("part b: adaptive against full evaluation", flush=True)

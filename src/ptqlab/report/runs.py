@@ -220,9 +220,12 @@ def load_views(store: Store, runs: list[RunRecord] | None = None) -> list[RunVie
     """Views of the store's finished runs (or of ``runs``) with FP baselines attached, oldest first."""
     records = runs if runs is not None else store.list_runs(status="done")
     membership = store.memberships()
-    windows = store.windows([r.id for r in records])
-    views = [_view(r, membership.get(r.id, []), windows.get(r.id, {})) for r in records]
-    fps = [v for v in _fp_candidates(store, views)]
+    missing = [r.id for r in records if not r.windows]  # records from ``get`` carry theirs already
+    windows = store.windows(missing) if missing else {}
+    views = [_view(r, membership.get(r.id, []), r.windows or windows.get(r.id, {})) for r in records]
+    # FP runs outside ``runs`` can be the baseline too (every finished run is in ``records`` already when None)
+    outside = [] if runs is None else [r for r in store.list_runs(status="done") if r.id not in {v.id for v in views}]
+    fps = _fp_candidates([*views, *(_view(r, [], {}) for r in outside)])
     for v in views:
         _attach_fp(v, fps)
     return views
@@ -270,14 +273,9 @@ def _task_paired(view: RunView, name: str) -> tuple[float, float | None] | None:
     return fp, math.sqrt(max(gained + lost - diff * diff, 0.0) / (n - 1))
 
 
-def _fp_candidates(store: Store, views: list[RunView]) -> list[RunView]:
-    """FP runs: the views that quantize nothing (and FP runs in the store outside them)."""
-    fps = [v for v in views if v.target == "FP" and not v.steps]
-    if any(v.target != "FP" for v in views):
-        seen = {v.id for v in views}
-        extra = [r for r in store.list_runs(status="done") if r.id not in seen]
-        fps += [v for v in (_view(r, [], {}) for r in extra) if v.target == "FP" and not v.steps]
-    return fps
+def _fp_candidates(views: list[RunView]) -> list[RunView]:
+    """FP runs: the views that quantize nothing."""
+    return [v for v in views if v.target == "FP" and not v.steps]
 
 
 def _protocol(view: RunView) -> str:
