@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
-.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study report-demo clean
+.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention report-demo clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ bench-eval: setup
 # The whole quick study takes hours on two cores; BENCH_STUDY_ARGS="--limit 8" runs 8 of its runs.
 bench-study: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_study.py $(BENCH_STUDY_ARGS)
+
+# The same jobs alone and beside a busy core (about 20 min); CONTENTION_LABEL names the results file.
+CONTENTION_LABEL ?= now
+bench-contention: setup
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_contention.py --label $(CONTENTION_LABEL)
 
 # The built-in quick studies on SmolLM2-135M into the bench store (resumable), then their report under docs/.
 STUDIES_STORE ?= bench/results/studies.db

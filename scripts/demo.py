@@ -1,7 +1,7 @@
 """`make demo`: a small real study on SmolLM2-135M, run as a sweep, ending with its report.
 
 configs/studies/demo.yaml: FP, RTN and GPTQ at W4 per row and W3 in groups of 64; calibration 32 x 512
-tokens from c4local, wikitext2 perplexity on the first 8 windows of 2048 tokens. Results go to the store
+tokens from c4local, wikitext2 perplexity on the first 4 windows of 2048 tokens. Results go to the store
 (./ptqlab.db or $PTQLAB_STORE; a finished run is not recomputed), the report to ./demo-report/.
 """
 
@@ -29,7 +29,7 @@ def main() -> None:
     if summary.failed:
         raise SystemExit(f"{summary.failed} demo runs failed: ptqlab ls --status failed")
     views = [v for v in load_views(open_store(store_path)) if "demo" in v.sweeps]
-    print(f"\nSmolLM2-135M, wikitext2 ppl (8 windows of 2048), calibration 32 x 512 c4local; "
+    print(f"\nSmolLM2-135M, wikitext2 ppl (4 windows of 2048), calibration 32 x 512 c4local; "
           f"{time.perf_counter() - t0:.0f} s in all")
     print(f"| {'scheme [recipe]':<26} | {'ppl':>8} | {'Δ ppl':>8} | {'bits/w':>6} | {'quantize s':>10} | run id |")
     print(f"|{'-' * 28}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 12}|{'-' * 18}|")

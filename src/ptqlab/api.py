@@ -135,7 +135,7 @@ def _reference_for(
         return plan, build_reference(given, tokenizer, plan, progress=progress)
     if not is_quantized(model):
         return plan, self_reference(model, tokenizer, plan, progress=progress)
-    asked = plan.config.model_fields_set
+    asked = set() if plan.config.defaulted else set(plan.config.names())
     needs = [k for k in ("divergence", "sensitivity") if k in asked and getattr(plan, k) is not None]
     if needs:
         raise ConfigError(
@@ -164,7 +164,8 @@ def evaluate(
     Args:
         model: The model, where it is to run.
         tokenizer: Its tokenizer.
-        evaluate_config: The ``evaluate`` section (mapping or :class:`Evaluate`).
+        evaluate_config: The ``evaluate`` section (mapping or :class:`Evaluate`): what it names runs; naming no
+            evaluation (or None), the defaults (wikitext2 perplexity, sample, sensitivity).
         reference: The FP side: a :class:`Reference` from :func:`reference` measured before quantizing, or
             the FP model itself. Left out, an unquantized ``model`` is its own reference; for a model
             quantized by ptqlab, asking for the divergence or the sensitivity is then an error, and the

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .quant.spec import QuantSpec
@@ -169,13 +178,24 @@ class AdaptiveConfig(_Strict):
     seed: int = 0
 
 
+EVALUATIONS = ("perplexity", "tasks", "divergence", "long_context", "sample", "sensitivity")
+"""The keys of ``evaluate`` that name an evaluation; the others are settings."""
+
+DEFAULT_EVALUATIONS: dict[str, Any] = {"perplexity": ["wikitext2"], "sample": {}, "sensitivity": {}}
+"""What a run evaluates when its ``evaluate`` section names no evaluation (or is left out)."""
+
+
 class Evaluate(_Strict):
     """Evaluations: perplexity (GPTQ protocol), lm-eval tasks, divergence from FP, sensitivity, long context.
 
+    A section runs exactly the evaluations it names (:data:`EVALUATIONS`): ``{tasks: [piqa], limit: 50}``
+    runs the task and nothing else. A section that names none of them (left out, ``{}``, or settings
+    only such as ``{max_windows: 8}``) runs the defaults, :data:`DEFAULT_EVALUATIONS`: wikitext2
+    perplexity, the generation sample and the per-module sensitivity.
     ``divergence: true`` uses the defaults of :class:`DivergenceConfig` (16 windows of 512 wikitext2 tokens).
     """
 
-    perplexity: list[str] = Field(default_factory=lambda: ["wikitext2"])
+    perplexity: list[str] = Field(default_factory=list)
     seqlen: int = Field(default=2048, ge=8)
     max_windows: int | None = Field(default=40, ge=1)
     batch_size: int = Field(default=1, ge=1)
@@ -185,10 +205,39 @@ class Evaluate(_Strict):
     tasks_dir: str | None = None
     seed: int = 0
     divergence: bool | DivergenceConfig = False
-    sample: SampleConfig | None = Field(default_factory=SampleConfig)
+    sample: SampleConfig | None = None
     long_context: LongContextConfig | None = None
-    sensitivity: SensitivityConfig | None = Field(default_factory=SensitivityConfig)
+    sensitivity: SensitivityConfig | None = None
     adaptive: AdaptiveConfig | None = None
+
+    _defaulted: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _defaults(cls, data: Any, handler: Any) -> Any:
+        if not isinstance(data, Mapping) or any(k in data for k in EVALUATIONS):
+            return handler(data)
+        made = handler({**DEFAULT_EVALUATIONS, **data})
+        made._defaulted = True
+        return made
+
+    @model_validator(mode="after")
+    def _adaptive_needs_perplexity(self) -> Evaluate:
+        if self.adaptive is not None and not self.perplexity:
+            raise ValueError("adaptive sets how perplexity is measured: name the corpora in evaluate.perplexity")
+        return self
+
+    @property
+    def defaulted(self) -> bool:
+        """Whether the evaluations are the defaults because the section named none."""
+        return self._defaulted
+
+    def names(self) -> list[str]:
+        """The evaluations this section runs, in the order of :data:`EVALUATIONS`."""
+        on = {"perplexity": bool(self.perplexity), "tasks": bool(self.tasks),
+              "divergence": self.divergence_config() is not None, "long_context": self.long_context is not None,
+              "sample": self.sample is not None, "sensitivity": self.sensitivity is not None}
+        return [k for k in EVALUATIONS if on[k]]
 
     def divergence_config(self) -> DivergenceConfig | None:
         """The divergence settings, or None when not asked for."""

@@ -24,6 +24,17 @@ def test_local_lowers_every_layer_output_error(start: str) -> None:
     assert all(d["best"] < d["start"] for d in layers)
 
 
+@pytest.mark.parametrize("fp_layer", [0, 1])
+def test_local_skips_layers_kept_in_fp_and_the_loop_ends_after_the_last_target(fp_layer: int) -> None:
+    model = tiny_model("llama")
+    calls: list[int] = []
+    model.model.layers[1].register_forward_pre_hook(lambda *_: calls.append(1))
+    scheme = {**SCHEME, "overrides": [{"match": rf"model\.layers\.{fp_layer}\..*", "weight": None}]}
+    report = quantize(model, scheme, [{"zeroquant_local": {"steps": 3}}], CAL, progress=False)
+    assert [d["layer"] for d in report.distill] == [1 - fp_layer]
+    assert (len(calls) > 1) == (fp_layer == 0)  # layer 1 in FP and last: run by the input capture alone
+
+
 def test_distilled_weights_stay_on_the_quantizer_grid() -> None:
     model = tiny_model("qwen2")
     report = quantize(model, SCHEME, [{"zeroquant_local": {"steps": 5, "lr": 1e-3}}], CAL, progress=False)

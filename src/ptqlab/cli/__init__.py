@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the stored run as JSON")
     run.add_argument("--force", action="store_true", help="recompute even if the run is stored")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--dry-run", action="store_true", help="show what the run computes and its estimated time")
     run.set_defaults(func=cmd_run)
     ls = sub.add_parser("ls", help="list stored runs (filter by sweep, status, model, metric)")
     ls.add_argument("--sweep", default=None, help="only the runs of this sweep")

@@ -10,6 +10,7 @@ import sys
 from typing import TextIO
 
 from ..report import describe_scheme
+from ..schema import RunConfig
 from ..study.store import RunRecord, Store
 
 DEFAULT_STORE = "ptqlab.db"
@@ -52,6 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..study.runner import execute
 
     cfg = load_config(args.config)
+    if args.dry_run:
+        return _dry_run(cfg, args)
     outcome = execute(cfg, _store(args), force=args.force, progress=not args.quiet)
     if args.json:
         json.dump(outcome.record.to_json(), sys.stdout, indent=2)
@@ -61,6 +64,44 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stdout.write("(already in the store; --force recomputes)\n")
         _run_table(outcome.record, sys.stdout)
     return 0 if outcome.record.status == "done" else 1
+
+
+def _dry_run(cfg: RunConfig, args: argparse.Namespace) -> int:
+    """Print what the run computes and its estimated time; store nothing."""
+    from ..study.preview import preview_run
+
+    path = store_path(args)
+    preview = preview_run(cfg, Store(path) if os.path.isfile(path) else None)
+    est = preview.estimate
+    if args.json:
+        json.dump({"id": preview.run_id, "status": preview.status, "steps": [list(s) for s in preview.steps],
+                   "estimate_s": est.seconds, "total_s": est.total, "unpriced": est.unpriced}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    out = sys.stdout
+    stored = {"done": "done: in the store (--force recomputes)", "failed": "failed before: in the store",
+              "missing": "not in the store"}[preview.status]
+    out.write(f"run {preview.run_id} of {cfg.model} ({stored})\n")
+    shown: set[str] = set()
+    for phase, what in preview.steps:
+        seconds = est.seconds.get(phase)
+        when = f"~{duration(seconds)}" if seconds is not None and phase not in shown else ""
+        shown.add(phase)
+        out.write(f"  {phase:<12} {what:<72} {when}\n")
+    total = "no estimate" if est.total is None else f"~{duration(est.total)}"
+    out.write(f"estimated time: {total} (rates of {est.basis}")
+    out.write(f"; not priced: {', '.join(est.unpriced)})\n" if est.unpriced else ")\n")
+    out.write("dry run: nothing computed or stored\n")
+    return 0
+
+
+def duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``2.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from ..study import cache
 from ..study.executors import Executor
 from ..study.store import Store, check_store
 from ..study.sweeper import PlannedRun, SweepPlan
+from .runs import duration as _duration
 from .runs import store_path
 
 log = logging.getLogger(__name__)
@@ -23,14 +24,6 @@ log = logging.getLogger(__name__)
 def _short(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     return text if len(text) <= 28 else text[:25] + "..."
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _table(runs: Iterable[PlannedRun], varied: list[str], extra: dict[str, str] | None = None) -> str:

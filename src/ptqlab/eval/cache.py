@@ -46,11 +46,14 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, int | float | str | bool) or value is None else str(value)
 
 
-def entry(root: Path, suffix: str, model: nn.Module, fingerprint: str | None, **parts: Any) -> Path | None:
-    """The file of an FP result of ``model`` (keyed by its fingerprint, device type and ``parts``), or None."""
+def entry(root: Path, suffix: str, model: nn.Module | str, fingerprint: str | None, **parts: Any) -> Path | None:
+    """The file of an FP result of ``model`` (keyed by its fingerprint, device type and ``parts``), or None.
+
+    ``model`` is the model, or the device type (``cpu``, ``cuda``) it will run on.
+    """
     if fingerprint is None:
         return None
-    device = next(model.parameters()).device.type
+    device = model if isinstance(model, str) else next(model.parameters()).device.type
     return root / f"{content_key(fingerprint=fingerprint, device=device, **parts)}{suffix}"
 
 

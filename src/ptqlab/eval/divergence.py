@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..paths import cache_root
+from ..threads import fit_threads
 from .cache import entry, load_or_compute
 
 TOP_K = 32
@@ -64,6 +65,7 @@ def compute_reference(model: nn.Module, ids: torch.Tensor, k: int = TOP_K) -> To
     """Run the FP model over ``ids`` (windows, seqlen), one window at a time, keeping the top-k log-probs."""
     tops, logps = [], []
     for row in ids.split(1):
+        fit_threads()
         logp = _logprobs(model, row)
         val, idx = logp.topk(k, dim=-1)
         tops.append(idx.to(torch.int32))
@@ -81,6 +83,7 @@ def divergence(model: nn.Module, ref: TopKReference) -> Divergence:
     """KL(FP || Q) and top-k agreement of ``model`` against a reference computed on the FP model."""
     kl_sum, top1, top5, n = 0.0, 0, 0, 0
     for w in range(ref.ids.shape[0]):
+        fit_threads()
         q = _logprobs(model, ref.ids[w : w + 1])[0]  # (T, V)
         p_top = ref.top_logp[w]  # (T, k)
         idx = ref.top_ids[w].long()

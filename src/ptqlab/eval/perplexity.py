@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..threads import fit_threads
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ def perplexity(
     try:
         with torch.inference_mode(), tqdm(total=n, desc=desc, unit="win", disable=not progress) as bar:
             for first in range(0, n, batch_size):
+                fit_threads()
                 batch = input_ids[first : first + batch_size].to(dev, dtype=torch.int64)
                 nll.extend(_batch_nll(model, batch, chunk))
                 bar.update(batch.shape[0])

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..models.registry import get_adapter
@@ -106,6 +107,15 @@ def build_reference(
     if plan.sensitivity is not None:
         ref.outputs = record_outputs(model, get_adapter(model), plan.sensitivity)
     return ref
+
+
+def reference_cached(windows: dict[str, torch.Tensor], fingerprint: str, device_type: str, dtype: str) -> bool:
+    """Whether the FP window NLLs of every corpus of ``windows`` are in the disk cache."""
+    root = cache_root() / "perplexity"
+    return all(
+        (path := entry(root, ".json", device_type, fingerprint, dtype=dtype, ids=ids)) is not None and path.is_file()
+        for ids in windows.values()
+    )
 
 
 def _window_nll(

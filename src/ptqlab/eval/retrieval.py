@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..models.heads import context_length
+from ..threads import fit_threads
 
 ANSWER_TOKENS = 8
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -121,6 +122,7 @@ def retrieval_accuracy(
     gen: Any = model
     correct, answers = 0, []
     for i in range(samples):
+        fit_threads()
         s = make_sample(tokenizer, length, seed, i, pairs)
         ids = tokenizer(s.prompt, return_tensors="pt").input_ids.to(device)
         with torch.inference_mode():

@@ -173,6 +173,35 @@ def check_tasks(tasks: Sequence[str], tasks_dir: str | Path | None = None) -> No
             raise ConfigError(f"evaluate.tasks: unknown lm-eval task {t!r}{hint}")
 
 
+def count_items(
+    tasks: Sequence[str], limit: int | None = None, tasks_dir: str | Path | None = None
+) -> dict[str, int | None]:
+    """How many items each task evaluates (its evaluation documents, at most ``limit``).
+
+    The task's data is read as lm-eval would read it; a task whose data cannot be had here (a hub data set
+    offline) counts as ``limit`` per task, or None when there is no limit.
+    """
+    from lm_eval.tasks import get_task_dict
+
+    counts: dict[str, int | None] = {}
+    with task_manager(tasks_dir) as tm:
+        for name in tasks:
+            try:
+                sizes = [len(list(t.eval_docs)) for t in _leaf_tasks(get_task_dict([name], tm))]
+                counts[name] = sum(min(n, limit) if limit else n for n in sizes)
+            except Exception as exc:  # noqa: BLE001 - data that cannot be had is counted as unknown
+                log.debug("items of %s not counted: %s", name, exc)
+                counts[name] = limit
+    return counts
+
+
+def _leaf_tasks(tree: Any) -> list[Any]:
+    """The tasks of a (nested) lm-eval task dict, groups opened."""
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in _leaf_tasks(value)]
+    return [tree]
+
+
 @dataclass
 class TaskResults:
     """lm-eval metrics per task (``{task: {metric: (value, stderr)}}``), each item's correctness and choice."""

@@ -27,6 +27,7 @@ from ..models.weights import in_features, stored_transposed
 from ..quant.core import to_codes
 from ..quant.integer import QParams
 from ..quant.spec import QuantSpec
+from ..threads import fit_threads
 from .kinds import QuantizedLinear, Refined
 
 OPTIMIZERS = ("adam", "sgd")
@@ -224,6 +225,7 @@ def _train(
         start = best = float(loss_on(0))
     kept = [p.detach().clone() for p in latents]
     for step in range(cfg.steps):
+        fit_threads()
         opt.zero_grad(set_to_none=True)
         loss = loss_on(step % n_batches)
         loss.backward()

@@ -367,6 +367,33 @@ def _unknown_name(spec: str) -> ModelLoadError:
     return ModelLoadError(f"unknown model {spec!r}: not an alias, a path or a hub id (org/name); aliases: {known}")
 
 
+def _resolve(spec: str) -> tuple[str, Path | str]:
+    """What ``spec`` names: ``("dir", directory)``, ``("gguf", file)`` or ``("hub", "org/name")``.
+
+    Raises:
+        ModelLoadError: Unknown alias, missing path, a pickled checkpoint or another kind of file.
+
+    """
+    if spec == "stories260k":
+        return "dir", stories260k_dir()
+    if spec == "smollm2-135m":
+        return "gguf", smollm2_gguf()
+    path = Path(spec).expanduser()
+    if path.exists() or _looks_like_path(spec):
+        if not path.exists():
+            raise ModelLoadError(f"model path not found: {spec}")
+        if path.is_dir():
+            return "dir", path.resolve()
+        if path.suffix == ".gguf":
+            return "gguf", path.resolve()
+        if path.suffix in _PICKLE_SUFFIXES:
+            raise ModelLoadError(f"{spec} is a pickled checkpoint; ptqlab loads safetensors only (no pickle)")
+        raise ModelLoadError(f"{spec} is a file: give its Hugging Face directory, or a .gguf file")
+    if _looks_like_hub_id(spec):
+        return "hub", spec
+    raise _unknown_name(spec)
+
+
 def model_fingerprint(spec: str) -> str:
     """The fingerprint :func:`load_model` gives ``spec``, from its weight files alone (nothing is loaded).
 
@@ -377,26 +404,39 @@ def model_fingerprint(spec: str) -> str:
         ModelLoadError: As :func:`load_model` for an unknown alias, a missing path or pickled weights.
 
     """
-    if spec == "stories260k":
-        return fingerprint_files(_weight_files(stories260k_dir()))
-    if spec == "smollm2-135m":
-        return fingerprint_files([smollm2_gguf()])
-    path = Path(spec).expanduser()
-    if path.exists() or _looks_like_path(spec):
-        if not path.exists():
-            raise ModelLoadError(f"model path not found: {spec}")
-        if path.is_dir():
-            return fingerprint_files(_weight_files(path.resolve()))
-        if path.suffix == ".gguf":
-            return fingerprint_files([path.resolve()])
-        raise ModelLoadError(f"{spec} is a file: give its Hugging Face directory, or a .gguf file")
-    if _looks_like_hub_id(spec):
-        local = _hub_snapshot(spec, ["*.json"])
-        index = local / _INDEX
-        weights = _index_shards(index) if index.is_file() else [_SINGLE]
-        _hub_snapshot(spec, weights, revision=local.name)
-        return fingerprint_files(_weight_files(local))
-    raise _unknown_name(spec)
+    kind, where = _resolve(spec)
+    if kind == "dir":
+        return fingerprint_files(_weight_files(Path(where)))
+    if kind == "gguf":
+        return fingerprint_files([Path(where)])
+    local = _hub_snapshot(str(where), ["*.json"])
+    index = local / _INDEX
+    weights = _index_shards(index) if index.is_file() else [_SINGLE]
+    _hub_snapshot(str(where), weights, revision=local.name)
+    return fingerprint_files(_weight_files(local))
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer :func:`load_model` gives ``spec``, without loading the weights.
+
+    A GGUF file's tokenizer comes from its dequantized cache when there is one, else from the file.
+
+    Raises:
+        ModelLoadError: As :func:`load_model`.
+
+    """
+    kind, where = _resolve(spec)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if kind == "dir":
+        return _tokenizer(str(where), common, str(where))
+    if kind == "gguf":
+        path = Path(where)
+        cache = gguf_cache_dir(fingerprint_files([path]))
+        if (cache / "config.json").is_file():
+            return _tokenizer(str(cache), common, str(path))
+        return _tokenizer(str(path.parent), {**common, "gguf_file": path.name}, str(path))
+    patterns = ["*.json", "*.model", "*.txt", "*.tiktoken"] + (["*.py"] if trust_remote_code else [])
+    return _tokenizer(str(_hub_snapshot(str(where), patterns)), common, str(where))
 
 
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> LoadedModel:
@@ -420,21 +460,9 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_rem
     """
     _torch_dtype(dtype)
     resolve_device(device)
-    if spec == "stories260k":
-        return _load_hf_dir(spec, stories260k_dir(), dtype, device, trust_remote_code)
-    if spec == "smollm2-135m":
-        return _load_gguf(spec, smollm2_gguf(), dtype, device, trust_remote_code)
-    path = Path(spec).expanduser()
-    if path.exists() or _looks_like_path(spec):
-        if not path.exists():
-            raise ModelLoadError(f"model path not found: {spec}")
-        if path.is_dir():
-            return _load_hf_dir(spec, path.resolve(), dtype, device, trust_remote_code)
-        if path.suffix == ".gguf":
-            return _load_gguf(spec, path.resolve(), dtype, device, trust_remote_code)
-        if path.suffix in _PICKLE_SUFFIXES:
-            raise ModelLoadError(f"{spec} is a pickled checkpoint; ptqlab loads safetensors only (no pickle)")
-        raise ModelLoadError(f"{spec} is a file: give its Hugging Face directory, or a .gguf file")
-    if _looks_like_hub_id(spec):
-        return _load_hub(spec, dtype, device, trust_remote_code)
-    raise _unknown_name(spec)
+    kind, where = _resolve(spec)
+    if kind == "dir":
+        return _load_hf_dir(spec, Path(where), dtype, device, trust_remote_code)
+    if kind == "gguf":
+        return _load_gguf(spec, Path(where), dtype, device, trust_remote_code)
+    return _load_hub(str(where), dtype, device, trust_remote_code)

@@ -19,6 +19,7 @@ from ..methods.base import HessianAccumulator, relative_output_error, scaled_hes
 from ..metrics import Metric
 from ..models.weights import set_weight_matrix, weight_matrix
 from ..nn.runtime import RuntimeQuantization
+from ..threads import fit_threads
 from .capture import LayerCall, capture_inputs
 from .malloc import lean_malloc
 from .plan import LinearTarget, QuantizationPlan
@@ -144,8 +145,11 @@ def _quantize_calibrated(
     del captured.hidden[:]
     by_layer = _by_layer(plan.targets)
     config = getattr(model, "config", None)
-    bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress)
+    # past the last layer with a target nothing changes, unless transforms fold scales into every layer
+    end = len(layers) if plan.recipe.layer_transforms or not by_layer else max(by_layer) + 1
+    bar = tqdm(range(end), desc="quantize", unit="layer", disable=not progress)
     for li in bar:
+        fit_threads()
         layer = layers[li]
         tf = LayerTransforms(config, plan.adapter, layer, plan.recipe.layer_transforms, later.rows_divided)
         later.before_layer(layer, hidden, captured.calls[li])

@@ -82,6 +82,9 @@ class LaterSteps:
             return outputs
         inside = {id(m) for m in layer.modules()}
         mine = [k for k in self.kept if id(k.module) in inside]
+        if not mine:  # every linear of the layer kept in full precision: nothing to train
+            self._inputs, self._targets = [], []
+            return outputs
         xs = [_plain(x) for x in self._inputs]
         args = [_plain(c.args) for c in calls]
         kwargs = [_plain(c.kwargs) for c in calls]
@@ -105,7 +108,7 @@ class LaterSteps:
         """Refine the whole model, then apply the compensators still pending."""
         n_layer = len(self.recipe.layer_refiners)
         if self.teacher is not None:
-            for k, refiner in enumerate(self.recipe.model_refiners):
+            for k, refiner in enumerate(self.recipe.model_refiners if self.kept else []):
                 loss = refiner.refine_model(model, self.teacher, self.kept, batches)
                 self._refined.append((n_layer + k, -1, loss))
                 log.info("%s: loss %.3g -> %.3g", type(refiner).__name__, loss.start, loss.best)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import statistics
 import threading
 import time
 import uuid
@@ -23,6 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..models.loading import model_fingerprint
+from .estimate import Estimator
 from .executors import Executor, Task, TaskResult
 from .identity import normalized, run_id
 from .store import RunRecord, Store, SweepEntry
@@ -98,7 +98,7 @@ def plan_sweep(sweep: Sweep, store: Store | None) -> SweepPlan:
     fingerprints: dict[str, str] = {}
     statuses = store.statuses() if store is not None else {}
     leased = store.leased() if store is not None else {}
-    similar = _Estimator(store.timings() if store is not None else [])
+    similar = Estimator(store.timings() if store is not None else [])
     runs = []
     for k, run in enumerate(sweep.runs):
         cfg = run.config
@@ -107,7 +107,7 @@ def plan_sweep(sweep: Sweep, store: Store | None) -> SweepPlan:
         rid = run_id(cfg, fingerprints[cfg.model])
         status = statuses.get(rid) or ("running" if rid in leased else "missing")
         data = normalized(cfg)
-        runs.append(PlannedRun(k, rid, fingerprints[cfg.model], data, run.values, status, similar.estimate(data)))
+        runs.append(PlannedRun(k, rid, fingerprints[cfg.model], data, run.values, status, similar.total(data)))
     return SweepPlan(sweep, runs)
 
 
@@ -217,35 +217,3 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
-def _recipe(config: dict[str, Any]) -> str:
-    return ",".join(next(iter(s)) for s in config.get("recipe") or []) or "rtn"
-
-
-class _Estimator:
-    """Seconds a run takes, from the store's finished runs (the median of their totals).
-
-    The runs of the same model, method and evaluation if any, else of the same model and method, else of
-    the same model.
-    """
-
-    def __init__(self, done: list[tuple[dict[str, Any], dict[str, float]]]) -> None:
-        self._levels: list[dict[tuple[Any, ...], list[float]]] = [{}, {}, {}]
-        for config, timings in done:
-            if "total_s" not in timings:
-                continue
-            for level, key in enumerate(self._keys(config)):
-                self._levels[level].setdefault(key, []).append(float(timings["total_s"]))
-
-    @staticmethod
-    def _keys(config: dict[str, Any]) -> list[tuple[Any, ...]]:
-        model, method = config.get("model"), _recipe(config)
-        evaluation = repr(sorted((config.get("evaluate") or {}).items()))
-        return [(model, method, evaluation), (model, method), (model,)]
-
-    def estimate(self, config: dict[str, Any]) -> float | None:
-        """The estimate, or None when the store has no finished run of the model."""
-        for level, key in enumerate(self._keys(config)):
-            found = self._levels[level].get(key)
-            if found:
-                return statistics.median(found)
-        return None

@@ -36,6 +36,7 @@ from ..pipeline.capture import InputCache
 from ..pipeline.driver import LayerRecord, QuantizeReport
 from ..pipeline.quantize import place, quantize, restore
 from ..schema import RunConfig
+from ..threads import thread_ceiling
 from .cache import QModelCache
 from .identity import git_revision, normalized, package_versions, qmodel_key, run_id, weights_key
 from .store import RunRecord
@@ -218,7 +219,7 @@ def _new_record(cfg: RunConfig, fingerprint: str, architecture: str | None, devi
         git_rev=git_revision(),
         versions=package_versions(),
         device=str(device),
-        threads=torch.get_num_threads(),
+        threads=thread_ceiling(),
     )
 
 

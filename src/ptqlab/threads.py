@@ -1,0 +1,124 @@
+"""torch's thread count fitted to the cores other programs leave free.
+
+Two torch threads on two cores beside another busy program do not get two cores: each parallel region
+waits for the thread that the operating system descheduled, and the work slows by more than the lost core
+explains (``bench/bench_contention.py``: ZeroQuant-Local 2.9x, perplexity 2.6x beside another torch
+program). At a few coarse points (each layer of the quantization loop, each training step of a layer
+refiner, each perplexity batch, each divergence window and retrieval sample) :func:`fit_threads` reads how
+busy the machine was since the last point, leaving out this process's own work (the first reading is
+taken when ptqlab is imported), and sets torch's threads to the cores that were free, at least one and at
+most the ceiling (torch's own default, or ``PTQLAB_THREADS``). ``PTQLAB_THREADS=N`` fixes the count at N
+and turns the fitting off. On this project's paths the thread count does not change the numbers (tested:
+the same bits with 1 and 2 threads), so fitting keeps reruns bit-identical.
+
+Linux only (``/proc``); elsewhere the count stays as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_MIN_INTERVAL_S = 0.5
+
+
+@dataclass
+class _Reading:
+    at: float
+    busy: float  # clock ticks all CPUs spent working
+    total: float  # clock ticks of all CPUs
+    own: float  # clock ticks this process spent (every thread)
+
+
+def _read() -> _Reading | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    total = sum(fields[:8])
+    return _Reading(time.monotonic(), total - idle, total, float(parts[11]) + float(parts[12]))
+
+
+class _Fitter:
+    def __init__(self) -> None:
+        self._ceiling: int | None = None  # torch's count at the first fit (after any executor set it)
+        self.last: _Reading | None = _read()  # the first reading, when ptqlab is imported
+
+    @property
+    def ceiling(self) -> int:
+        if self._ceiling is None:
+            self._ceiling = torch.get_num_threads()
+        return self._ceiling
+
+    def fixed(self) -> int | None:
+        value = os.environ.get("PTQLAB_THREADS", "auto").strip().lower()
+        if value in ("", "auto"):
+            return None
+        try:
+            n = int(value)
+        except ValueError:
+            log.warning("PTQLAB_THREADS=%r is not a number or 'auto'; fitting threads to free cores", value)
+            return None
+        return max(1, n)
+
+    def fit(self) -> int:
+        fixed = self.fixed()
+        if fixed is not None:
+            if torch.get_num_threads() != fixed:
+                torch.set_num_threads(fixed)
+            return fixed
+        now, last = _read(), self.last
+        if now is None or (last is not None and now.at - last.at < _MIN_INTERVAL_S):
+            return torch.get_num_threads()
+        self.last = now
+        if last is None or now.total <= last.total:
+            return torch.get_num_threads()
+        cpus = os.cpu_count() or 1
+        busy_cores = (now.busy - last.busy) / (now.total - last.total) * cpus
+        own_cores = (now.own - last.own) / (os.sysconf("SC_CLK_TCK") * (now.at - last.at))
+        others = max(0.0, busy_cores - own_cores)
+        threads = max(1, min(self.ceiling, round(_usable_cores() - others)))
+        if threads != torch.get_num_threads():
+            log.debug("other programs keep %.1f cores busy: %d torch threads", others, threads)
+            torch.set_num_threads(threads)
+        return threads
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+_FITTER: _Fitter | None = _Fitter()
+
+
+def fit_threads() -> int:
+    """Set torch's threads to the cores other programs left free since the last call; returns the count.
+
+    Cheap (two small reads of ``/proc``): call it between pieces of work of a second or more. A call less
+    than half a second after the previous one changes nothing.
+    """
+    global _FITTER
+    if _FITTER is None:
+        _FITTER = _Fitter()
+    return _FITTER.fit()
+
+
+def thread_ceiling() -> int:
+    """The most threads :func:`fit_threads` uses (``PTQLAB_THREADS`` when set)."""
+    global _FITTER
+    if _FITTER is None:
+        _FITTER = _Fitter()
+    return _FITTER.fixed() or _FITTER.ceiling
