@@ -36,6 +36,7 @@ def main() -> None:
     for v in views:
         q = quality(v)
         ppl, delta = (q.value, q.delta) if q else (float("nan"), float("nan"))
+        delta = 0.0 if abs(delta) < 5e-4 else delta  # FP against itself: no "-0.000"
         print(f"| {v.label:<26} | {ppl:8.3f} | {delta:8.3f} | {v.weight_bits or 16:6.2f} | "
               f"{v.record.timings.get('quantize_s', 0.0):10.1f} | {v.id} |")
     report = write_report(store_path, "demo-report", where="sweep=demo", title="ptqlab demo: SmolLM2-135M")
