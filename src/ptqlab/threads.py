@@ -72,6 +72,7 @@ class _Fitter:
         return max(1, n)
 
     def fit(self) -> int:
+        ceiling = self.ceiling  # read before a fixed count changes torch's
         fixed = self.fixed()
         if fixed is not None:
             if torch.get_num_threads() != fixed:
@@ -87,7 +88,7 @@ class _Fitter:
         busy_cores = (now.busy - last.busy) / (now.total - last.total) * cpus
         own_cores = (now.own - last.own) / (os.sysconf("SC_CLK_TCK") * (now.at - last.at))
         others = max(0.0, busy_cores - own_cores)
-        threads = max(1, min(self.ceiling, round(_usable_cores() - others)))
+        threads = max(1, min(ceiling, round(_usable_cores() - others)))
         if threads != torch.get_num_threads():
             log.debug("other programs keep %.1f cores busy: %d torch threads", others, threads)
             torch.set_num_threads(threads)
@@ -121,4 +122,5 @@ def thread_ceiling() -> int:
     global _FITTER
     if _FITTER is None:
         _FITTER = _Fitter()
-    return _FITTER.fixed() or _FITTER.ceiling
+    ceiling = _FITTER.ceiling
+    return _FITTER.fixed() or ceiling
