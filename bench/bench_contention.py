@@ -17,6 +17,8 @@ seconds with min and max, and the slowdown (median beside / median alone). Resul
 ``bench/results/contention-<label>.json``.
 
     python bench/bench_contention.py --label after [--reps 3] [--jobs zq_local,gptq,ppl] [--competitor torch]
+
+``JOB_THREADS=N`` fixes the jobs' torch threads (not the competitor's), for experiments.
 """
 
 from __future__ import annotations

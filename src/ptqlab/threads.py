@@ -78,8 +78,11 @@ class _Fitter:
             if torch.get_num_threads() != fixed:
                 torch.set_num_threads(fixed)
             return fixed
-        now, last = _read(), self.last
-        if now is None or (last is not None and now.at - last.at < _MIN_INTERVAL_S):
+        last = self.last
+        if last is not None and time.monotonic() - last.at < _MIN_INTERVAL_S:
+            return torch.get_num_threads()
+        now = _read()
+        if now is None:
             return torch.get_num_threads()
         self.last = now
         if last is None or now.total <= last.total:
@@ -105,22 +108,24 @@ def _usable_cores() -> int:
 _FITTER: _Fitter | None = _Fitter()
 
 
+def _fitter() -> _Fitter:
+    global _FITTER
+    if _FITTER is None:
+        _FITTER = _Fitter()
+    return _FITTER
+
+
 def fit_threads() -> int:
     """Set torch's threads to the cores other programs left free since the last call; returns the count.
 
     Cheap (two small reads of ``/proc``): call it between pieces of work of a second or more. A call less
     than half a second after the previous one changes nothing.
     """
-    global _FITTER
-    if _FITTER is None:
-        _FITTER = _Fitter()
-    return _FITTER.fit()
+    return _fitter().fit()
 
 
 def thread_ceiling() -> int:
     """The most threads :func:`fit_threads` uses (``PTQLAB_THREADS`` when set)."""
-    global _FITTER
-    if _FITTER is None:
-        _FITTER = _Fitter()
-    ceiling = _FITTER.ceiling
-    return _FITTER.fixed() or ceiling
+    fitter = _fitter()
+    ceiling = fitter.ceiling
+    return fitter.fixed() or ceiling

@@ -109,11 +109,15 @@ def build_reference(
     return ref
 
 
+def _nll_entry(where: nn.Module | str, fingerprint: str | None, dtype: str, ids: Any) -> Path | None:
+    """The disk-cache file of the FP window NLLs of ``ids`` (``where``: the model or its device type)."""
+    return entry(cache_root() / "perplexity", ".json", where, fingerprint, dtype=dtype, ids=ids)
+
+
 def reference_cached(windows: dict[str, torch.Tensor], fingerprint: str, device_type: str, dtype: str) -> bool:
     """Whether the FP window NLLs of every corpus of ``windows`` are in the disk cache."""
-    root = cache_root() / "perplexity"
     return all(
-        (path := entry(root, ".json", device_type, fingerprint, dtype=dtype, ids=ids)) is not None and path.is_file()
+        (path := _nll_entry(device_type, fingerprint, dtype, ids)) is not None and path.is_file()
         for ids in windows.values()
     )
 
@@ -130,7 +134,7 @@ def _window_nll(
     def save(nll: list[float], p: Path) -> None:
         p.write_text(json.dumps(nll))
 
-    path = entry(cache_root() / "perplexity", ".json", model, fingerprint, dtype=dtype, ids=ids)
+    path = _nll_entry(model, fingerprint, dtype, ids)
     nll, computed = load_or_compute(path, lambda p: list(json.loads(p.read_text())), compute, save)
     if computed:
         ref.computed.append(f"ppl.{corpus}")

@@ -6,7 +6,7 @@ quantized or evaluated, and nothing is stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..compile import compile_config
@@ -15,7 +15,7 @@ from ..eval.reference import reference_cached
 from ..eval.tasks import count_items
 from ..models.loading import load_tokenizer, model_fingerprint, resolve_device
 from ..schema import Evaluate, RunConfig
-from .estimate import Estimate, Estimator, Workload, method_key
+from .estimate import Estimate, Estimator, workload_of
 from .identity import normalized, run_id
 from .store import Store
 
@@ -66,15 +66,11 @@ def preview_run(cfg: RunConfig, store: Store | None) -> Preview:
     items = count_items(ev.tasks, ev.limit, ev.tasks_dir) if ev.tasks else {}
     steps += _evaluation_steps(ev, plan, items)
     counted = list(items.values())
-    lc = ev.long_context
-    work = Workload(
-        model=cfg.model,
-        method=method_key(normalized(cfg)),
+    work = replace(  # the counts the keys give, made exact by the plan
+        workload_of(normalized(cfg)),
         ppl_tokens=ppl_tokens,
         task_items=None if None in counted else sum(n for n in counted if n is not None),
         divergence_tokens=0 if plan.divergence is None else int(plan.divergence.numel()),
-        retrieval_tokens=0 if lc is None else sum(lc.lengths) * lc.samples,
-        sensitivity=plan.sensitivity is not None,
         reference_cached=cached,
     )
     estimator = Estimator(store.timings() if store is not None else [])
