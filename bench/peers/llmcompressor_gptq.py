@@ -86,6 +86,14 @@ def load_model(d: str):
     return model, tok
 
 
+def load_dir(d: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(d)
+
+
 def detach_from_gguf(model, workdir: str) -> None:
     """Make the GGUF-loaded model look like a plain fp32 checkpoint to llm-compressor.
 
@@ -249,6 +257,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fp-ppl", action="store_true", help="also evaluate the FP model first (sanity)")
+    ap.add_argument("--model-dir", help="a Hugging Face directory (safetensors) instead of the SmolLM2 GGUF file")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -266,9 +275,8 @@ def main() -> None:
     import datasets
     from llmcompressor import oneshot
 
-    d = gguf_dir()
     t0 = time.perf_counter()
-    model, tok = load_model(d)
+    model, tok = load_model(gguf_dir()) if args.model_dir is None else load_dir(args.model_dir)
     load_seconds = time.perf_counter() - t0
     rss_after_load = peak_rss_mb()
     log(f"model loaded in {load_seconds:.1f}s, peak RSS {rss_after_load:.0f} MB")
@@ -286,8 +294,8 @@ def main() -> None:
         fp_ppl, _ = eval_ppl(model, ev)
         log(f"FP ppl {fp_ppl:.4f}")
 
-    workdir = tempfile.mkdtemp(prefix="llmc_cfg_")
-    detach_from_gguf(model, workdir)
+    if args.model_dir is None:
+        detach_from_gguf(model, tempfile.mkdtemp(prefix="llmc_cfg_"))
 
     ds = datasets.Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     collator = CountingCollator()

@@ -246,6 +246,35 @@ class Evaluate(_Strict):
         return DivergenceConfig() if self.divergence else None
 
 
+class Runtime(_Strict):
+    """How a run uses the machine; not part of a run's identity (the numbers do not depend on it).
+
+    ``stream``: ``on`` keeps one decoder layer resident at a time (quantization and evaluation read each
+    layer from the safetensors shards and write the quantized one out); ``off`` loads the whole model;
+    ``auto`` streams when the run would not fit ``max_memory``. ``max_memory``: the budget (``8GiB``; default:
+    the memory available when the run starts). ``offload_dir``: where a streamed run writes its quantized
+    model (default: ``$PTQLAB_CACHE/stream``).
+    """
+
+    stream: Literal["auto", "on", "off"] = "auto"
+    max_memory: str | int | None = None
+    offload_dir: str | None = None
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, v: str | int | None) -> str | int | None:
+        from .memory import parse_size
+
+        if v is not None:
+            parse_size(v)
+        return v
+
+
 class RunConfig(_Strict):
     """One configuration: model, scheme, recipe, calibration, evaluations."""
 
@@ -257,6 +286,7 @@ class RunConfig(_Strict):
     recipe: list[dict[str, dict[str, Any] | None]] = Field(default_factory=list)
     calibration: Calibration = Field(default_factory=Calibration)
     evaluate: Evaluate = Field(default_factory=Evaluate)
+    runtime: Runtime = Field(default_factory=Runtime)
     _compiled: Any = PrivateAttr(default=None)  # what ptqlab.compile made of it, made once
 
     @field_validator("device")

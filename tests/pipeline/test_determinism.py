@@ -15,7 +15,7 @@ from ptqlab.api import quantize
 from ptqlab.methods.base import HessianAccumulator
 from ptqlab.models.registry import get_adapter
 from ptqlab.models.tiny import tiny_model
-from ptqlab.pipeline.capture import capture_inputs
+from ptqlab.nn.capture import capture_inputs
 from ptqlab.pipeline.sequential import run_layer_pass
 
 CAL = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(11))

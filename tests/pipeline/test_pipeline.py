@@ -10,7 +10,7 @@ from ptqlab.errors import ConfigError
 from ptqlab.models.registry import get_adapter
 from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
 from ptqlab.models.weights import weight_matrix
-from ptqlab.pipeline.capture import capture_inputs, layer_output
+from ptqlab.nn.capture import capture_inputs, layer_output
 from ptqlab.quant import QuantSpec, fake_quantize
 
 

@@ -54,7 +54,8 @@ class Divergence:
     tokens: int
 
 
-def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (1, T, V) of one window, in float32 on the CPU."""
     device = next(model.parameters()).device
     with torch.inference_mode():
         logits = model(input_ids=ids.to(device), use_cache=False).logits.float()
@@ -66,9 +67,8 @@ def compute_reference(model: nn.Module, ids: torch.Tensor, k: int = TOP_K) -> To
     tops, logps = [], []
     for row in ids.split(1):
         fit_threads()
-        logp = _logprobs(model, row)
-        val, idx = logp.topk(k, dim=-1)
-        tops.append(idx.to(torch.int32))
+        val, idx = top_k(logprobs(model, row), k)
+        tops.append(idx)
         logps.append(val)
     return TopKReference(ids, torch.cat(tops), torch.cat(logps))
 
@@ -79,23 +79,46 @@ def _tail(logp_top: torch.Tensor) -> torch.Tensor:
     return torch.log1p(-mass)
 
 
-def divergence(model: nn.Module, ref: TopKReference) -> Divergence:
-    """KL(FP || Q) and top-k agreement of ``model`` against a reference computed on the FP model."""
-    kl_sum, top1, top5, n = 0.0, 0, 0, 0
-    for w in range(ref.ids.shape[0]):
-        fit_threads()
-        q = _logprobs(model, ref.ids[w : w + 1])[0]  # (T, V)
-        p_top = ref.top_logp[w]  # (T, k)
-        idx = ref.top_ids[w].long()
+def top_k(logp: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP's top-k log-probabilities (T, k) and their ids (T, k, int32) from its log-probabilities (..., T, V)."""
+    val, idx = logp.topk(k, dim=-1)
+    return val, idx.to(torch.int32)
+
+
+@dataclass
+class DivergenceSum:
+    """Running sums of the per-token KL and top-k agreements over windows."""
+
+    kl: float = 0.0
+    top1: int = 0
+    top5: int = 0
+    tokens: int = 0
+
+    def add(self, q: torch.Tensor, p_top: torch.Tensor, top_ids: torch.Tensor) -> None:
+        """Add one window: Q's log-probabilities (T, V), FP's top-k log-probabilities and ids (T, k)."""
+        idx = top_ids.long()
         q_top = q.gather(-1, idx)
         p_tail, q_tail = _tail(p_top), _tail(q_top)
         kl = (p_top.exp() * (p_top - q_top)).sum(-1) + p_tail.exp() * (p_tail - q_tail)
-        kl_sum += float(kl.clamp_min(0).sum())
+        self.kl += float(kl.clamp_min(0).sum())
         q_best = q.topk(5, dim=-1).indices
-        top1 += int((q_best[:, 0] == idx[:, 0]).sum())
-        top5 += int((q_best == idx[:, :1]).any(-1).sum())
-        n += q.shape[0]
-    return Divergence(kl_sum / n, top1 / n, top5 / n, n)
+        self.top1 += int((q_best[:, 0] == idx[:, 0]).sum())
+        self.top5 += int((q_best == idx[:, :1]).any(-1).sum())
+        self.tokens += q.shape[0]
+
+    def result(self) -> Divergence:
+        """The means over every token added."""
+        n = self.tokens
+        return Divergence(self.kl / n, self.top1 / n, self.top5 / n, n)
+
+
+def divergence(model: nn.Module, ref: TopKReference) -> Divergence:
+    """KL(FP || Q) and top-k agreement of ``model`` against a reference computed on the FP model."""
+    acc = DivergenceSum()
+    for w in range(ref.ids.shape[0]):
+        fit_threads()
+        acc.add(logprobs(model, ref.ids[w : w + 1])[0], ref.top_logp[w], ref.top_ids[w])
+    return acc.result()
 
 
 def divergence_cache_dir() -> Path:

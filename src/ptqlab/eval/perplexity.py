@@ -138,7 +138,7 @@ class _HeadTap:
         return out
 
 
-def _batch_nll(model: nn.Module, batch: torch.Tensor, chunk: int) -> list[float]:
+def batch_nll(model: nn.Module, batch: torch.Tensor, chunk: int) -> list[float]:
     """Window NLLs of one batch, through the head tap when the model has one."""
     tap = _HeadTap(model, chunk)
     if not tap.usable:
@@ -194,7 +194,7 @@ def perplexity(
             for first in range(0, n, batch_size):
                 fit_threads()
                 batch = input_ids[first : first + batch_size].to(dev, dtype=torch.int64)
-                nll.extend(_batch_nll(model, batch, chunk))
+                nll.extend(batch_nll(model, batch, chunk))
                 bar.update(batch.shape[0])
                 bar.set_postfix(ppl=f"{_exp(sum(nll) / len(nll)):.4g}")
     finally:

@@ -416,6 +416,33 @@ def model_fingerprint(spec: str) -> str:
     return fingerprint_files(_weight_files(local))
 
 
+def model_directory(spec: str, trust_remote_code: bool = False) -> Path:
+    """The local Hugging Face directory whose safetensors files hold ``spec``'s weights.
+
+    A GGUF file's is its dequantized float32 cache (written now when missing); a hub id's, its snapshot.
+
+    Raises:
+        ModelLoadError: As :func:`load_model`.
+
+    """
+    kind, where = _resolve(spec)
+    if kind == "dir":
+        _weight_files(Path(where))
+        return Path(where)
+    if kind == "gguf":
+        path = Path(where)
+        cache = gguf_cache_dir(fingerprint_files([path]))
+        if not (cache / "config.json").is_file():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(path, cache, trust_remote_code)
+        return cache
+    patterns = ["*.json", "*.model", "*.txt", "*.tiktoken"] + (["*.py"] if trust_remote_code else [])
+    local = _hub_snapshot(str(where), patterns)
+    index = local / _INDEX
+    _hub_snapshot(str(where), _index_shards(index) if index.is_file() else [_SINGLE], revision=local.name)
+    return local
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer :func:`load_model` gives ``spec``, without loading the weights.
 

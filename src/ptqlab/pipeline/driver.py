@@ -6,9 +6,9 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,14 +18,17 @@ from ..errors import ConfigError
 from ..methods.base import HessianAccumulator, relative_output_error, scaled_hessian
 from ..metrics import Metric
 from ..models.weights import set_weight_matrix, weight_matrix
+from ..nn.capture import LayerCall, capture_inputs
 from ..nn.runtime import RuntimeQuantization
 from ..threads import fit_threads
-from .capture import LayerCall, capture_inputs
 from .malloc import lean_malloc
 from .plan import LinearTarget, QuantizationPlan
 from .refine import LaterSteps
 from .sequential import run_layer_pass
 from .transforms import LayerTransforms, divide_by
+
+if TYPE_CHECKING:
+    from .stream import LayerStream
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +77,17 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def quantize_weights(model: nn.Module, plan: QuantizationPlan, report: QuantizeReport, progress: bool) -> None:
+def quantize_weights(
+    model: nn.Module, plan: QuantizationPlan, report: QuantizeReport, progress: bool, stream: LayerStream | None = None
+) -> None:
     """Quantize the weights of ``plan.targets`` in place, sequentially layer by layer, where the model is.
 
     Data-free recipes (RTN) quantize each weight directly and never run the model. Calibrated recipes
     capture the inputs of layer 0 once, then for each layer run one true-sequential pass (see
     :mod:`ptqlab.pipeline.sequential`) that observes each linear group, folds the layer transforms,
     quantizes the group and feeds the quantized outputs to the next layer; refiners and compensators
-    run at their points (see :mod:`ptqlab.pipeline.refine`).
+    run at their points (see :mod:`ptqlab.pipeline.refine`). With a ``stream`` (see
+    :mod:`ptqlab.pipeline.stream`) the model is a skeleton and each layer is resident only while it is worked on.
 
     Raises:
         ConfigError: A calibrated recipe without calibration data.
@@ -92,12 +98,12 @@ def quantize_weights(model: nn.Module, plan: QuantizationPlan, report: QuantizeR
         return
     later = LaterSteps(model, recipe)
     if not recipe.needs_calibration:
-        _quantize_data_free(model, plan, later, report, progress)
+        _quantize_data_free(model, plan, later, report, progress, stream)
     else:
         if plan.calibration is None or plan.calibration.numel() == 0:
             raise ConfigError(f"method {recipe.name} needs calibration data, but none was given")
         with lean_malloc():
-            _quantize_calibrated(model, plan, plan.calibration, later, report, progress)
+            _quantize_calibrated(model, plan, plan.calibration, later, report, progress, stream)
     report.distill = later.losses
     report.metrics += later.metrics()
 
@@ -109,19 +115,32 @@ def _by_layer(targets: list[LinearTarget]) -> dict[int, list[LinearTarget]]:
     return out
 
 
+def _resident(stream: LayerStream | None, li: int) -> AbstractContextManager[Any]:
+    """Layer ``li`` made resident by the stream for the block (nothing to do for a resident model)."""
+    return nullcontext() if stream is None else stream.layer(li)
+
+
 def _quantize_data_free(
-    model: nn.Module, plan: QuantizationPlan, later: LaterSteps, report: QuantizeReport, progress: bool
+    model: nn.Module, plan: QuantizationPlan, later: LaterSteps, report: QuantizeReport, progress: bool,
+    stream: LayerStream | None,
 ) -> None:
     layers = plan.adapter.layers(model)
     bar = tqdm(sorted(_by_layer(plan.targets).items()), desc="quantize", unit="layer", disable=not progress)
     for li, group in bar:
-        for t in group:
-            t0 = time.perf_counter()
-            module = layers[li].get_submodule(t.relative)
-            W = weight_matrix(module)
-            res = later.quantized(module, W, plan.recipe.quantizer.quantize(W, t.spec), t.spec)
-            set_weight_matrix(module, res.weight)
-            report.records.append(LayerRecord(li, t.name, t.spec.nbits, None, time.perf_counter() - t0))
+        with _resident(stream, li):
+            _quantize_directly(layers[li], li, group, plan, later, report)
+
+
+def _quantize_directly(layer: nn.Module, li: int, group: list[LinearTarget], plan: QuantizationPlan,
+                       later: LaterSteps, report: QuantizeReport) -> None:
+    """Quantize each target of one layer from its weight alone."""
+    for t in group:
+        t0 = time.perf_counter()
+        module = layer.get_submodule(t.relative)
+        W = weight_matrix(module)
+        res = later.quantized(module, W, plan.recipe.quantizer.quantize(W, t.spec), t.spec)
+        set_weight_matrix(module, res.weight)
+        report.records.append(LayerRecord(li, t.name, t.spec.nbits, None, time.perf_counter() - t0))
 
 
 def _quantize_calibrated(
@@ -131,12 +150,16 @@ def _quantize_calibrated(
     later: LaterSteps,
     report: QuantizeReport,
     progress: bool,
+    stream: LayerStream | None,
 ) -> None:
     layers = plan.adapter.layers(model)
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if stream is None else stream.device
     t0 = time.perf_counter()
     chunks = [c.to(device) for c in calibration.split(plan.batch_size)]
-    if plan.inputs is not None and not plan.recipe.model_transforms:  # the embeddings are still the FP model's
+    if stream is not None:
+        with stream.outer():
+            captured = capture_inputs(model, layers, chunks)
+    elif plan.inputs is not None and not plan.recipe.model_transforms:  # the embeddings are still the FP model's
         captured = plan.inputs.capture(model, layers, chunks)
     else:
         captured = capture_inputs(model, layers, chunks)
@@ -151,11 +174,12 @@ def _quantize_calibrated(
     for li in bar:
         fit_threads()
         layer = layers[li]
-        tf = LayerTransforms(config, plan.adapter, layer, plan.recipe.layer_transforms, later.rows_divided)
-        later.before_layer(layer, hidden, captured.calls[li])
-        outputs = _quantize_layer(layer, li, plan, by_layer.get(li, []), hidden, captured.calls[li], report, tf,
-                                  later)
-        outputs = later.after_layer(layer, li, captured.calls[li], outputs)
+        with _resident(stream, li):
+            tf = LayerTransforms(config, plan.adapter, layer, plan.recipe.layer_transforms, later.rows_divided)
+            later.before_layer(layer, hidden, captured.calls[li])
+            outputs = _quantize_layer(layer, li, plan, by_layer.get(li, []), hidden, captured.calls[li], report,
+                                      tf, later)
+            outputs = later.after_layer(layer, li, captured.calls[li], outputs)
         if tf.skipped and li == 0:
             log.info("transforms skipped where nothing can absorb a scale: groups %s", ", ".join(tf.skipped))
         hidden = list(outputs)

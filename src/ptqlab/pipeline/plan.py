@@ -19,9 +19,9 @@ from ..errors import ConfigError
 from ..methods import Recipe
 from ..models.adapter import Adapter
 from ..models.weights import in_features, out_features
+from ..nn.capture import InputCache
 from ..nn.specs import ActivationSpec, KVSpec, activation_spec
 from ..quant.spec import QuantSpec
-from .capture import InputCache
 from .size import size_metrics
 
 

@@ -19,8 +19,8 @@ from ..methods import QuantizedLinear, Recipe, Refined, WeightResult
 from ..methods.base import divide_rows
 from ..metrics import Metric
 from ..models.weights import set_weight_matrix, weight_matrix
+from ..nn.capture import LayerCall, layer_output
 from ..quant.spec import QuantSpec
-from .capture import LayerCall, layer_output
 
 log = logging.getLogger(__name__)
 

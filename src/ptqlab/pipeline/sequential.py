@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import LayerCall, layer_output
+from ..nn.capture import LayerCall, layer_output
 
 Observe = Callable[[int, torch.Tensor], None]
 Apply = Callable[[int], None]

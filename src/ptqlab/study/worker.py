@@ -31,8 +31,8 @@ from ..compile import bind, compile_config
 from ..eval import build_reference, evaluate
 from ..eval.reference import Reference
 from ..metrics import Metric
-from ..models.loading import LoadedModel, load_model, resolve_device
-from ..pipeline.capture import InputCache
+from ..models.loading import LoadedModel, load_model, model_fingerprint, resolve_device
+from ..nn.capture import InputCache
 from ..pipeline.driver import LayerRecord, QuantizeReport
 from ..pipeline.quantize import place, quantize, restore
 from ..schema import RunConfig
@@ -40,6 +40,7 @@ from ..threads import thread_ceiling
 from .cache import QModelCache
 from .identity import git_revision, normalized, package_versions, qmodel_key, run_id, weights_key
 from .store import RunRecord
+from .streamed import StreamChoice, choose_stream, run_streamed
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class Worker:
         self.stats = WorkerStats()
         self._models: OrderedDict[tuple[str, str, bool], _FPModel] = OrderedDict()
         self._references: OrderedDict[str, Reference] = OrderedDict()
+        self._streams: dict[str, StreamChoice] = {}
+        self._fingerprints: dict[tuple[str, bool], str] = {}
 
     def fp_model(self, cfg: RunConfig) -> _FPModel:
         """The FP model of ``cfg``, loaded on the CPU once (the last one is kept)."""
@@ -100,8 +103,23 @@ class Worker:
         return found
 
     def run_id(self, cfg: RunConfig) -> str:
-        """The run id of ``cfg`` (loads its model when not loaded)."""
-        return run_id(cfg, self.fp_model(cfg).loaded.info.fingerprint)
+        """The run id of ``cfg`` (loads its model when not loaded and not streamed)."""
+        return run_id(cfg, self._fingerprint(cfg))
+
+    def _fingerprint(self, cfg: RunConfig) -> str:
+        if self._stream(cfg).stream:
+            key = (cfg.model, cfg.trust_remote_code)
+            if key not in self._fingerprints:
+                self._fingerprints[key] = model_fingerprint(cfg.model)
+            return self._fingerprints[key]
+        return self.fp_model(cfg).loaded.info.fingerprint
+
+    def _stream(self, cfg: RunConfig) -> StreamChoice:
+        """Whether ``cfg`` streams (decided once per model, dtype and runtime section)."""
+        key = json.dumps([cfg.model, cfg.dtype, cfg.trust_remote_code, cfg.runtime.model_dump(mode="json")])
+        if key not in self._streams:
+            self._streams[key] = choose_stream(cfg)
+        return self._streams[key]
 
     def run(self, cfg: RunConfig, *, peers: Sequence[tuple[float, float]] = ()) -> RunRecord:
         """Quantize and evaluate ``cfg``; a failure while quantizing or evaluating is a ``failed`` record.
@@ -114,6 +132,12 @@ class Worker:
             ConfigError / DataError: The configuration does not fit the model (nothing was computed).
 
         """
+        choice = self._stream(cfg)
+        if choice.stream:
+            self._models.clear()  # a model kept resident would take the memory the stream saves
+            fingerprint = self._fingerprint(cfg)
+            return run_streamed(cfg, choice, fingerprint, _new_record(cfg, fingerprint, None, cfg.device),
+                                progress=self.progress)
         t_start = time.perf_counter()
         compiled = compile_config(cfg)
         device = resolve_device(cfg.device)

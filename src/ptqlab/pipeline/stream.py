@@ -1,0 +1,177 @@
+"""Quantize a model that is not resident: one decoder layer in memory at a time, written out as it is done.
+
+The model is a skeleton on the meta device (:func:`ptqlab.models.shards.skeleton`). The layer driver asks a
+:class:`LayerStream` for each layer it works on: the layer is read from the checkpoint's shards, quantized,
+written to the output directory as its own shard and released. The modules outside the layers (embeddings,
+final norm, head) are resident only while the layer-0 inputs are captured, and written unchanged at the end;
+layers after the last one with a target are copied shard to shard without running. The output directory
+appears only when complete (:class:`ptqlab.models.shards.ShardWriter`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.adapter import Adapter
+from ..models.shards import Checkpoint, ShardWriter, materialize, module_prefix, outer_modules, release, resident
+from .driver import QuantizeReport, quantize_weights
+from .plan import QuantizationPlan
+
+log = logging.getLogger(__name__)
+
+
+def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of a tensor stored under several (a tied head): safetensors refuses shared tensors."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in state.items():
+        if t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t
+    return out
+
+
+@dataclass
+class LayerStream:
+    """Where a skeleton model's layers come from, where they run and where the quantized ones go.
+
+    Attributes:
+        model: The skeleton (parameters on the meta device).
+        adapter: Its family adapter.
+        source: The checkpoint its tensors are read from.
+        device: Where each layer runs.
+        dtype: The dtype its floating tensors are read in.
+        out: Where the quantized model is written (None: nothing is written, as when evaluating).
+
+    """
+
+    model: nn.Module
+    adapter: Adapter
+    source: Checkpoint
+    device: torch.device
+    dtype: torch.dtype
+    out: ShardWriter | None = None
+    written: set[int] = field(default_factory=set)
+    load_s: float = 0.0
+
+    @contextmanager
+    def outer(self) -> Iterator[None]:
+        """The modules outside the layers resident for the block (for capturing layer 0's inputs)."""
+        with resident(self.model, outer_modules(self.model, self.adapter), self.source, self.device, self.dtype):
+            yield
+
+    @contextmanager
+    def layer(self, li: int) -> Iterator[nn.Module]:
+        """Layer ``li`` resident for the block; then written (when there is an output) and released."""
+        layer = self.adapter.layers(self.model)[li]
+        t0 = time.perf_counter()
+        materialize(self.model, layer, self.source, self.device, self.dtype)
+        self.load_s += time.perf_counter() - t0
+        try:
+            yield layer
+            if self.out is not None:
+                prefix = module_prefix(self.model, layer)
+                self.out.write(f"layer-{li:05d}.safetensors",
+                               {prefix + k: v for k, v in layer.state_dict().items()})
+                self.written.add(li)
+        finally:
+            release(layer)
+
+    def finish(self) -> None:
+        """Copy the layers not written and write the modules outside the layers (unchanged)."""
+        if self.out is None:
+            return
+        layers = self.adapter.layers(self.model)
+        for li in range(len(layers)):
+            if li not in self.written:
+                prefix = module_prefix(self.model, layers[li])
+                self.out.write(f"layer-{li:05d}.safetensors", self.source.load(self.source.names(prefix)))
+        with self.outer():
+            state = _unique({k: v for m in outer_modules(self.model, self.adapter)
+                             for k, v in _persistent(self.model, m).items()})
+            self.out.write("outer.safetensors", state)
+
+
+def _persistent(model: nn.Module, module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s own parameters and persistent buffers (not its children's), by state-dict name."""
+    prefix = module_prefix(model, module)
+    return {prefix + k: v for k, v in module.state_dict().items() if "." not in k}
+
+
+def check_streamable(plan: QuantizationPlan) -> None:
+    """Raise when a recipe or scheme needs the whole model resident.
+
+    Raises:
+        ConfigError: A model transform (rotation), a model refiner (ZeroQuant-Global), static activation
+            ranges or a KV-cache scheme.
+
+    """
+    recipe = plan.recipe
+    if recipe.model_transforms:
+        raise ConfigError(f"runtime.stream: {recipe.name} transforms the whole model (embeddings and head) and "
+                          "cannot run one layer at a time; use runtime.stream: off")
+    if recipe.model_refiners:
+        raise ConfigError(f"runtime.stream: {recipe.name} refines the whole model after the layer loop and cannot "
+                          "run one layer at a time; use runtime.stream: off")
+    if any(not a.dynamic for _, _, a in plan.activations):
+        raise ConfigError("runtime.stream: static activation ranges need whole-model passes; use dynamic "
+                          "activations or runtime.stream: off")
+    if plan.kv is not None:
+        raise ConfigError("runtime.stream: KV-cache quantization is not streamed yet; use runtime.stream: off")
+
+
+def quantize_streamed(
+    model: nn.Module,
+    plan: QuantizationPlan,
+    source: Checkpoint,
+    out: str | Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize the weights of a skeleton ``model`` layer by layer from ``source`` into the directory ``out``.
+
+    Args:
+        model: The skeleton (from :func:`ptqlab.models.shards.skeleton`) the plan was made for.
+        plan: The quantization plan (see :func:`check_streamable` for what it may not contain).
+        source: The FP checkpoint.
+        out: The directory of the quantized model (created complete, with its index and config).
+        device: Where each layer runs.
+        dtype: The compute dtype.
+        progress: Show a progress bar.
+
+    Returns:
+        The report (records and timings; ``timings["stream_load_s"]`` is the time spent reading shards).
+
+    Raises:
+        ConfigError: The plan cannot be streamed.
+
+    """
+    check_streamable(plan)
+    stream = LayerStream(model, plan.adapter, source, device, dtype, ShardWriter(out, config_from=source.directory))
+    report = QuantizeReport()
+    t0 = time.perf_counter()
+    try:
+        quantize_weights(model, plan, report, progress, stream=stream)
+        stream.finish()
+        assert stream.out is not None
+        stream.out.close()
+    except BaseException:
+        assert stream.out is not None
+        stream.out.abort()
+        raise
+    report.timings["quantize_s"] = time.perf_counter() - t0
+    report.timings["stream_load_s"] = stream.load_s
+    log.info("streamed quantization written to %s (%.1f s reading shards)", out, stream.load_s)
+    return report

@@ -1,0 +1,176 @@
+"""Layer streaming: a model quantized and evaluated one layer at a time gives the resident path's numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from ptqlab.errors import ConfigError, ModelLoadError
+from ptqlab.models.loading import stories260k_dir
+from ptqlab.models.shards import Checkpoint
+from ptqlab.schema import parse_config
+from ptqlab.study.identity import run_id
+from ptqlab.study.store import Store
+from ptqlab.study.streamed import choose_stream
+
+HERE = Path(__file__).resolve().parent
+
+
+def _random_llama(out: Path, layers: int, hidden: int, shard: str, tied: bool = False) -> Path:
+    """A random Llama (vocabulary 512, stories260K's tokenizer) written as sharded safetensors."""
+    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                      tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out, max_shard_size=shard)
+    for f in stories260k_dir().iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy2(f, out)
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _random_llama(tmp_path_factory.mktemp("small") / "llama", 3, 64, "40KB", tied=True)
+
+
+def _config(model: Path, tmp: Path, recipe: list, runtime: dict, name: str) -> Path:
+    data = {"model": str(model), "device": "cpu", "scheme": {"weight": {"bits": 4, "granularity": "group",
+                                                                       "group_size": 32}},
+            "recipe": recipe, "calibration": {"dataset": "c4local", "samples": 4, "seqlen": 64},
+            "evaluate": {"perplexity": ["wikitext2"], "seqlen": 128, "max_windows": 2,
+                         "divergence": {"windows": 1, "seqlen": 128}},
+            "runtime": runtime}
+    path = tmp / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _metrics(store: Path) -> dict[str, float]:
+    (record,) = Store(str(store)).list_runs()
+    assert record.status == "done", record.error
+    return {m.name: m.value for m in record.metrics}
+
+
+@pytest.mark.parametrize("recipe", [[{"rtn": {}}], [{"gptq": {}}]], ids=["rtn", "gptq"])
+def test_streamed_run_equals_resident(small: Path, tmp_path: Path, cache: Path, recipe: list) -> None:
+    from ptqlab.cli import main
+
+    for mode in ("on", "off"):
+        cfg = _config(small, tmp_path, recipe, {"stream": mode, "offload_dir": str(tmp_path / "off")}, f"{mode}.yaml")
+        assert main(["run", str(cfg), "--store", str(tmp_path / f"{mode}.db")]) == 0
+    on, off = _metrics(tmp_path / "on.db"), _metrics(tmp_path / "off.db")
+    assert set(on) == set(off)
+    for name, value in off.items():  # the same floats: same batching, same kernels
+        assert on[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    (written,) = (tmp_path / "off").iterdir()
+    assert (written / "model.safetensors.index.json").is_file()
+
+
+def test_runtime_is_not_identity(small: Path) -> None:
+    base = {"model": str(small), "scheme": {"weight": {"bits": 4}}}
+    ids = {run_id(parse_config({**base, "runtime": rt}), "fp") for rt in
+           ({}, {"stream": "on", "max_memory": "1GiB"}, {"stream": False, "offload_dir": "/tmp/x"})}
+    assert len(ids) == 1
+    assert parse_config({**base, "runtime": {"stream": True}}).runtime.stream == "on"  # YAML's `on`
+
+
+def test_bad_runtime_values() -> None:
+    with pytest.raises(ConfigError, match="runtime.max_memory"):
+        parse_config({"model": "m", "runtime": {"max_memory": "lots"}})
+    with pytest.raises(ConfigError, match="runtime.stream"):
+        parse_config({"model": "m", "runtime": {"stream": "sometimes"}})
+
+
+def test_budget_below_one_layer_is_named(small: Path, tmp_path: Path) -> None:
+    cfg = parse_config({"model": str(small), "runtime": {"stream": "on", "max_memory": "10KB",
+                                                         "offload_dir": str(tmp_path)}})
+    with pytest.raises(ConfigError, match=r"one decoder layer needs [\d.]+ KiB at float32"):
+        choose_stream(cfg)
+
+
+def test_auto_streams_past_the_budget(small: Path, tmp_path: Path) -> None:
+    fits = parse_config({"model": str(small), "runtime": {"max_memory": "1GiB", "offload_dir": str(tmp_path)}})
+    tight = parse_config({"model": str(small), "runtime": {"max_memory": "300KB", "offload_dir": str(tmp_path)}})
+    assert not choose_stream(fits).stream
+    assert choose_stream(tight).stream
+
+
+def test_unwritable_offload_dir(small: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = parse_config({"model": str(small), "runtime": {"stream": "on", "offload_dir": str(blocker / "sub")}})
+    with pytest.raises(ConfigError, match="runtime.offload_dir: cannot write"):
+        choose_stream(cfg)
+
+
+def test_missing_and_truncated_shards_are_named(small: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(small, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
+    name, shard = sorted(index.items())[-1]
+    data = (broken / shard).read_bytes()
+    (broken / shard).write_bytes(data[: len(data) - 100])
+    with pytest.raises(ModelLoadError, match=rf"{re.escape(shard)} is truncated: tensor '.+' ends at byte"):
+        Checkpoint(broken)
+    (broken / shard).unlink()
+    with pytest.raises(ModelLoadError, match=rf"{re.escape(shard)} is missing \(it holds tensor "):
+        Checkpoint(broken)
+
+
+def test_whole_model_methods_refuse_to_stream(small: Path, tmp_path: Path, cache: Path) -> None:
+    from ptqlab.cli import main
+
+    cfg = _config(small, tmp_path, [{"rotation": {}}, {"rtn": {}}], {"stream": "on", "offload_dir": str(tmp_path)},
+                  "rot.yaml")
+    assert main(["run", str(cfg), "--store", str(tmp_path / "s.db")]) == 2
+    assert not (tmp_path / "s.db").exists() or not Store(str(tmp_path / "s.db")).list_runs()
+
+
+def _cgroup_ok() -> bool:
+    sys.path.insert(0, str(HERE))
+    try:
+        from capped_run import memory_cgroup
+    finally:
+        sys.path.pop(0)
+    found = memory_cgroup()
+    return found is not None and os.access(found[0].parent, os.W_OK)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _cgroup_ok(), reason="needs a writable memory cgroup")
+def test_model_four_times_larger_than_its_memory(tmp_path: Path, cache: Path) -> None:
+    """GPTQ W4 + perplexity + divergence of a 289 MB model with 72 MB of memory gives the resident numbers."""
+    from ptqlab.cli import main
+
+    model = _random_llama(tmp_path / "big", 128, 256, "20MB")
+    size = Checkpoint(model).bytes_of("", 4)
+    streamed = _config(model, tmp_path, [{"gptq": {}}], {"stream": "on", "offload_dir": str(tmp_path / "off")},
+                       "s.yaml")
+    env = {**os.environ, "PTQLAB_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, str(HERE / "capped_run.py"), str(size // 4), str(streamed),
+                           str(tmp_path / "s.db")], env=env, capture_output=True, text=True, timeout=900)
+    group = re.search(r"new memory in (\S+)", proc.stdout)
+    if group:
+        Path(group.group(1)).rmdir()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    resident = _config(model, tmp_path, [{"gptq": {}}], {"stream": "off"}, "r.yaml")
+    assert main(["run", str(resident), "--store", str(tmp_path / "r.db")]) == 0
+    on, off = _metrics(tmp_path / "s.db"), _metrics(tmp_path / "r.db")
+    for name, value in off.items():
+        assert on[name] == pytest.approx(value, rel=1e-6), name
