@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
-.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention report-demo clean
+.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale report-demo clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,13 @@ bench-study: setup
 CONTENTION_LABEL ?= now
 bench-contention: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_contention.py --label $(CONTENTION_LABEL)
+
+# Resident vs layer-streamed GPTQ + evaluation (peak RSS, time) on SmolLM2-135M and a random 1.1B Llama with
+# llm-compressor beside it, then ptqlab's task path against lm-eval's HF model (about 1 h on two cores).
+bench-scale: setup
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_scale.py --samples 16 --windows 2
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_scale.py --model random-1b --peer --samples 8 --windows 1 --seqlen 512
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_tasks.py
 
 # The built-in quick studies on SmolLM2-135M into the bench store (resumable), then their report under docs/.
 STUDIES_STORE ?= bench/results/studies.db

@@ -66,3 +66,14 @@ def test_fp_reference_is_computed_once_for_a_sweep(tmp_path: Path, monkeypatch: 
         assert 0 <= metrics["top1.wikitext2.s64.w2"]["value"] <= metrics["top5.wikitext2.s64.w2"]["value"] <= 1
     assert len(calls) == 1
     assert kls[0] < kls[1] < kls[2]  # KL orders the configs as the bits do
+
+
+def test_chunked_log_probabilities_equal_the_full_logits() -> None:
+    """The head applied 16 positions at a time gives the log-probabilities of the full logits."""
+    model = tiny_model("gemma2", seed=0)  # final_logit_softcapping: the chunks apply it too
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float()[0], dim=-1)
+    chunks = list(dv.logprob_chunks(model, ids, chunk=16))
+    assert [(s, e) for s, e, _ in chunks] == [(s, min(s + 16, 100)) for s in range(0, 100, 16)]
+    torch.testing.assert_close(torch.cat([c for _, _, c in chunks]), full, rtol=0, atol=1e-5)

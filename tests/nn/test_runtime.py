@@ -199,3 +199,25 @@ def test_padding_independence_for_every_family(family: str) -> None:
     both = _logits(model, padded, attention_mask=mask)
     torch.testing.assert_close(both[0], _logits(model, a)[0], rtol=0, atol=1e-4)
     torch.testing.assert_close(both[1, :6], _logits(model, b)[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama"])  # eager and sdpa attention
+def test_quantized_attention_inputs_keep_the_model_causal(family: str) -> None:
+    """Future tokens never change earlier logits (transformers gets a mask function for ptqlab's attention)."""
+    from ptqlab.models.tiny import tiny_model
+    from ptqlab.nn.attention import install_attention_quantization
+    from ptqlab.nn.context import ForwardContext
+    from ptqlab.quant.spec import QuantSpec
+
+    model = tiny_model(family, seed=0)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, 15:] = 3
+    undo = install_attention_quantization(model, [layer.self_attn for layer in model.model.layers],
+                                          QuantSpec(bits=8, granularity="token"), ForwardContext())
+    try:
+        with torch.no_grad():
+            a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
+    finally:
+        undo()
+    assert torch.equal(a[0, :15], b[0, :15])

@@ -174,3 +174,23 @@ def test_model_four_times_larger_than_its_memory(tmp_path: Path, cache: Path) ->
     on, off = _metrics(tmp_path / "s.db"), _metrics(tmp_path / "r.db")
     for name, value in off.items():
         assert on[name] == pytest.approx(value, rel=1e-6), name
+
+
+def test_streamed_tasks_equal_resident(small: Path, tmp_path: Path, cache: Path) -> None:
+    """lm-eval tasks on a streamed model (every request layer-major) give the resident run's answers."""
+    from ptqlab.cli import main
+
+    for mode in ("on", "off"):
+        data = yaml.safe_load(_config(small, tmp_path, [{"rtn": {}}], {"stream": mode, "offload_dir":
+                                                                         str(tmp_path / "off")}, "x.yaml").read_text())
+        data["evaluate"] = {"tasks": ["piqa", "lambada_openai"], "limit": 6}
+        (tmp_path / f"{mode}.yaml").write_text(yaml.safe_dump(data))
+        assert main(["run", str(tmp_path / f"{mode}.yaml"), "--store", str(tmp_path / f"{mode}.db")]) == 0
+    on, off = _metrics(tmp_path / "on.db"), _metrics(tmp_path / "off.db")
+    tasks = {k: v for k, v in off.items() if k.startswith("lm_eval.")}
+    assert "lm_eval.piqa.acc" in tasks and "lm_eval.piqa.agree_fp" in tasks
+    for name, value in tasks.items():
+        if name.endswith("perplexity"):  # a loglikelihood sum: float noise
+            assert on[name] == pytest.approx(value, rel=1e-4), name
+        else:
+            assert on[name] == value, name

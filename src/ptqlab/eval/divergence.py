@@ -14,6 +14,7 @@ token first; ``top5`` the fraction where FP's first token is among the quantized
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import nn
 from ..paths import cache_root
 from ..threads import fit_threads
 from .cache import entry, load_or_compute
+from .perplexity import HeadTap
 
 TOP_K = 32
 
@@ -54,12 +56,28 @@ class Divergence:
     tokens: int
 
 
-def logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (1, T, V) of one window, in float32 on the CPU."""
+CHUNK = 256
+"""Positions whose log-probabilities exist at once (full-vocabulary logits of a window would not fit)."""
+
+
+def logprob_chunks(model: nn.Module, ids: torch.Tensor, chunk: int = CHUNK) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(s, e, log-probabilities (e - s, V))`` of one window (1, T), float32 on the CPU, chunk by chunk.
+
+    The model runs once; its head is applied ``chunk`` positions at a time (see
+    :class:`~ptqlab.eval.perplexity.HeadTap`), so the (T, V) logits never exist.
+    """
     device = next(model.parameters()).device
+    tap = HeadTap(model, chunk)
     with torch.inference_mode():
-        logits = model(input_ids=ids.to(device), use_cache=False).logits.float()
-    return torch.log_softmax(logits, dim=-1).cpu()  # (1, T, V)
+        if not tap.usable:
+            logits = model(input_ids=ids.to(device), use_cache=False).logits.float()[0]
+            yield 0, logits.shape[0], torch.log_softmax(logits, dim=-1).cpu()
+            return
+        with tap:
+            model(input_ids=ids.to(device), use_cache=False)
+        for s, e, logits in tap.chunks(0, ids.shape[1]):
+            yield s, e, torch.log_softmax(logits, dim=-1).cpu()
+        tap.hidden = None
 
 
 def compute_reference(model: nn.Module, ids: torch.Tensor, k: int = TOP_K) -> TopKReference:
@@ -67,10 +85,16 @@ def compute_reference(model: nn.Module, ids: torch.Tensor, k: int = TOP_K) -> To
     tops, logps = [], []
     for row in ids.split(1):
         fit_threads()
-        val, idx = top_k(logprobs(model, row), k)
+        val, idx = window_top_k(logprob_chunks(model, row), k)
         tops.append(idx)
         logps.append(val)
-    return TopKReference(ids, torch.cat(tops), torch.cat(logps))
+    return TopKReference(ids, torch.stack(tops), torch.stack(logps))
+
+
+def window_top_k(chunks: Iterable[tuple[int, int, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP's top-k log-probabilities (T, k) and ids (T, k) of one window from its log-probability chunks."""
+    parts = [top_k(logp, k) for _, _, logp in chunks]
+    return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
 
 
 def _tail(logp_top: torch.Tensor) -> torch.Tensor:
@@ -80,7 +104,7 @@ def _tail(logp_top: torch.Tensor) -> torch.Tensor:
 
 
 def top_k(logp: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP's top-k log-probabilities (T, k) and their ids (T, k, int32) from its log-probabilities (..., T, V)."""
+    """Top-k log-probabilities (T, k) and their ids (T, k, int32) of log-probabilities (T, V)."""
     val, idx = logp.topk(k, dim=-1)
     return val, idx.to(torch.int32)
 
@@ -106,6 +130,12 @@ class DivergenceSum:
         self.top5 += int((q_best == idx[:, :1]).any(-1).sum())
         self.tokens += q.shape[0]
 
+    def add_window(self, chunks: Iterable[tuple[int, int, torch.Tensor]], p_top: torch.Tensor,
+                   top_ids: torch.Tensor) -> None:
+        """Add one window from Q's log-probability chunks and FP's top-k of the whole window (T, k)."""
+        for s, e, q in chunks:
+            self.add(q, p_top[s:e], top_ids[s:e])
+
     def result(self) -> Divergence:
         """The means over every token added."""
         n = self.tokens
@@ -117,7 +147,7 @@ def divergence(model: nn.Module, ref: TopKReference) -> Divergence:
     acc = DivergenceSum()
     for w in range(ref.ids.shape[0]):
         fit_threads()
-        acc.add(logprobs(model, ref.ids[w : w + 1])[0], ref.top_logp[w], ref.top_ids[w])
+        acc.add_window(logprob_chunks(model, ref.ids[w : w + 1]), ref.top_logp[w], ref.top_ids[w])
     return acc.result()
 
 

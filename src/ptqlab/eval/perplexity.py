@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +87,7 @@ def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> list[float]:
     return out
 
 
-class _HeadTap:
+class HeadTap:
     """Captures the LM head's input and lets only the last position through the head.
 
     The loss is then computed from the captured hidden states in chunks of positions, so the full
@@ -109,7 +110,7 @@ class _HeadTap:
         """Whether the model has an output-embedding module to tap."""
         return isinstance(self.head, nn.Module) and self.chunk > 0
 
-    def __enter__(self) -> _HeadTap:
+    def __enter__(self) -> HeadTap:
         assert isinstance(self.head, nn.Module)
         self._handle = self.head.register_forward_pre_hook(self._hook)
         return self
@@ -121,26 +122,32 @@ class _HeadTap:
         self.hidden = args[0]
         return (args[0][:, -1:],)
 
+    def chunks(self, row: int, end: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(s, e, logits)`` of positions ``s..e-1`` of window ``row`` (float32, soft-capped), up to ``end``."""
+        assert self.hidden is not None and isinstance(self.head, nn.Module)
+        for s in range(0, end, self.chunk):
+            e = min(s + self.chunk, end)
+            logits = self.head(self.hidden[row : row + 1, s:e]).float()[0]  # (e - s, vocab)
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            yield s, e, logits
+
     def window_nll(self, input_ids: torch.Tensor) -> list[float]:
         """Mean token NLL of each window from the captured hidden states, chunk by chunk."""
-        assert self.hidden is not None and isinstance(self.head, nn.Module)
-        hidden, self.hidden = self.hidden, None
+        assert self.hidden is not None
         out = []
         for row in range(input_ids.shape[0]):
-            total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-            for s in range(0, input_ids.shape[1] - 1, self.chunk):
-                e = min(s + self.chunk, input_ids.shape[1] - 1)
-                logits = self.head(hidden[row : row + 1, s:e]).float()[0]  # (e - s, vocab)
-                if self.softcap:
-                    logits = torch.tanh(logits / self.softcap) * self.softcap
+            total = torch.zeros((), dtype=torch.float64, device=self.hidden.device)
+            for s, e, logits in self.chunks(row, input_ids.shape[1] - 1):
                 total += F.cross_entropy(logits, input_ids[row, s + 1 : e + 1], reduction="sum").double()
             out.append(float(total / (input_ids.shape[1] - 1)))
+        self.hidden = None
         return out
 
 
 def batch_nll(model: nn.Module, batch: torch.Tensor, chunk: int) -> list[float]:
     """Window NLLs of one batch, through the head tap when the model has one."""
-    tap = _HeadTap(model, chunk)
+    tap = HeadTap(model, chunk)
     if not tap.usable:
         logits = model(input_ids=batch, use_cache=False).logits
         return window_nll(logits, batch)

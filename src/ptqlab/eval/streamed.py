@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,14 +31,16 @@ from ..models.shards import Checkpoint, outer_modules, resident
 from ..nn.capture import LayerCall, capture_inputs, layer_output
 from ..threads import fit_threads
 from . import divergence as dv
+from .lm import Request, Score, score_logits
 from .perplexity import _exp, batch_nll
 from .plan import EvalPlan
 from .reference import Reference
-from .suite import Evaluation, WindowNLL
+from .suite import Evaluation, WindowNLL, task_metrics
+from .tasks import run_tasks
 
 log = logging.getLogger(__name__)
 
-_NOT_STREAMED = ("tasks", "long_context", "sample", "sensitivity", "adaptive")
+_NOT_STREAMED = ("long_context", "sample", "sensitivity", "adaptive")
 
 
 def check_streamable(plan: EvalPlan) -> None:
@@ -54,8 +56,8 @@ def check_streamable(plan: EvalPlan) -> None:
         log.info("runtime.stream: the default sample and sensitivity are not run on a streamed model")
         asked = [k for k in asked if k not in ("sample", "sensitivity")]
     if asked:
-        raise ConfigError(f"runtime.stream: evaluate.{asked[0]} is not run on a streamed model yet (perplexity and "
-                          f"divergence are); asked: {', '.join(asked)}")
+        raise ConfigError(f"runtime.stream: evaluate.{asked[0]} is not run on a streamed model yet (perplexity, "
+                          f"divergence and tasks are); asked: {', '.join(asked)}")
 
 
 @dataclass
@@ -162,11 +164,12 @@ def evaluate_streamed(
     fp: Checkpoint,
     q: Checkpoint | None = None,
     *,
+    tokenizer: Any = None,
     device: torch.device,
     dtype: torch.dtype,
     progress: bool = True,
 ) -> StreamedResult:
-    """Perplexity and divergence of the model in ``q`` against the FP model in ``fp``, both streamed.
+    """Perplexity, divergence and tasks of the model in ``q`` against the FP model in ``fp``, both streamed.
 
     Args:
         model: The skeleton of the model (its parameters on the meta device).
@@ -174,6 +177,7 @@ def evaluate_streamed(
         plan: The evaluation (see :func:`check_streamable`).
         fp: The FP checkpoint.
         q: The quantized checkpoint (None: the FP model is evaluated as itself).
+        tokenizer: The model's tokenizer (needed for tasks).
         device: Where layers run.
         dtype: The compute dtype.
         progress: Show a progress bar over the layers.
@@ -207,6 +211,14 @@ def evaluate_streamed(
         for kind, value in (("kl", d.kl), ("top1", d.top1), ("top5", d.top5)):
             result.metrics.append(Metric(divergence_name(kind, div.corpus, seqlen, n_win), value))
     result.timings["eval.streamed_s"] = time.perf_counter() - t0
+    if plan.config.tasks:
+        t0 = time.perf_counter()
+        scores = {name: run_tasks(model, tokenizer, plan.config.tasks, **plan.task_settings,
+                                  scorer=StreamedScorer(adapter, ckpt, device, dtype, progress))
+                  for name, ckpt in sources.items()}
+        ref.tasks = scores["fp"]
+        result.metrics += task_metrics(scores[last], scores["fp"])
+        result.timings["lm_eval_s"] = time.perf_counter() - t0
     return StreamedResult(result, ref)
 
 
@@ -226,11 +238,57 @@ def _tail_divergence(runner: LayerMajor, s: _Set, last: str, k: int, ref: Refere
     with runner.tail("fp") as handing:
         for ids, final in zip(s.chunks, s.hidden["fp"], strict=True):
             with handing(final):
-                tops.append(dv.top_k(dv.logprobs(runner.model, ids)[0], k))
+                tops.append(dv.window_top_k(dv.logprob_chunks(runner.model, ids), k))
     ref.topk = dv.TopKReference(s.ids, torch.stack([t[1] for t in tops]), torch.stack([t[0] for t in tops]))
     acc = dv.DivergenceSum()
     with runner.tail(last) as handing:
         for (p_top, idx), ids, final in zip(tops, s.chunks, s.hidden[last], strict=True):
             with handing(final):
-                acc.add(dv.logprobs(runner.model, ids)[0], p_top, idx)
+                acc.add_window(dv.logprob_chunks(runner.model, ids), p_top, idx)
     return acc.result()
+
+
+class StreamedScorer:
+    """Scores lm-eval loglikelihood requests on a streamed model, layer-major (a :class:`~.lm.Scorer`).
+
+    All requests of a call (lm-eval gathers every task's requests into one call) are embedded, each
+    layer is read once and run over all of them, then the head scores each continuation. Requests run
+    whole (context + continuation, no padding: only requests of one length share a batch), so each is
+    scored as lm-eval's HF model scores it alone.
+
+    Args:
+        adapter: The skeleton's family adapter.
+        source: The checkpoint of the model to score.
+        device: Where layers run.
+        dtype: The compute dtype.
+        progress: Show a progress bar over the layers.
+
+    """
+
+    def __init__(self, adapter: Adapter, source: Checkpoint, device: torch.device, dtype: torch.dtype,
+                 progress: bool = False) -> None:
+        self.adapter, self.source, self.device, self.dtype, self.progress = adapter, source, device, dtype, progress
+
+    def __call__(self, model: Any, requests: Sequence[Request], *, batch_size: int) -> list[Score]:
+        """Score each request (context ids, continuation ids): the continuation's log-probability, greedy."""
+        by_length: dict[int, list[int]] = {}
+        for i, (ctx, cont) in enumerate(requests):
+            by_length.setdefault(len(ctx) + len(cont) - 1, []).append(i)
+        groups = list(by_length.values())
+        sets = [_Set(torch.tensor([[*requests[i][0], *requests[i][1]][:-1] for i in group]), max(1, batch_size))
+                for group in groups]
+        runner = LayerMajor(model, self.adapter, {"m": self.source}, self.device, self.dtype)
+        with torch.inference_mode():
+            runner.run(sets, self.progress)
+        out: list[Score | None] = [None] * len(requests)
+        with torch.inference_mode(), runner.tail("m") as handing:
+            for group, s in zip(groups, sets, strict=True):
+                rows = iter(group)
+                for ids, final in zip(s.chunks, s.hidden["m"], strict=True):
+                    with handing(final):
+                        logits = runner.model(input_ids=ids, use_cache=False).logits.float()
+                    for row in range(ids.shape[0]):
+                        i = next(rows)
+                        ctx, cont = requests[i]
+                        out[i] = score_logits(logits[row, len(ctx) - 1 : len(ctx) - 1 + len(cont)], cont)
+        return [s for s in out if s is not None]

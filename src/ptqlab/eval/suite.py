@@ -29,7 +29,7 @@ from .plan import EvalPlan
 from .reference import Reference
 from .retrieval import retrieval_accuracy
 from .sensitivity import Sensitivity, compare
-from .tasks import paired, run_tasks
+from .tasks import TaskResults, paired, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,14 @@ def _tasks(model: nn.Module, tokenizer: Any, plan: EvalPlan, ref: Reference, res
     t0 = time.perf_counter()
     res = run_tasks(model, tokenizer, plan.config.tasks, **plan.task_settings)
     result.timings["lm_eval_s"] = time.perf_counter() - t0
-    fp = res if ref.same_model else ref.tasks
+    result.metrics += task_metrics(res, res if ref.same_model else ref.tasks)
+
+
+def task_metrics(res: TaskResults, fp: TaskResults | None) -> list[Metric]:
+    """lm-eval's metrics (names kept, with stderr) and, given the FP answers, the paired measures."""
+    out = []
     for task, metrics in res.metrics.items():
-        result.metrics += [Metric(task_name(task, name), value, err) for name, (value, err) in metrics.items()]
+        out += [Metric(task_name(task, name), value, err) for name, (value, err) in metrics.items()]
         if fp is not None:
-            result.metrics += [Metric(task_name(task, name), value) for name, value in paired(fp, res, task).items()]
+            out += [Metric(task_name(task, name), value) for name, value in paired(fp, res, task).items()]
+    return out

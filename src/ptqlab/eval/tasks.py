@@ -5,7 +5,10 @@ Five task names read data vendored with ptqlab (``lambada_openai``, ``piqa``, ``
 with absolute paths to the data and handed to lm-eval's ``TaskManager(include_path=...)`` (they shadow
 lm-eval's built-ins of the same names, which would download). A user's own directory of task YAMLs is
 parsed by ptqlab first, so a broken file is an error instead of being skipped silently by lm-eval.
-The model is wrapped by lm-eval's ``HFLM(pretrained=model, tokenizer=tokenizer)``: no save-and-reload.
+The model is wrapped by ptqlab's lm-eval model :class:`ptqlab.eval.lm.PtqlabLM` (no save-and-reload): it
+tokenizes as lm-eval's ``HFLM`` does and gives its numbers, but runs a context shared by several choices
+once and scores the choices from its KV cache (unless a runtime quantizer's range spans the tokens of a
+forward call, see :mod:`ptqlab.eval.lm`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from torch import nn
@@ -28,6 +31,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..paths import cache_root
 from .cache import entry, load_or_compute
+
+if TYPE_CHECKING:
+    from .lm import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -242,18 +248,25 @@ def run_tasks(
     num_fewshot: int | None = None,
     seed: int = 0,
     tasks_dir: str | Path | None = None,
+    scorer: Scorer | None = None,
 ) -> TaskResults:
     """Run lm-eval tasks on ``model`` as it is in memory.
+
+    ``batch_size`` is the number of requests per forward when a request is run whole, and the number of
+    distinct contexts per forward when contexts are shared (their choices then run in one more forward).
+    ``scorer`` replaces how tokenized loglikelihood requests are scored (a streamed model's layer-major
+    scorer, :class:`ptqlab.eval.streamed.StreamedScorer`); by default :func:`ptqlab.eval.lm.score_requests`.
 
     Returns:
         Metrics with their standard errors, and each item's ``acc`` (for paired comparisons).
 
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from .lm import PtqlabLM, score_requests
 
     check_tasks(tasks, tasks_dir)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = PtqlabLM(model, tokenizer, batch_size=batch_size, scorer=scorer or score_requests)
     with task_manager(tasks_dir) as tm:
         out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
                               task_manager=tm, log_samples=True, random_seed=seed, numpy_random_seed=seed,

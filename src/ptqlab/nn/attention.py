@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from ..errors import ConfigError
 from ..quant.spec import QuantSpec
@@ -90,6 +91,10 @@ def install_attention_quantization(
 
         inner = eager_attention_forward
     AttentionInterface.register(NAME, _quantized_attention)
+    # transformers builds the attention mask by the implementation's name: without a mask function of
+    # its own the model would get none (sdpa then assumes a causal forward from position 0 and eager
+    # attends to every token). The eager mask (additive floats, never skipped) is right for both inners.
+    AttentionMaskInterface.register(NAME, eager_mask)
     for m in modules:
         setattr(m, _ATTR, _AttentionSetting(spec, ctx, inner))
     config._attn_implementation = NAME

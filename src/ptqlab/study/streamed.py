@@ -129,8 +129,8 @@ def run_streamed(cfg: RunConfig, choice: StreamChoice, fingerprint: str, record:
     timings: dict[str, float] = {"streamed": 1.0}
     try:
         q, records = _quantized(cfg, plan.quantization, model, fp, fingerprint, device, dtype, progress, timings)
-        res = evaluate_streamed(model, plan.quantization.adapter, plan.evaluation, fp, q, device=device, dtype=dtype,
-                                progress=progress)
+        res = evaluate_streamed(model, plan.quantization.adapter, plan.evaluation, fp, q, tokenizer=tokenizer,
+                                device=device, dtype=dtype, progress=progress)
         timings.update(res.evaluation.timings)
         sizes = plan.quantization.size_metrics(model)
         record.metrics = res.evaluation.metrics + [Metric(k, v) for k, v in sizes.items()]
