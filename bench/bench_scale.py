@@ -3,7 +3,8 @@
 Each job is one `ptqlab run` of the same configuration in its own process (peak RSS is per process), with
 `runtime.stream: off` (the whole model resident) or `on` (one decoder layer at a time, read from the
 safetensors shards; the quantized model written out layer by layer), and a fresh `$PTQLAB_CACHE` (so the
-FP reference is measured in the run, not read from disk). The baseline is the peak of a process that only
+FP reference is measured in the run, not read from disk). A GGUF model (SmolLM2's alias) is read from its
+dequantized safetensors copy, made once before the jobs. The baseline is the peak of a process that only
 imports ptqlab and tokenizes the same data: what the model costs is the difference.
 
     python bench/bench_scale.py                     # SmolLM2-135M, table + bench/results/scale-smollm2-135m.json
@@ -144,6 +145,10 @@ def main() -> None:
     label = args.model
     if args.model == "random-1b":
         args.model = str(random_1b())
+    else:  # a GGUF file or alias: its dequantized safetensors copy, made once here and not in each job
+        from ptqlab.models.loading import model_directory
+
+        args.model = str(model_directory(args.model))
     rows = []
     with tempfile.TemporaryDirectory(prefix="ptqlab-scale-") as tmp:
         work = Path(tmp)

@@ -194,3 +194,31 @@ def test_streamed_tasks_equal_resident(small: Path, tmp_path: Path, cache: Path)
             assert on[name] == pytest.approx(value, rel=1e-4), name
         else:
             assert on[name] == value, name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_on_cuda_matches_cpu(small: Path, tmp_path: Path, cache: Path) -> None:
+    """One layer at a time on the GPU (calibration, Hessians, evaluation there) gives the CPU numbers."""
+    from ptqlab.cli import main
+
+    for device in ("cpu", "cuda"):
+        data = yaml.safe_load(_config(small, tmp_path, [{"gptq": {}}], {"stream": "on", "offload_dir":
+                                                                          str(tmp_path / device)}, "x.yaml").read_text())
+        data["device"] = device
+        (tmp_path / f"{device}.yaml").write_text(yaml.safe_dump(data))
+        assert main(["run", str(tmp_path / f"{device}.yaml"), "--store", str(tmp_path / f"{device}.db")]) == 0
+    cpu, gpu = _metrics(tmp_path / "cpu.db"), _metrics(tmp_path / "cuda.db")
+    for name, value in cpu.items():
+        assert gpu[name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
+
+
+def test_dry_run_says_the_run_streams(small: Path, tmp_path: Path, cache: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from ptqlab.cli import main
+
+    cfg = _config(small, tmp_path, [{"gptq": {}}], {"stream": "on", "offload_dir": str(tmp_path / "off")}, "d.yaml")
+    assert main(["run", str(cfg), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "streamed one decoder layer at a time" in out and str(tmp_path / "off") in out
+    assert not (tmp_path / "off").exists() or not any((tmp_path / "off").iterdir())

@@ -13,11 +13,13 @@ from ..compile import compile_config
 from ..eval.plan import EvalPlan, plan_evaluation
 from ..eval.reference import reference_cached
 from ..eval.tasks import count_items
+from ..memory import format_size
 from ..models.loading import load_tokenizer, model_fingerprint, resolve_device
 from ..schema import Evaluate, RunConfig
 from .estimate import Estimate, Estimator, workload_of
 from .identity import normalized, run_id
 from .store import Store
+from .streamed import StreamChoice, choose_stream, offload_root
 
 
 @dataclass
@@ -53,11 +55,15 @@ def preview_run(cfg: RunConfig, store: Store | None) -> Preview:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     plan = plan_evaluation(cfg.evaluate, tokenizer)
     ev = cfg.evaluate
-    steps = [("quantize", _scheme_line(cfg, compiled.scheme.recipe.needs_calibration or _static(cfg)))]
+    choice = choose_stream(cfg)
+    steps = [("quantize", _scheme_line(cfg, compiled.scheme.recipe.needs_calibration or _static(cfg))),
+             ("runtime", _runtime_line(cfg, choice))]
     ppl_tokens = sum(int(ids.numel()) for ids in plan.windows.values())
     cached = reference_cached(plan.windows, fingerprint, resolve_device(cfg.device).type, cfg.dtype)
     if plan.windows:
-        steps.append(("reference", "FP window NLLs: " + ("in the disk cache" if cached else "computed first")))
+        steps.append(("reference", "FP window NLLs: " + ("computed beside the quantized model, layer by layer"
+                                                         if choice.stream else "in the disk cache" if cached
+                                                         else "computed first")))
         for corpus, ids in plan.windows.items():
             steps.append(("perplexity", f"{corpus}: {ids.shape[0]} windows x {ids.shape[1]} tokens"))
         if ev.adaptive is not None:
@@ -75,6 +81,16 @@ def preview_run(cfg: RunConfig, store: Store | None) -> Preview:
     )
     estimator = Estimator(store.timings() if store is not None else [])
     return Preview(rid, stored.status if stored is not None else "missing", steps, estimator.estimate(work))
+
+
+def _runtime_line(cfg: RunConfig, choice: StreamChoice) -> str:
+    """Whether the run streams its layers, and what that was decided from."""
+    if not choice.stream:
+        return "the whole model resident" + (f" ({format_size(choice.model_bytes)} at {cfg.dtype}; budget "
+                                             f"{format_size(choice.budget)})" if choice.budget else "")
+    return (f"streamed one decoder layer at a time ({format_size(choice.model_bytes)} at {cfg.dtype}, one layer "
+            f"{format_size(choice.layer_bytes)}; budget {format_size(choice.budget)}); quantized model under "
+            f"{offload_root(cfg)}")
 
 
 def _evaluation_steps(ev: Evaluate, plan: EvalPlan, items: dict[str, int | None]) -> list[tuple[str, str]]:
