@@ -62,7 +62,14 @@ def log(msg: str) -> None:
 
 
 def peak_rss_mb() -> float:
-    # Linux: ru_maxrss is in KiB.
+    # VmHWM: this process's own peak (ru_maxrss would start from the parent's, inherited at fork). KiB.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -285,6 +292,7 @@ def main() -> None:
     # post-checks: embeddings / lm_head unchanged, every decoder Linear changed.
     emb_before = digest(model.get_input_embeddings().weight)
     head_tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    head_before = digest(model.lm_head.weight)
     fp_linear = {
         n: digest(m.weight) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
     }
@@ -331,7 +339,7 @@ def main() -> None:
     }
     grid = check_grid(model, args.scheme, fp_linear)
     emb_unchanged = digest(model.get_input_embeddings().weight) == emb_before
-    head_unchanged = digest(model.lm_head.weight) == emb_before
+    head_unchanged = digest(model.lm_head.weight) == head_before
     head_quantized = getattr(model.lm_head, "quantization_scheme", None) is not None
     rtn_fallback = list(getattr(modifier, "_rtn_fallback_module_names", []) or [])
     log(f"calibration check {calib_check}")

@@ -129,6 +129,9 @@ def test_missing_and_truncated_shards_are_named(small: Path, tmp_path: Path) -> 
     (broken / shard).write_bytes(data[: len(data) - 100])
     with pytest.raises(ModelLoadError, match=rf"{re.escape(shard)} is truncated: tensor '.+' ends at byte"):
         Checkpoint(broken)
+    (broken / shard).write_bytes(b"this is not a safetensors file")  # a header length past the end
+    with pytest.raises(ModelLoadError, match=rf"corrupt or unreadable safetensors file .*{re.escape(shard)}"):
+        Checkpoint(broken)
     (broken / shard).unlink()
     with pytest.raises(ModelLoadError, match=rf"{re.escape(shard)} is missing \(it holds tensor "):
         Checkpoint(broken)
@@ -203,8 +206,8 @@ def test_streamed_on_cuda_matches_cpu(small: Path, tmp_path: Path, cache: Path) 
     from ptqlab.cli import main
 
     for device in ("cpu", "cuda"):
-        data = yaml.safe_load(_config(small, tmp_path, [{"gptq": {}}], {"stream": "on", "offload_dir":
-                                                                          str(tmp_path / device)}, "x.yaml").read_text())
+        runtime = {"stream": "on", "offload_dir": str(tmp_path / device)}
+        data = yaml.safe_load(_config(small, tmp_path, [{"gptq": {}}], runtime, "x.yaml").read_text())
         data["device"] = device
         (tmp_path / f"{device}.yaml").write_text(yaml.safe_dump(data))
         assert main(["run", str(tmp_path / f"{device}.yaml"), "--store", str(tmp_path / f"{device}.db")]) == 0

@@ -47,7 +47,7 @@ def check_streamable(plan: EvalPlan) -> None:
     """Raise when the plan asks for an evaluation the layer-major path does not run.
 
     Raises:
-        ConfigError: Naming the evaluations (perplexity and divergence are streamed).
+        ConfigError: Naming the evaluations (perplexity, divergence and tasks are streamed).
 
     """
     ev = plan.config

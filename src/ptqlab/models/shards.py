@@ -44,7 +44,12 @@ def _header(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
-            header: dict[str, Any] = json.loads(f.read(size))
+            if size > path.stat().st_size - 8:
+                raise ValueError(f"its header claims {size} bytes, the file has {path.stat().st_size}")
+            header = json.loads(f.read(size))
+            if not isinstance(header, dict) or not all(
+                    isinstance(m, dict) and "data_offsets" in m for k, m in header.items() if k != "__metadata__"):
+                raise ValueError("its header is not a safetensors header")
     except (OSError, struct.error, ValueError) as exc:
         raise ModelLoadError(f"corrupt or unreadable safetensors file {path}: {exc}") from exc
     header.pop("__metadata__", None)
