@@ -25,7 +25,7 @@ from torch import nn
 from ..paths import cache_root
 from ..threads import fit_threads
 from .cache import entry, load_or_compute
-from .perplexity import HeadTap
+from .perplexity import HeadTap, model_device
 
 TOP_K = 32
 
@@ -66,7 +66,7 @@ def logprob_chunks(model: nn.Module, ids: torch.Tensor, chunk: int = CHUNK) -> I
     The model runs once; its head is applied ``chunk`` positions at a time (see
     :class:`~ptqlab.eval.perplexity.HeadTap`), so the (T, V) logits never exist.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     tap = HeadTap(model, chunk)
     with torch.inference_mode():
         if not tap.usable:
@@ -119,7 +119,7 @@ class DivergenceSum:
     tokens: int = 0
 
     def add(self, q: torch.Tensor, p_top: torch.Tensor, top_ids: torch.Tensor) -> None:
-        """Add one window: Q's log-probabilities (T, V), FP's top-k log-probabilities and ids (T, k)."""
+        """Add positions: Q's log-probabilities (T, V), FP's top-k log-probabilities and ids (T, k) there."""
         idx = top_ids.long()
         q_top = q.gather(-1, idx)
         p_tail, q_tail = _tail(p_top), _tail(q_top)

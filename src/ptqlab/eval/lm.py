@@ -45,6 +45,7 @@ from ..nn.activation import ActivationQuantizer
 from ..nn.kv_cache import cache_kwarg
 from ..nn.specs import KVSpec
 from ..threads import fit_threads
+from .perplexity import model_device
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +166,6 @@ def score_logits(logits: torch.Tensor, cont: Sequence[int]) -> Score:
     return float(logp.gather(-1, target[:, None]).sum()), greedy
 
 
-def _device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
-
-
 def _full_batches(requests: Sequence[Request], indices: list[int], batch_size: int, pad: bool) -> Iterator[list[int]]:
     """Batches of requests, longest first; only requests of one length share a batch when ``pad`` is False."""
     order = sorted(indices, key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
@@ -189,7 +183,7 @@ def _full_batches(requests: Sequence[Request], indices: list[int], batch_size: i
 def _score_full(model: Any, requests: Sequence[Request], indices: list[int], batch_size: int,
                 params: set[str], out: list[Score | None], pad: bool = True) -> None:
     """One forward of context + continuation[:-1] per request, right-padded batches, longest first."""
-    device = _device(model)
+    device = model_device(model)
     for chunk in _full_batches(requests, indices, batch_size, pad):
         fit_threads()
         seqs = [[*requests[i][0], *requests[i][1]][:-1] for i in chunk]
@@ -215,7 +209,7 @@ def _cache_of(output: Any) -> Any:
 def _score_shared(model: Any, requests: Sequence[Request], groups: list[tuple[tuple[int, ...], list[int]]],
                   batch_size: int, params: set[str], out: list[Score | None]) -> list[int]:
     """Score groups of requests that share a context; return the requests left for full forwards."""
-    device = _device(model)
+    device = model_device(model)
     positions = "position_ids" in params
     # without position ids a padded context would be mispositioned: one context per forward then
     step = batch_size if positions else 1

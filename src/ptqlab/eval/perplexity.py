@@ -52,7 +52,7 @@ def _exp(value: float) -> float:
         return math.inf
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter (CPU for a model without parameters)."""
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
@@ -190,7 +190,7 @@ def perplexity(
 
     """
     _check_inputs(input_ids, batch_size)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     n, seqlen = input_ids.shape
     was_training = model.training
     model.eval()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,15 +138,16 @@ class LayerMajor:
             self.as_tuple = isinstance(out, tuple | list)
             s.hidden[name][c] = layer_output(out)
 
-    @contextmanager
-    def tail(self, source: str) -> Iterator[Callable[[torch.Tensor], Any]]:
-        """``source``'s modules outside the layers resident for the block; yields ``handing``.
+    def tail(self, source: str) -> Any:
+        """``source``'s modules outside the layers resident for the block (the final norm and the head)."""
+        return self._resident(outer_modules(self.model, self.adapter), source)
 
-        ``handing(final)`` is a context in which a forward of the model takes ``final`` as the output of
-        its last decoder layer (the layers themselves do not run).
+    def handing(self, final: torch.Tensor) -> Any:
+        """A block in which a forward of the model takes ``final`` as its last decoder layer's output.
+
+        The layers themselves do not run; use it within :meth:`tail`.
         """
-        with self._resident(outer_modules(self.model, self.adapter), source):
-            yield lambda final: _handing_over(self.layers, final, self.as_tuple)
+        return _handing_over(self.layers, final, self.as_tuple)
 
 
 @dataclass
@@ -225,9 +226,9 @@ def evaluate_streamed(
 def _nll_of(runner: LayerMajor, s: _Set, source: str, chunk: int = 256) -> list[float]:
     """Window NLLs of a set from ``source``'s final hidden states, through its own norm and head."""
     out: list[float] = []
-    with torch.inference_mode(), runner.tail(source) as handing:
+    with torch.inference_mode(), runner.tail(source):
         for ids, final in zip(s.chunks, s.hidden[source], strict=True):
-            with handing(final):
+            with runner.handing(final):
                 out.extend(batch_nll(runner.model, ids, chunk))
     return out
 
@@ -235,15 +236,15 @@ def _nll_of(runner: LayerMajor, s: _Set, source: str, chunk: int = 256) -> list[
 def _tail_divergence(runner: LayerMajor, s: _Set, last: str, k: int, ref: Reference) -> dv.Divergence:
     """KL and top-k agreement of ``last`` against FP on the divergence windows (one per chunk)."""
     tops: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with runner.tail("fp") as handing:
+    with runner.tail("fp"):
         for ids, final in zip(s.chunks, s.hidden["fp"], strict=True):
-            with handing(final):
+            with runner.handing(final):
                 tops.append(dv.window_top_k(dv.logprob_chunks(runner.model, ids), k))
     ref.topk = dv.TopKReference(s.ids, torch.stack([t[1] for t in tops]), torch.stack([t[0] for t in tops]))
     acc = dv.DivergenceSum()
-    with runner.tail(last) as handing:
+    with runner.tail(last):
         for (p_top, idx), ids, final in zip(tops, s.chunks, s.hidden[last], strict=True):
-            with handing(final):
+            with runner.handing(final):
                 acc.add_window(dv.logprob_chunks(runner.model, ids), p_top, idx)
     return acc.result()
 
@@ -278,14 +279,13 @@ class StreamedScorer:
         sets = [_Set(torch.tensor([[*requests[i][0], *requests[i][1]][:-1] for i in group]), max(1, batch_size))
                 for group in groups]
         runner = LayerMajor(model, self.adapter, {"m": self.source}, self.device, self.dtype)
-        with torch.inference_mode():
-            runner.run(sets, self.progress)
+        runner.run(sets, self.progress)
         out: list[Score | None] = [None] * len(requests)
-        with torch.inference_mode(), runner.tail("m") as handing:
+        with torch.inference_mode(), runner.tail("m"):
             for group, s in zip(groups, sets, strict=True):
                 rows = iter(group)
                 for ids, final in zip(s.chunks, s.hidden["m"], strict=True):
-                    with handing(final):
+                    with runner.handing(final):
                         logits = runner.model(input_ids=ids, use_cache=False).logits.float()
                     for row in range(ids.shape[0]):
                         i = next(rows)

@@ -126,8 +126,13 @@ def fingerprint_files(paths: list[Path]) -> str:
     return f"{total}-{digest.hexdigest()}"
 
 
-def _torch_dtype(dtype: str) -> torch.dtype:
-    """Map a dtype name of the config to a torch dtype."""
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of a config's dtype name.
+
+    Raises:
+        ConfigError: Not one of float32, bfloat16, float16.
+
+    """
     try:
         return _DTYPES[dtype]
     except KeyError:
@@ -282,7 +287,7 @@ def _load_hf_dir(
     files = _weight_files(directory)
     _check_safetensors(files)
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    kwargs = {**common, "dtype": _torch_dtype(dtype), "use_safetensors": True}
+    kwargs = {**common, "dtype": torch_dtype(dtype), "use_safetensors": True}
     model, seconds = _from_pretrained(str(directory), kwargs, f"model directory {directory}")
     model, info = _finish(name, source or str(directory), model, files, seconds, device)
     return LoadedModel(model, _tokenizer(str(directory), common, str(directory)), info)
@@ -330,7 +335,7 @@ def _load_gguf(name: str, path: Path, dtype: str, device: str, trust_remote_code
         cache.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(path, cache, trust_remote_code)
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    kwargs = {**common, "dtype": _torch_dtype(dtype), "use_safetensors": True}
+    kwargs = {**common, "dtype": torch_dtype(dtype), "use_safetensors": True}
     model, seconds = _from_pretrained(str(cache), kwargs, f"GGUF file {path} (cached in {cache})")
     model, info = _finish(name, str(path), model, [path], seconds, device, fingerprint)
     return LoadedModel(model, _tokenizer(str(cache), common, str(path)), info)
@@ -485,7 +490,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_rem
         ConfigError: Invalid dtype or device.
 
     """
-    _torch_dtype(dtype)
+    torch_dtype(dtype)
     resolve_device(device)
     kind, where = _resolve(spec)
     if kind == "dir":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -35,8 +36,6 @@ from ptqlab.models.registry import get_adapter
 log = logging.getLogger(__name__)
 
 _INDEX = "model.safetensors.index.json"
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-          "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _header(path: Path) -> dict[str, Any]:
@@ -71,7 +70,6 @@ class Checkpoint:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.where: dict[str, Path] = {}
-        self.nbytes: dict[str, int] = {}
         self.numel: dict[str, int] = {}
         index = self.directory / _INDEX
         if index.is_file():
@@ -101,24 +99,21 @@ class Checkpoint:
             if name not in head["tensors"]:
                 raise ModelLoadError(f"shard {path} lacks tensor {name!r} that {_INDEX} places there")
         for name, meta in head["tensors"].items():
-            start, end = meta["data_offsets"]
+            end = meta["data_offsets"][1]
             if head["size"] + end > size:
                 raise ModelLoadError(
                     f"shard {path} is truncated: tensor {name!r} ends at byte {head['size'] + end}, "
                     f"the file has {size}"
                 )
             self.where[name] = path
-            self.nbytes[name] = end - start
-            self.numel[name] = _numel(meta["shape"])
+            self.numel[name] = math.prod(int(d) for d in meta["shape"])
 
     def names(self, prefix: str = "") -> list[str]:
         """The tensor names that start with ``prefix``."""
         return [n for n in self.where if n.startswith(prefix)]
 
-    def bytes_of(self, prefix: str = "", itemsize: int | None = None) -> int:
-        """Bytes of the tensors under ``prefix`` as stored, or at ``itemsize`` bytes per element."""
-        if itemsize is None:
-            return sum(self.nbytes[n] for n in self.names(prefix))
+    def bytes_of(self, prefix: str, itemsize: int) -> int:
+        """Bytes of the tensors under ``prefix`` at ``itemsize`` bytes per element."""
         return sum(self.numel[n] * itemsize for n in self.names(prefix))
 
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -134,13 +129,6 @@ class Checkpoint:
                 for name in wanted:
                     out[name] = handle.get_tensor(name)
         return out
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def skeleton(directory: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:

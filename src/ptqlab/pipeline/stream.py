@@ -3,8 +3,8 @@
 The model is a skeleton on the meta device (:func:`ptqlab.models.shards.skeleton`). The layer driver asks a
 :class:`LayerStream` for each layer it works on: the layer is read from the checkpoint's shards, quantized,
 written to the output directory as its own shard and released. The modules outside the layers (embeddings,
-final norm, head) are resident only while the layer-0 inputs are captured, and written unchanged at the end;
-layers after the last one with a target are copied shard to shard without running. The output directory
+final norm, head) are resident only while the layer-0 inputs are captured; at the end their tensors, and
+the layers after the last one with a target, are copied shard to shard unchanged. The output directory
 appears only when complete (:class:`ptqlab.models.shards.ShardWriter`).
 """
 
@@ -29,18 +29,6 @@ from .plan import QuantizationPlan
 log = logging.getLogger(__name__)
 
 
-def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop later names of a tensor stored under several (a tied head): safetensors refuses shared tensors."""
-    seen: set[int] = set()
-    out = {}
-    for name, t in state.items():
-        if t.device.type == "meta" or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        out[name] = t
-    return out
-
-
 @dataclass
 class LayerStream:
     """Where a skeleton model's layers come from, where they run and where the quantized ones go.
@@ -51,7 +39,7 @@ class LayerStream:
         source: The checkpoint its tensors are read from.
         device: Where each layer runs.
         dtype: The dtype its floating tensors are read in.
-        out: Where the quantized model is written (None: nothing is written, as when evaluating).
+        out: Where the quantized model is written.
 
     """
 
@@ -60,7 +48,7 @@ class LayerStream:
     source: Checkpoint
     device: torch.device
     dtype: torch.dtype
-    out: ShardWriter | None = None
+    out: ShardWriter
     written: set[int] = field(default_factory=set)
     load_s: float = 0.0
 
@@ -72,40 +60,27 @@ class LayerStream:
 
     @contextmanager
     def layer(self, li: int) -> Iterator[nn.Module]:
-        """Layer ``li`` resident for the block; then written (when there is an output) and released."""
+        """Layer ``li`` resident for the block; then written and released."""
         layer = self.adapter.layers(self.model)[li]
         t0 = time.perf_counter()
         materialize(self.model, layer, self.source, self.device, self.dtype)
         self.load_s += time.perf_counter() - t0
         try:
             yield layer
-            if self.out is not None:
-                prefix = module_prefix(self.model, layer)
-                self.out.write(f"layer-{li:05d}.safetensors",
-                               {prefix + k: v for k, v in layer.state_dict().items()})
-                self.written.add(li)
+            prefix = module_prefix(self.model, layer)
+            self.out.write(f"layer-{li:05d}.safetensors", {prefix + k: v for k, v in layer.state_dict().items()})
+            self.written.add(li)
         finally:
             release(layer)
 
     def finish(self) -> None:
-        """Copy the layers not written and write the modules outside the layers (unchanged)."""
-        if self.out is None:
-            return
-        layers = self.adapter.layers(self.model)
-        for li in range(len(layers)):
+        """Copy, shard to shard, the layers not written and the tensors outside the layers (unchanged)."""
+        prefixes = [module_prefix(self.model, layer) for layer in self.adapter.layers(self.model)]
+        for li, prefix in enumerate(prefixes):
             if li not in self.written:
-                prefix = module_prefix(self.model, layers[li])
                 self.out.write(f"layer-{li:05d}.safetensors", self.source.load(self.source.names(prefix)))
-        with self.outer():
-            state = _unique({k: v for m in outer_modules(self.model, self.adapter)
-                             for k, v in _persistent(self.model, m).items()})
-            self.out.write("outer.safetensors", state)
-
-
-def _persistent(model: nn.Module, module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module``'s own parameters and persistent buffers (not its children's), by state-dict name."""
-    prefix = module_prefix(model, module)
-    return {prefix + k: v for k, v in module.state_dict().items() if "." not in k}
+        outer = [n for n in self.source.names() if not n.startswith(tuple(prefixes))]
+        self.out.write("outer.safetensors", self.source.load(outer))
 
 
 def check_streamable(plan: QuantizationPlan) -> None:
@@ -165,10 +140,8 @@ def quantize_streamed(
     try:
         quantize_weights(model, plan, report, progress, stream=stream)
         stream.finish()
-        assert stream.out is not None
         stream.out.close()
     except BaseException:
-        assert stream.out is not None
         stream.out.abort()
         raise
     report.timings["quantize_s"] = time.perf_counter() - t0

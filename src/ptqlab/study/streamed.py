@@ -24,7 +24,7 @@ from ..eval.streamed import check_streamable as check_eval
 from ..eval.streamed import evaluate_streamed
 from ..memory import available_memory, format_size, parse_size
 from ..metrics import Metric
-from ..models.loading import load_tokenizer, model_directory, resolve_device
+from ..models.loading import load_tokenizer, model_directory, resolve_device, torch_dtype
 from ..models.registry import get_adapter
 from ..models.shards import Checkpoint, check_writable, module_prefix, skeleton
 from ..paths import cache_root
@@ -37,8 +37,6 @@ from .store import RunRecord
 
 log = logging.getLogger(__name__)
 
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _RECORDS = "ptqlab-records.json"
 _RESIDENT_FACTOR = 2.5  # a shared worker keeps the FP state beside the quantized copy, plus activations
 
@@ -49,20 +47,18 @@ class StreamChoice:
 
     Attributes:
         stream: Stream the run.
-        directory: The model's local directory (None when not streamed).
+        checkpoint: The model's safetensors files (None when not streamed).
         budget: The memory budget in bytes.
         model_bytes: The model's weights at the run's dtype.
         layer_bytes: The largest decoder layer's weights at the run's dtype.
-        outer_bytes: The weights outside the layers (embeddings, head) at the run's dtype.
 
     """
 
     stream: bool
-    directory: Path | None = None
+    checkpoint: Checkpoint | None = None
     budget: int = 0
     model_bytes: int = 0
     layer_bytes: int = 0
-    outer_bytes: int = 0
 
 
 def choose_stream(cfg: RunConfig) -> StreamChoice:
@@ -79,8 +75,9 @@ def choose_stream(cfg: RunConfig) -> StreamChoice:
         return StreamChoice(False)
     directory = model_directory(cfg.model, cfg.trust_remote_code)
     ckpt = Checkpoint(directory)
-    item = _ITEMSIZE[cfg.dtype]
-    model = skeleton(directory, _DTYPES[cfg.dtype], cfg.trust_remote_code)
+    dtype = torch_dtype(cfg.dtype)
+    item = dtype.itemsize
+    model = skeleton(directory, dtype, cfg.trust_remote_code)
     adapter = get_adapter(model)
     layers = [ckpt.bytes_of(module_prefix(model, layer), item) for layer in adapter.layers(model)]
     total = ckpt.bytes_of("", item)
@@ -98,7 +95,7 @@ def choose_stream(cfg: RunConfig) -> StreamChoice:
         )
     check_writable(offload_root(cfg))
     log.info("streaming %s (%s at %s; budget %s)", cfg.model, format_size(total), cfg.dtype, format_size(budget))
-    return StreamChoice(True, directory, budget, total, max(layers, default=0), outer)
+    return StreamChoice(True, ckpt, budget, total, max(layers, default=0))
 
 
 def offload_root(cfg: RunConfig) -> Path:
@@ -115,16 +112,16 @@ def run_streamed(cfg: RunConfig, choice: StreamChoice, fingerprint: str, record:
         ConfigError: The recipe, scheme or evaluation cannot be streamed (before any work).
 
     """
-    assert choice.directory is not None
+    fp = choice.checkpoint
+    assert fp is not None
     t_start = time.perf_counter()
     compiled = compile_config(cfg)
-    device, dtype = resolve_device(cfg.device), _DTYPES[cfg.dtype]
+    device, dtype = resolve_device(cfg.device), torch_dtype(cfg.dtype)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    model = skeleton(choice.directory, dtype, cfg.trust_remote_code)
+    model = skeleton(fp.directory, dtype, cfg.trust_remote_code)
     plan = bind(compiled, model, tokenizer)
     check_quant(plan.quantization)
     check_eval(plan.evaluation)
-    fp = Checkpoint(choice.directory)
     record.architecture, record.device = type(model).__name__, str(device)
     timings: dict[str, float] = {"streamed": 1.0}
     try:
