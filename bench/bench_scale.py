@@ -1,8 +1,9 @@
 """`make bench-scale`: peak memory and time of resident vs layer-streamed GPTQ + evaluation, and the task path.
 
 Each job is one `ptqlab run` of the same configuration in its own process (peak RSS is per process), with
-`runtime.stream: off` (the whole model resident) or `on` (one decoder layer at a time, read from the
-safetensors shards; the quantized model written out layer by layer), and a fresh `$PTQLAB_CACHE` (so the
+`runtime.stream: off` (the whole model resident; calibration in `layer_pass: one` pass per layer holding
+every chunk at each linear group, or `per_group` passes holding one chunk at a time) or `on` (one decoder
+layer at a time, read from the safetensors shards; the quantized model written out layer by layer), and a fresh `$PTQLAB_CACHE` (so the
 FP reference is measured in the run, not read from disk). A GGUF model (SmolLM2's alias) is read from its
 dequantized safetensors copy, made once before the jobs. The baseline is the peak of a process that only
 imports ptqlab and tokenizes the same data: what the model costs is the difference.
@@ -79,14 +80,17 @@ def peer_tokens(args: argparse.Namespace, path: Path) -> None:
     save_file({"calibration": cal.contiguous(), "eval": ev.contiguous()}, str(path))
 
 
-def _config(args: argparse.Namespace, stream: str, offload: Path) -> dict:
+VARIANTS = (("off", "one"), ("off", "per_group"), ("on", "auto"))  # runtime.stream, runtime.layer_pass
+
+
+def _config(args: argparse.Namespace, stream: str, layer_pass: str, offload: Path) -> dict:
     return {"model": args.model, "device": "cpu",
             "scheme": {"weight": {"bits": 4, "granularity": "group", "group_size": 64}},
             "recipe": [{"gptq": {}}],
             "calibration": {"dataset": "c4local", "samples": args.samples, "seqlen": 512},
             "evaluate": {"perplexity": ["wikitext2"], "seqlen": args.seqlen, "max_windows": args.windows,
                          "divergence": {"windows": 1, "seqlen": args.seqlen}},
-            "runtime": {"stream": stream, "offload_dir": str(offload)}}
+            "runtime": {"stream": stream, "layer_pass": layer_pass, "offload_dir": str(offload)}}
 
 
 def job(config: Path, store: Path, baseline: bool) -> dict:
@@ -159,33 +163,39 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ptqlab-scale-") as tmp:
         work = Path(tmp)
-        for stream in ("off", "on"):
-            cfg = work / f"{stream}.yaml"
-            cfg.write_text(yaml.safe_dump(_config(args, stream, work / "offload")))
+        for stream, layer_pass in VARIANTS:
+            name = f"{stream}-{layer_pass}"
+            cfg = work / f"{name}.yaml"
+            cfg.write_text(yaml.safe_dump(_config(args, stream, layer_pass, work / "offload")))
             if not rows:
                 base = run_job(cfg, work / "base.db", work / "cache-base", baseline=True)
-            res = run_job(cfg, work / f"{stream}.db", work / f"cache-{stream}")
-            rows.append({"stream": stream, **res, "metrics": _metrics(work / f"{stream}.db")})
+            res = run_job(cfg, work / f"{name}.db", work / f"cache-{name}")
+            rows.append({"stream": stream, "layer_pass": layer_pass, **res, "metrics": _metrics(work / f"{name}.db")})
         peer = run_peer(args, work) if args.peer else None
-    off, on = rows
+    off, per_group, on = rows
     ppl = next(k for k in off["metrics"] if k.startswith("ppl."))
     kl = next(k for k in off["metrics"] if k.startswith("kl."))
     lines = [f"| run | seconds | peak RSS MB | over baseline MB | {ppl} | {kl} |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| stream: {r['stream']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+        lines.append(f"| stream: {r['stream']}, layer_pass: {r['layer_pass']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['peak_rss_mb'] - base['peak_rss_mb']:.0f} | {r['metrics'][ppl]:.4f} | "
                      f"{r['metrics'][kl]:.5f} |")
     lines.append(f"| baseline (imports + tokenized data) | {base['seconds']:.1f} | {base['peak_rss_mb']:.0f} | 0 | | |")
     ratio_t = on["seconds"] / off["seconds"]
     ratio_m = (on["peak_rss_mb"] - base["peak_rss_mb"]) / (off["peak_rss_mb"] - base["peak_rss_mb"])
     lines += ["", f"streamed / resident: time {ratio_t:.2f}x, memory over baseline {ratio_m:.2f}x; "
-              f"same {ppl}: {on['metrics'][ppl] == off['metrics'][ppl]}"]
+              f"same {ppl}: {on['metrics'][ppl] == off['metrics'][ppl]}",
+              f"per-group passes / one pass (resident): quantize time "
+              f"{per_group['metrics']['time.quantize_s'] / off['metrics']['time.quantize_s']:.2f}x, peak "
+              f"{per_group['peak_rss_mb'] - off['peak_rss_mb']:+.0f} MB; same {ppl}: "
+              f"{per_group['metrics'][ppl] == off['metrics'][ppl]}"]
     if peer is not None:
         lines += [f"llm-compressor GPTQ (load + oneshot + 1 window): {peer['seconds']:.1f} s, peak RSS "
                   f"{peer['peak_rss_mb']:.0f} MB (oneshot {peer['quant_seconds']:.1f} s); ptqlab streamed / "
                   f"llm-compressor: peak RSS {on['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x, time "
                   f"{on['seconds'] / peer['seconds']:.2f}x; resident / llm-compressor: peak RSS "
-                  f"{off['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x"]
+                  f"{off['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x (one pass), "
+                  f"{per_group['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x (per-group passes)"]
     table = "\n".join(lines)
     print(table)
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",

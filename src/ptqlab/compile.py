@@ -27,6 +27,7 @@ from torch import nn
 from .data.calibration import calibration_windows
 from .errors import ConfigError
 from .eval.plan import EvalPlan, check_evaluate, plan_evaluation
+from .memory import parse_size, return_freed
 from .methods import Recipe, build_recipe
 from .models.registry import get_adapter
 from .nn.runtime import check_runtime
@@ -186,7 +187,10 @@ def bind(compiled: CompiledConfig, model: nn.Module, tokenizer: Any) -> RunPlan:
     """
     cfg = compiled.config
     quantization = plan_quantization(model, compiled.scheme, cfg.calibration, tokenizer, cfg.evaluate.seqlen)
+    quantization.layer_pass = cfg.runtime.layer_pass
+    quantization.max_memory = None if cfg.runtime.max_memory is None else parse_size(cfg.runtime.max_memory)
     evaluation = plan_evaluation(cfg.evaluate, tokenizer, model)
+    return_freed()  # the tokenizer's transient buffers (about 170 MB for wikitext2's test split)
     return RunPlan(quantization, evaluation)
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
+import sys
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -48,3 +53,35 @@ def available_memory() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+@lru_cache(maxsize=1)
+def libc() -> Any:
+    """The C library (glibc) through ctypes, or None (another platform or C library)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def return_freed() -> bool:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``); False where there is no glibc.
+
+    Large transient work (tokenizing a whole corpus) leaves its freed buffers in the heap, counted in the
+    process's resident memory until something reuses them.
+    """
+    lib = libc()
+    return bool(lib is not None and lib.malloc_trim(0))
+
+
+def resident_bytes() -> int | None:
+    """Resident memory of this process (Linux ``VmRSS``), or None where it cannot be read."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return None

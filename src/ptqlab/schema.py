@@ -253,10 +253,14 @@ class Runtime(_Strict):
     layer from the safetensors shards and write the quantized one out); ``off`` loads the whole model;
     ``auto`` streams when the run would not fit ``max_memory``. ``max_memory``: the budget (``8GiB``; default:
     the memory available when the run starts). ``offload_dir``: where a streamed run writes its quantized
-    model (default: ``$PTQLAB_CACHE/stream``).
+    model (default: ``$PTQLAB_CACHE/stream``). ``layer_pass``: how calibration runs a decoder layer: ``one``
+    pass holding every calibration chunk at each linear group (fastest), ``per_group`` (a pass per group,
+    one chunk's intermediate tensors at a time), or ``auto`` (``per_group`` when the held chunks would not
+    fit half the memory left); both give the same floats.
     """
 
     stream: Literal["auto", "on", "off"] = "auto"
+    layer_pass: Literal["auto", "one", "per_group"] = "auto"
     max_memory: str | int | None = None
     offload_dir: str | None = None
 

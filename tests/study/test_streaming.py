@@ -112,6 +112,23 @@ def test_auto_streams_past_the_budget(small: Path, tmp_path: Path) -> None:
     assert choose_stream(tight).stream
 
 
+def test_auto_streams_onto_a_gpu_the_model_does_not_fit(small: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the GPU's free memory is a budget too: a model past it goes one layer at a time (no GPU needed)."""
+    from ptqlab.study import streamed
+
+    monkeypatch.setattr(streamed, "resolve_device", lambda _name: torch.device("cuda"))
+    cfg = parse_config({"model": str(small), "device": "cuda",
+                        "runtime": {"max_memory": "1GiB", "offload_dir": str(tmp_path)}})
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _dev=None: (80 << 30, 80 << 30))
+    assert not choose_stream(cfg).stream
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _dev=None: (300_000, 80 << 30))
+    assert choose_stream(cfg).stream
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _dev=None: (10_000, 80 << 30))
+    with pytest.raises(ConfigError, match=r"the GPU's free memory \(9.8 KiB\) is too small .* one decoder layer"):
+        choose_stream(cfg)
+
+
 def test_unwritable_offload_dir(small: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -70,6 +70,10 @@ class QuantizationPlan:
         kv: KV cache quantization, or None.
         kv_tokens: Tokens per range for KV ``channel`` granularity, for the size accounting.
         inputs: Layer-0 inputs captured before, shared by the runs of one FP model (None: capture anew).
+        layer_pass: ``one`` (one pass per layer, every chunk held at each group), ``per_group`` (a pass per
+            group, one chunk in flight) or ``auto`` (``per_group`` when the held chunks would not fit half the
+            memory left; see :mod:`ptqlab.pipeline.sequential`).
+        max_memory: The run's memory budget in bytes (None: what the machine has available).
 
     """
 
@@ -83,6 +87,8 @@ class QuantizationPlan:
     kv: KVSpec | None = None
     kv_tokens: int = 2048
     inputs: InputCache | None = None
+    layer_pass: str = "auto"
+    max_memory: int | None = None
 
     @property
     def changes_weights(self) -> bool:

@@ -64,6 +64,10 @@ class StreamChoice:
 def choose_stream(cfg: RunConfig) -> StreamChoice:
     """Decide from ``cfg.runtime`` and the model's size whether the run streams; check its budget and directory.
 
+    ``auto`` streams when the model would not fit the memory budget, or on a CUDA device its free memory
+    (then each decoder layer is put on the GPU while it is worked on, its calibration activations and
+    Hessians with it).
+
     Raises:
         ConfigError: A budget smaller than one decoder layer (or the embeddings and head), or an offload
             directory that cannot be written.
@@ -83,19 +87,34 @@ def choose_stream(cfg: RunConfig) -> StreamChoice:
     total = ckpt.bytes_of("", item)
     outer = total - sum(layers)
     budget = parse_size(rt.max_memory) if rt.max_memory is not None else available_memory()
-    stream = rt.stream == "on" or total * _RESIDENT_FACTOR > budget
+    gpu = gpu_free_memory(resolve_device(cfg.device))
+    stream = rt.stream == "on" or total * _RESIDENT_FACTOR > min(budget, gpu or budget)
     if not stream:
         return StreamChoice(False, budget=budget, model_bytes=total)
     need = max(max(layers, default=0), outer)
-    if need > budget:
-        raise ConfigError(
-            f"runtime.max_memory={rt.max_memory or format_size(budget)} is too small to stream {cfg.model}: one "
-            f"decoder layer needs {format_size(max(layers, default=0))} at {cfg.dtype} and the embeddings and head "
-            f"{format_size(outer)}; give at least {format_size(need)}"
-        )
+    for room, what in ((budget, f"runtime.max_memory={rt.max_memory or format_size(budget)}"),
+                       (gpu or budget, f"the GPU's free memory ({format_size(gpu or 0)})")):
+        if need > room:
+            raise ConfigError(
+                f"{what} is too small to stream {cfg.model}: one decoder layer needs "
+                f"{format_size(max(layers, default=0))} at {cfg.dtype} and the embeddings and head "
+                f"{format_size(outer)}; give at least {format_size(need)}"
+            )
     check_writable(offload_root(cfg))
-    log.info("streaming %s (%s at %s; budget %s)", cfg.model, format_size(total), cfg.dtype, format_size(budget))
+    log.info("streaming %s (%s at %s; budget %s%s)", cfg.model, format_size(total), cfg.dtype, format_size(budget),
+             "" if gpu is None else f", GPU {format_size(gpu)} free")
     return StreamChoice(True, ckpt, budget, total, max(layers, default=0))
+
+
+def gpu_free_memory(device: torch.device) -> int | None:
+    """Free memory of a CUDA ``device`` in bytes; None for other devices.
+
+    A model that would not fit it streams: one decoder layer at a time on the GPU.
+    """
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
 
 
 def offload_root(cfg: RunConfig) -> Path:
