@@ -58,7 +58,8 @@ bench-contention: setup
 # Resident vs layer-streamed GPTQ + evaluation (peak RSS, time) on SmolLM2-135M and a random 1.1B Llama with
 # llm-compressor beside it, then ptqlab's task path against lm-eval's HF model (about 1 h on two cores).
 bench-scale: setup
-	PYTHONUNBUFFERED=1 $(PY) bench/bench_scale.py --samples 16 --windows 2
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_scale.py --samples 16 --windows 2 --peer
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_layer_pass.py
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_scale.py --model random-1b --peer --samples 8 --windows 1 --seqlen 512
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_tasks.py
 

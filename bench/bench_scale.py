@@ -3,10 +3,11 @@
 Each job is one `ptqlab run` of the same configuration in its own process (peak RSS is per process), with
 `runtime.stream: off` (the whole model resident; calibration in `layer_pass: one` pass per layer holding
 every chunk at each linear group, or `per_group` passes holding one chunk at a time) or `on` (one decoder
-layer at a time, read from the safetensors shards; the quantized model written out layer by layer), and a fresh `$PTQLAB_CACHE` (so the
-FP reference is measured in the run, not read from disk). A GGUF model (SmolLM2's alias) is read from its
-dequantized safetensors copy, made once before the jobs. The baseline is the peak of a process that only
-imports ptqlab and tokenizes the same data: what the model costs is the difference.
+layer at a time, read from the safetensors shards; the quantized model written out layer by layer), and a
+fresh `$PTQLAB_CACHE` (so the FP reference is measured in the run, not read from disk). A GGUF model
+(SmolLM2's alias) is read from its dequantized safetensors copy, made once before the jobs. The baseline
+is the peak of a process that only imports ptqlab and tokenizes the same data: what the model costs is the
+difference.
 
     python bench/bench_scale.py                     # SmolLM2-135M, table + bench/results/scale-smollm2-135m.json
     python bench/bench_scale.py --model random-1b --peer  # a random 1.1B Llama (TinyLlama's shape), and
@@ -177,7 +178,8 @@ def main() -> None:
     kl = next(k for k in off["metrics"] if k.startswith("kl."))
     lines = [f"| run | seconds | peak RSS MB | over baseline MB | {ppl} | {kl} |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| stream: {r['stream']}, layer_pass: {r['layer_pass']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+        lines.append(f"| stream: {r['stream']}, layer_pass: {r['layer_pass']} | {r['seconds']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | "
                      f"{r['peak_rss_mb'] - base['peak_rss_mb']:.0f} | {r['metrics'][ppl]:.4f} | "
                      f"{r['metrics'][kl]:.5f} |")
     lines.append(f"| baseline (imports + tokenized data) | {base['seconds']:.1f} | {base['peak_rss_mb']:.0f} | 0 | | |")

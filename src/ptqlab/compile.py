@@ -189,6 +189,7 @@ def bind(compiled: CompiledConfig, model: nn.Module, tokenizer: Any) -> RunPlan:
     quantization = plan_quantization(model, compiled.scheme, cfg.calibration, tokenizer, cfg.evaluate.seqlen)
     quantization.layer_pass = cfg.runtime.layer_pass
     quantization.max_memory = None if cfg.runtime.max_memory is None else parse_size(cfg.runtime.max_memory)
+    quantization.offload_dir = cfg.runtime.offload_dir
     evaluation = plan_evaluation(cfg.evaluate, tokenizer, model)
     return_freed()  # the tokenizer's transient buffers (about 170 MB for wikitext2's test split)
     return RunPlan(quantization, evaluation)

@@ -8,7 +8,7 @@ import torch
 from ptqlab.api import plan_quantization, run_quantization
 from ptqlab.models.registry import get_adapter
 from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
-from ptqlab.pipeline import driver
+from ptqlab.pipeline import budget
 from ptqlab.pipeline.sequential import run_group_passes
 
 CAL = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(5))
@@ -77,13 +77,41 @@ def test_auto_takes_a_pass_per_group_when_the_held_chunks_would_not_fit(monkeypa
     plan = plan_quantization(model, SCHEME, [{"gptq": {}}], CAL)
     layer = get_adapter(model).layers(model)[0]
     hidden = [torch.zeros(2, 24, model.config.hidden_size) for _ in range(3)]
-    held = driver.held_bytes(layer, hidden)
+    held = budget.held_bytes(layer, hidden)
     widest = max(model.config.intermediate_size, model.config.hidden_size)
     assert held == 6 * 24 * (widest + 4 * model.config.hidden_size) * 4
-    monkeypatch.setattr(driver, "resident_bytes", lambda: 1000)
+    monkeypatch.setattr(budget, "resident_bytes", lambda: 1000)
     plan.max_memory = 1000 + 2 * held + 2
-    assert driver._per_group(plan, layer, hidden) is False
+    assert budget.per_group_passes(plan, layer, hidden) is False
     plan.max_memory = 1000 + 2 * held - 2
-    assert driver._per_group(plan, layer, hidden) is True
+    assert budget.per_group_passes(plan, layer, hidden) is True
     plan.layer_pass = "one"
-    assert driver._per_group(plan, layer, hidden) is False
+    assert budget.per_group_passes(plan, layer, hidden) is False
+
+
+def test_hidden_states_past_the_budget_are_memory_mapped(monkeypatch, tmp_path, caplog) -> None:
+    """A budget too small for the hidden states maps them to unlinked files: same weights, no file left."""
+    import logging
+
+    one, _ = _quantized("llama", [{"gptq": {}}], "one")
+    monkeypatch.setattr(budget, "resident_bytes", lambda: 1000)
+    model = tiny_model("llama").eval()
+    plan = plan_quantization(model, SCHEME, [{"gptq": {}}], CAL)
+    plan.batch_size, plan.layer_pass, plan.max_memory, plan.offload_dir = 2, "auto", 1001, str(tmp_path)
+    kept: list[int] = []
+    real = budget.HiddenSpill.keep
+
+    def keep(self, tensors):
+        out = real(self, tensors)
+        kept.append(len(out))
+        assert all(not t.untyped_storage().resizable() for t in out)  # file-backed, not heap storage
+        return out
+
+    monkeypatch.setattr(budget.HiddenSpill, "keep", keep)
+    with caplog.at_level(logging.INFO, logger="ptqlab.pipeline.budget"):
+        run_quantization(model, plan, progress=False)
+    assert "memory-mapped files" in caplog.text and "a pass per linear group" in caplog.text
+    assert kept == [3] * (1 + len(get_adapter(model).layers(model)))  # the captured inputs, then each layer's
+    assert list(tmp_path.iterdir()) == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, one[k]), k

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..memory import return_freed
 from ..paths import cache_root
 from ..threads import fit_threads
 from .cache import entry, load_or_compute
@@ -85,6 +86,7 @@ def compute_reference(model: nn.Module, ids: torch.Tensor, k: int = TOP_K) -> To
     tops, logps = [], []
     for row in ids.split(1):
         fit_threads()
+        return_freed()  # the last window's freed buffers: peaks do not pile up on them
         val, idx = window_top_k(logprob_chunks(model, row), k)
         tops.append(idx)
         logps.append(val)
@@ -147,6 +149,7 @@ def divergence(model: nn.Module, ref: TopKReference) -> Divergence:
     acc = DivergenceSum()
     for w in range(ref.ids.shape[0]):
         fit_threads()
+        return_freed()  # the last window's freed buffers: peaks do not pile up on them
         acc.add_window(logprob_chunks(model, ref.ids[w : w + 1]), ref.top_logp[w], ref.top_ids[w])
     return acc.result()
 

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..memory import return_freed
 from ..threads import fit_threads
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ def perplexity(
         with torch.inference_mode(), tqdm(total=n, desc=desc, unit="win", disable=not progress) as bar:
             for first in range(0, n, batch_size):
                 fit_threads()
+                return_freed()  # the last window's freed buffers: peaks do not pile up on them
                 batch = input_ids[first : first + batch_size].to(dev, dtype=torch.int64)
                 nll.extend(batch_nll(model, batch, chunk))
                 bar.update(batch.shape[0])

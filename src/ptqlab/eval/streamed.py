@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..memory import return_freed
 from ..metrics import Metric, divergence_name, perplexity_name
 from ..models.adapter import Adapter
 from ..models.shards import Checkpoint, outer_modules, resident
@@ -127,6 +128,7 @@ class LayerMajor:
                 s.hidden = {name: list(captured.hidden) for name in self.sources}
         for li in tqdm(range(len(self.layers)), desc="layers", unit="layer", disable=not progress):
             fit_threads()
+            return_freed()  # the last window's freed buffers: peaks do not pile up on them
             for name in self.sources:
                 with self._resident([self.layers[li]], name):
                     for s in sets:

@@ -15,13 +15,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..memory import available_memory, format_size, resident_bytes
+from ..memory import return_freed
 from ..methods.base import HessianAccumulator, relative_output_error, scaled_hessian
 from ..metrics import Metric
 from ..models.weights import set_weight_matrix, weight_matrix
 from ..nn.capture import LayerCall, capture_inputs
 from ..nn.runtime import RuntimeQuantization
 from ..threads import fit_threads
+from .budget import hidden_spill, per_group_passes
 from .malloc import lean_malloc
 from .plan import LinearTarget, QuantizationPlan
 from .refine import LaterSteps
@@ -167,7 +168,10 @@ def _quantize_calibrated(
     report.timings["capture_s"] = time.perf_counter() - t0
     hidden: list[torch.Tensor | None] = list(captured.hidden)
     del captured.hidden[:]
-    per_group = _per_group(plan, layers[0], hidden)
+    per_group = per_group_passes(plan, layers[0], hidden)
+    spill = hidden_spill(plan, hidden)
+    if spill is not None:
+        hidden = list(spill.keep([h for h in hidden if h is not None]))
     by_layer = _by_layer(plan.targets)
     config = getattr(model, "config", None)
     # past the last layer with a target nothing changes, unless transforms fold scales into every layer
@@ -184,7 +188,9 @@ def _quantize_calibrated(
             outputs = later.after_layer(layer, li, captured.calls[li], outputs)
         if tf.skipped and li == 0:
             log.info("transforms skipped where nothing can absorb a scale: groups %s", ", ".join(tf.skipped))
-        hidden = list(outputs)
+        hidden = list(outputs) if spill is None else list(spill.keep(outputs))
+        del outputs
+        return_freed()  # the chunk threads' freed intermediates, left in their malloc arenas
         errs = [r.rel_error for r in report.records if r.layer == li and r.rel_error is not None]
         if errs:
             bar.set_postfix(err=f"{sum(errs) / len(errs):.4f}")
@@ -237,33 +243,3 @@ def _quantize_layer(
 
     run = run_group_passes if per_group else run_layer_pass
     return run(layer, groups, hidden, calls, observe, apply, input_map)
-
-
-def held_bytes(layer: nn.Module, hidden: list[torch.Tensor | None]) -> int:
-    """About what the one pass holds while every chunk waits at a group.
-
-    Per token: the widest linear input of the layer and four hidden-width tensors (the residual, the normed
-    input, attention's q / k / v), at the hidden states' dtype (measured on SmolLM2: 51 MB per 4096 tokens
-    at the MLP's down projection).
-    """
-    tokens = sum(h.shape[:-1].numel() for h in hidden if h is not None)
-    first = next(h for h in hidden if h is not None)
-    widest = max((m.in_features for m in layer.modules() if isinstance(m, nn.Linear)), default=first.shape[-1])
-    return tokens * (widest + 4 * first.shape[-1]) * first.element_size()
-
-
-def _per_group(plan: QuantizationPlan, layer: nn.Module, hidden: list[torch.Tensor | None]) -> bool:
-    """Whether calibration runs a pass per group.
-
-    ``layer_pass`` says so, or for ``auto``: whether the held chunks would take more than half the memory
-    left (``max_memory`` less what the process holds, or what the machine has available).
-    """
-    if plan.layer_pass != "auto" or len(hidden) < 2:
-        return plan.layer_pass == "per_group"
-    held = held_bytes(layer, hidden)
-    rss = resident_bytes()
-    left = available_memory() if plan.max_memory is None or rss is None else plan.max_memory - rss
-    per_group = held > left // 2
-    log.info("calibration holds about %s of intermediate tensors in one pass per layer (%s left): %s",
-             format_size(held), format_size(max(left, 0)), "a pass per linear group" if per_group else "one pass")
-    return per_group

@@ -8,9 +8,8 @@ returned when freed; afterwards a high fixed threshold (glibc's own dynamic ceil
 work such as evaluation reuse heap blocks again instead of faulting fresh pages for each tensor.
 
 glibc also gives new threads new arenas, up to eight per core, and the pass starts a thread per chunk for
-every layer: their freed blocks stay in those arenas. The pass caps the arenas at one per torch thread (at
-least two): a run's peak on SmolLM2 (16 x 512 calibration, 2 evaluation windows of 2048) fell from 1809 MB
-to 1605 MB. Chunk threads run one at a time, so they do not contend for an arena.
+every layer: their freed blocks stay in those arenas, and evaluation after the pass starts from them. The
+free pages of every arena go back to the OS after each layer and at the end (``malloc_trim``).
 """
 
 from __future__ import annotations
@@ -19,14 +18,11 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
-from ..memory import libc
+from ..memory import libc, return_freed
 
 log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 LEAN_BYTES = 4 << 20
 RELAXED_BYTES = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit glibc
 
@@ -41,12 +37,10 @@ def set_mmap_threshold(nbytes: int) -> bool:
 def lean_malloc() -> Iterator[bool]:
     """Within the block large frees go back to the OS; after it, a high threshold for speed."""
     ok = set_mmap_threshold(LEAN_BYTES)
-    lib = libc()
-    if ok and lib is not None:  # a cap set once; arenas made before it stay
-        lib.mallopt(_M_ARENA_MAX, max(2, torch.get_num_threads()))
     log.debug("glibc mmap threshold %d bytes: %s", LEAN_BYTES, ok)
     try:
         yield ok
     finally:
         if ok:
             set_mmap_threshold(RELAXED_BYTES)
+        return_freed()

@@ -74,6 +74,8 @@ class QuantizationPlan:
             group, one chunk in flight) or ``auto`` (``per_group`` when the held chunks would not fit half the
             memory left; see :mod:`ptqlab.pipeline.sequential`).
         max_memory: The run's memory budget in bytes (None: what the machine has available).
+        offload_dir: Where calibration hidden states past the budget are memory-mapped (None: the cache's
+            ``stream`` directory).
 
     """
 
@@ -89,6 +91,7 @@ class QuantizationPlan:
     inputs: InputCache | None = None
     layer_pass: str = "auto"
     max_memory: int | None = None
+    offload_dir: str | None = None
 
     @property
     def changes_weights(self) -> bool:
