@@ -1,0 +1,74 @@
+"""Fake-quantized Hugging Face safetensors: the quantized weights, dequantized, in the model's own layout.
+
+Any transformers user loads the directory with ``AutoModelForCausalLM.from_pretrained`` and gets the
+weights ptqlab evaluated. Only weights can be held this way: activation, attention-input and KV-cache
+quantizers run at inference time and an online rotation is a forward hook, so such schemes are refused
+(they need a runtime that executes them). A README card gives the scheme, the recipe, the run id and
+the run's metrics when it is stored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from ..errors import ConfigError
+from ..pipeline.plan import QuantizationPlan
+from ..schema import RunConfig
+from ..study.store import RunRecord
+
+
+def check_hf(plan: QuantizationPlan) -> None:
+    """Refuse what a plain checkpoint cannot hold, naming the field.
+
+    Raises:
+        ConfigError: Runtime quantizers (``scheme.activation``, ``scheme.kv_cache``) or an online rotation.
+
+    """
+    if plan.activations or plan.attention is not None:
+        raise ConfigError("scheme.activation quantizes activations at run time, which a plain HF checkpoint "
+                          "cannot hold; export the weights with the activation section removed")
+    if plan.kv is not None:
+        raise ConfigError("scheme.kv_cache quantizes the KV cache at run time, which a plain HF checkpoint "
+                          "cannot hold; export the weights with the kv_cache section removed")
+    for transform in plan.recipe.model_transforms:
+        if getattr(getattr(transform, "config", None), "online_down", False):
+            raise ConfigError("recipe rotation with online_down: true rotates down_proj's input in a forward "
+                              "hook that transformers does not run; set online_down: false to export")
+
+
+def write_hf(model: nn.Module, tokenizer: Any, out: Path, cfg: RunConfig, rid: str, record: RunRecord | None) -> None:
+    """Write ``model`` (quantized in place) and its tokenizer to ``out`` with a model card."""
+    out.mkdir(parents=True)
+    save = getattr(model, "save_pretrained", None)
+    if not callable(save):
+        raise ConfigError(f"{type(model).__name__} is not a transformers model: it has no save_pretrained")
+    save(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(model_card(cfg, rid, record))
+
+
+def model_card(cfg: RunConfig, rid: str, record: RunRecord | None) -> str:
+    """The README of an export: what was quantized how, and what the run measured."""
+    scheme = yaml.safe_dump(cfg.scheme.model_dump(mode="json", exclude_none=True), sort_keys=False).strip()
+    recipe = yaml.safe_dump(cfg.recipe, sort_keys=False).strip() if cfg.recipe else "[] (round to nearest)"
+    lines = [
+        "---", "library_name: transformers", "tags: [ptqlab, quantized, fake-quantized]", "---", "",
+        f"# {Path(cfg.model).name}, quantized by ptqlab (run `{rid}`)", "",
+        "Fake-quantized weights: every quantized linear holds its dequantized values (the codes times their",
+        "scales) in the model's dtype, so `AutoModelForCausalLM.from_pretrained` loads the exact weights ptqlab",
+        "evaluated; the file is as large as the original.", "",
+        f"- model: `{cfg.model}` ({cfg.dtype})", "", "## Scheme", "", "```yaml", scheme, "```", "",
+        "## Recipe", "", "```yaml", recipe, "```", "",
+        f"Calibration: {cfg.calibration.dataset}, {cfg.calibration.samples} x {cfg.calibration.seqlen} tokens, "
+        f"seed {cfg.calibration.seed}.", "",
+    ]
+    if record is not None and record.metrics:
+        lines += ["## Metrics of the run", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {m.name} | {m.value:.6g} |" for m in record.metrics]
+        lines.append("")
+    return "\n".join(lines)

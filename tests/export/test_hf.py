@@ -1,0 +1,96 @@
+"""`ptqlab export --format hf`: fake-quantized safetensors that transformers loads with the run's weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from ptqlab.cli import main
+from ptqlab.compile import bind, compile_config
+from ptqlab.errors import ConfigError
+from ptqlab.export.run import export_config
+from ptqlab.models.loading import load_model
+from ptqlab.pipeline.quantize import quantize
+from ptqlab.study.config import parse_config
+from ptqlab.study.store import Store
+
+BASE = {"model": "stories260k", "device": "cpu",
+        "scheme": {"weight": {"bits": 4, "granularity": "group", "group_size": 4, "symmetric": False}},
+        "recipe": [{"gptq": {}}], "calibration": {"samples": 4, "seqlen": 64},
+        "evaluate": {"perplexity": ["wikitext2"], "seqlen": 64, "max_windows": 2}}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))
+
+
+def _quantized_here(data: dict) -> torch.nn.Module:
+    cfg = parse_config(data)
+    loaded = load_model(cfg.model, cfg.dtype, "cpu")
+    plan = bind(compile_config(cfg), loaded.model, loaded.tokenizer)
+    quantize(loaded.model, plan.quantization, progress=False)
+    return loaded.model
+
+
+def test_transformers_loads_the_runs_weights_bit_for_bit(tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    result = export_config(parse_config(BASE), "hf", out, progress=False)
+    ours = _quantized_here(BASE)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    mine = ours.state_dict()
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(tensor, mine[name]), name
+    ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(theirs(ids).logits, ours(ids).logits)
+    manifest = json.loads((out / "ptqlab-export.json").read_text())
+    assert manifest["run_id"] == result.run_id and manifest["format"] == "hf"
+    assert "group_size: 4" in (out / "README.md").read_text()
+    assert (out / "tokenizer_config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # no temporary left
+
+
+def test_cli_exports_a_stored_run_with_its_metrics_in_the_card(tmp_path: Path) -> None:
+    config, store = tmp_path / "run.yaml", tmp_path / "runs.db"
+    config.write_text(yaml.safe_dump(BASE))
+    assert main(["run", str(config), "--store", str(store), "--quiet"]) == 0
+    (record,) = Store(str(store)).list_runs()
+    out = tmp_path / "by-id"
+    assert main(["export", record.id[:8], "--format", "hf", "--out", str(out), "--store", str(store), "--quiet"]) == 0
+    card = (out / "README.md").read_text()
+    assert record.id in card and "ppl.wikitext2.s64.w2" in card
+    assert json.loads((out / "ptqlab-export.json").read_text())["run_id"] == record.id
+    assert main(["export", str(config), "--format", "hf", "--out", str(out), "--store", str(store)]) == 2  # exists
+    assert main(["export", str(config), "--format", "hf", "--out", str(out), "--store", str(store), "--quiet",
+                 "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"scheme": {"weight": {"bits": 4}, "activation": {"bits": 8}}}, "scheme.activation"),
+    ({"scheme": {"weight": {"bits": 4}, "kv_cache": {"bits": 4}}}, "scheme.kv_cache"),
+    ({"recipe": [{"rotation": {}}, {"gptq": {}}]}, "online_down: false"),
+])
+def test_what_a_plain_checkpoint_cannot_hold_is_refused_before_writing(tmp_path: Path, change: dict,
+                                                                       message: str) -> None:
+    out = tmp_path / "export"
+    with pytest.raises(ConfigError, match=message):
+        export_config(parse_config(BASE | change), "hf", out, progress=False)
+    assert not out.exists()
+
+
+def test_an_existing_directory_is_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "there"
+    out.mkdir()
+    import ptqlab.export.run as run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ConfigError, match="exists; pass --overwrite"):
+        export_config(parse_config(BASE), "hf", out)
+    with pytest.raises(ConfigError, match="not an export format"):
+        export_config(parse_config(BASE), "gguf-q9", tmp_path / "new")
