@@ -11,11 +11,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from ptqlab.cli import main
-from ptqlab.compile import bind, compile_config
 from ptqlab.errors import ConfigError
 from ptqlab.export.run import export_config
-from ptqlab.models.loading import load_model
-from ptqlab.pipeline.quantize import quantize
 from ptqlab.study.config import parse_config
 from ptqlab.study.store import Store
 
@@ -25,23 +22,10 @@ BASE = {"model": "stories260k", "device": "cpu",
         "evaluate": {"perplexity": ["wikitext2"], "seqlen": 64, "max_windows": 2}}
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))
-
-
-def _quantized_here(data: dict) -> torch.nn.Module:
-    cfg = parse_config(data)
-    loaded = load_model(cfg.model, cfg.dtype, "cpu")
-    plan = bind(compile_config(cfg), loaded.model, loaded.tokenizer)
-    quantize(loaded.model, plan.quantization, progress=False)
-    return loaded.model
-
-
-def test_transformers_loads_the_runs_weights_bit_for_bit(tmp_path: Path) -> None:
+def test_transformers_loads_the_runs_weights_bit_for_bit(tmp_path: Path, quantized_here) -> None:
     out = tmp_path / "export"
     result = export_config(parse_config(BASE), "hf", out, progress=False)
-    ours = _quantized_here(BASE)
+    ours = quantized_here(BASE)
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     mine = ours.state_dict()
     for name, tensor in theirs.state_dict().items():

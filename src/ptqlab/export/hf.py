@@ -49,19 +49,26 @@ def write_hf(model: nn.Module, tokenizer: Any, out: Path, cfg: RunConfig, rid: s
     save(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    (out / "README.md").write_text(model_card(cfg, rid, record))
+    (out / "README.md").write_text(model_card(cfg, rid, record, "hf"))
 
 
-def model_card(cfg: RunConfig, rid: str, record: RunRecord | None) -> str:
+_HOW = {
+    "hf": ["Fake-quantized weights: every quantized linear holds its dequantized values (the codes times their",
+           "scales) in the model's dtype, so `AutoModelForCausalLM.from_pretrained` loads the exact weights ptqlab",
+           "evaluated; the file is as large as the original."],
+    "compressed-tensors": ["compressed-tensors `pack-quantized`: the run's own integer codes, scales and zero "
+                           "points,", "packed into int32 words; vLLM and transformers (`CompressedTensorsConfig`) "
+                           "load it."],
+}
+
+
+def model_card(cfg: RunConfig, rid: str, record: RunRecord | None, fmt: str) -> str:
     """The README of an export: what was quantized how, and what the run measured."""
     scheme = yaml.safe_dump(cfg.scheme.model_dump(mode="json", exclude_none=True), sort_keys=False).strip()
     recipe = yaml.safe_dump(cfg.recipe, sort_keys=False).strip() if cfg.recipe else "[] (round to nearest)"
     lines = [
-        "---", "library_name: transformers", "tags: [ptqlab, quantized, fake-quantized]", "---", "",
-        f"# {Path(cfg.model).name}, quantized by ptqlab (run `{rid}`)", "",
-        "Fake-quantized weights: every quantized linear holds its dequantized values (the codes times their",
-        "scales) in the model's dtype, so `AutoModelForCausalLM.from_pretrained` loads the exact weights ptqlab",
-        "evaluated; the file is as large as the original.", "",
+        "---", "library_name: transformers", f"tags: [ptqlab, quantized, {fmt}]", "---", "",
+        f"# {Path(cfg.model).name}, quantized by ptqlab (run `{rid}`)", "", *_HOW[fmt], "",
         f"- model: `{cfg.model}` ({cfg.dtype})", "", "## Scheme", "", "```yaml", scheme, "```", "",
         "## Recipe", "", "```yaml", recipe, "```", "",
         f"Calibration: {cfg.calibration.dataset}, {cfg.calibration.samples} x {cfg.calibration.seqlen} tokens, "

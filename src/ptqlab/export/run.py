@@ -24,11 +24,12 @@ from ..pipeline.quantize import quantize
 from ..schema import RunConfig
 from ..study.identity import run_id
 from ..study.store import RunRecord, Store
-from .hf import check_hf, write_hf
+from .compressed import check_compressed, write_compressed
+from .hf import check_hf, model_card, write_hf
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "compressed-tensors")
 EXPORT_FILE = "ptqlab-export.json"
 
 
@@ -65,7 +66,8 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
 
     Args:
         cfg: The run's configuration.
-        fmt: ``hf`` (fake-quantized safetensors any transformers user loads with ``from_pretrained``).
+        fmt: ``hf`` (fake-quantized safetensors any transformers user loads with ``from_pretrained``) or
+            ``compressed-tensors`` (``pack-quantized`` INT weights, the format vLLM loads).
         out: The directory to create.
         overwrite: Replace ``out`` when it exists.
         store: Where the run of ``cfg`` may be stored: its metrics go into the model card.
@@ -91,11 +93,15 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
     record = record if record is not None and record.id == rid and record.status == "done" else None
     plan = bind(compiled, loaded.model, loaded.tokenizer)
     _check(fmt, plan)
-    quantize(loaded.model, plan.quantization, progress=progress)
+    report = quantize(loaded.model, plan.quantization, progress=progress)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_hf(loaded.model, loaded.tokenizer, tmp, cfg, rid, record)
+        if fmt == "hf":
+            write_hf(loaded.model, loaded.tokenizer, tmp, cfg, rid, record)
+        else:
+            write_compressed(loaded.model, loaded.tokenizer, tmp, report.grids)
+            (tmp / "README.md").write_text(model_card(cfg, rid, record, fmt))
         (tmp / EXPORT_FILE).write_text(json.dumps(_manifest(cfg, fmt, rid, record), indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
@@ -110,6 +116,8 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
 def _check(fmt: str, plan: RunPlan) -> None:
     if fmt == "hf":
         check_hf(plan.quantization)
+    else:
+        check_compressed(plan.quantization)
 
 
 def _manifest(cfg: RunConfig, fmt: str, rid: str, record: RunRecord | None) -> dict[str, Any]:

@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..memory import return_freed
-from ..methods.base import HessianAccumulator, relative_output_error, scaled_hessian
+from ..methods.base import HessianAccumulator, WeightResult, divide_rows, relative_output_error, scaled_hessian
 from ..metrics import Metric
 from ..models.weights import set_weight_matrix, weight_matrix
 from ..nn.capture import LayerCall, capture_inputs
 from ..nn.runtime import RuntimeQuantization
+from ..quant.spec import QuantSpec
 from ..threads import fit_threads
 from .budget import hidden_spill, per_group_passes
 from .malloc import lean_malloc
@@ -47,6 +48,22 @@ class LayerRecord:
 
 
 @dataclass
+class WeightGrid:
+    """The grid a linear's weight was quantized on: ``weight == scale * (codes - zero)`` for integer codes.
+
+    ``scale`` and ``zero`` are (out, groups); ``g_idx`` maps each input column to its group (None: groups
+    follow the columns). Exporters write the codes these give; a later step that moves the weight off the
+    grid (a low-rank correction, a refiner) is found when they check it.
+    """
+
+    module: nn.Module
+    spec: QuantSpec
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor | None = None
+
+
+@dataclass
 class QuantizeReport:
     """What a quantization did: per-linear records, timings, the runtime quantizers and hooks it installed.
 
@@ -57,6 +74,7 @@ class QuantizeReport:
         distill: The refiners' losses, ``{"layer", "start", "best"}`` (layer -1: a model refiner).
         hooks: Handles of hooks a model transform installed (the online rotation).
         metrics: Size, effective bits and what the methods report (``zeroquant.local.loss_ratio``).
+        grids: The grid of each quantized linear, by full name (what exporters write).
 
     """
 
@@ -66,6 +84,19 @@ class QuantizeReport:
     distill: list[dict[str, float]] = field(default_factory=list)
     hooks: list[Any] = field(default_factory=list)
     metrics: list[Metric] = field(default_factory=list)
+    grids: dict[str, WeightGrid] = field(default_factory=dict)
+
+    def keep_grid(self, name: str, module: nn.Module, spec: QuantSpec, result: WeightResult) -> None:
+        """Record the grid ``result`` put ``module``'s weight on."""
+        qp = result.qparams
+        self.grids[name] = WeightGrid(module, spec, qp.scale.detach().clone(), qp.zero.detach().clone(),
+                                      None if result.g_idx is None else result.g_idx.clone())
+
+    def rows_divided(self, module: nn.Module, rows: torch.Tensor, s: torch.Tensor) -> None:
+        """A transform divided ``rows`` of an already quantized ``module`` by ``s``: so are their scales."""
+        for grid in self.grids.values():
+            if grid.module is module:
+                grid.scale = divide_rows(grid.scale, rows, s)
 
 
 @contextmanager
@@ -117,6 +148,17 @@ def _by_layer(targets: list[LinearTarget]) -> dict[int, list[LinearTarget]]:
     return out
 
 
+def _both(*steps: Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+          ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], None]:
+    """One callback that calls each of ``steps``."""
+
+    def call(module: nn.Module, rows: torch.Tensor, s: torch.Tensor) -> None:
+        for step in steps:
+            step(module, rows, s)
+
+    return call
+
+
 def _resident(stream: LayerStream | None, li: int) -> AbstractContextManager[Any]:
     """Layer ``li`` made resident by the stream for the block (nothing to do for a resident model)."""
     return nullcontext() if stream is None else stream.layer(li)
@@ -142,6 +184,7 @@ def _quantize_directly(layer: nn.Module, li: int, group: list[LinearTarget], pla
         W = weight_matrix(module)
         res = later.quantized(module, W, plan.recipe.quantizer.quantize(W, t.spec), t.spec)
         set_weight_matrix(module, res.weight)
+        report.keep_grid(t.name, module, t.spec, res)
         report.records.append(LayerRecord(li, t.name, t.spec.nbits, None, time.perf_counter() - t0))
 
 
@@ -181,7 +224,8 @@ def _quantize_calibrated(
         fit_threads()
         layer = layers[li]
         with _resident(stream, li):
-            tf = LayerTransforms(config, plan.adapter, layer, plan.recipe.layer_transforms, later.rows_divided)
+            tf = LayerTransforms(config, plan.adapter, layer, plan.recipe.layer_transforms,
+                                 _both(later.rows_divided, report.rows_divided))
             later.before_layer(layer, hidden, captured.calls[li])
             outputs = _quantize_layer(layer, li, plan, by_layer.get(li, []), hidden, captured.calls[li], report,
                                       tf, later, per_group)
@@ -239,6 +283,7 @@ def _quantize_layer(
                 res = later.quantized(module, W, plan.recipe.quantizer.quantize(W, t.spec, H), t.spec)
                 err = relative_output_error(W.float(), res.weight, H)
                 set_weight_matrix(module, res.weight)
+                report.keep_grid(t.name, module, t.spec, res)
                 report.records.append(LayerRecord(li, t.name, t.spec.nbits, err, time.perf_counter() - t0))
 
     run = run_group_passes if per_group else run_layer_pass

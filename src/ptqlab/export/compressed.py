@@ -1,0 +1,164 @@
+"""compressed-tensors ``pack-quantized``: the INT weight format vLLM loads, with ptqlab's own codes and scales.
+
+Each quantized linear ``X`` becomes ``X.weight_packed`` (int32, out x ceil(in * bits / 32): the codes offset
+into the signed range, ``bits`` bits each, element ``i`` of a row at bit ``i * bits`` of the row's
+little-endian bit stream), ``X.weight_scale`` (out x groups), ``X.weight_shape`` and, when asymmetric,
+``X.weight_zero_point`` (signed, packed the same way along the output rows). The codes are read off the
+run's weights with the grid the quantizer chose (:class:`ptqlab.pipeline.driver.WeightGrid`) and checked:
+``scale * (code - zero)`` must give every weight back bit for bit, so a weight a later step moved off its
+grid (a low-rank correction, a refiner) is an error, never a silent re-quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.weights import in_features, weight_matrix
+from ..pipeline.driver import WeightGrid
+from ..pipeline.plan import QuantizationPlan
+from ..quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pack-quantized"
+LIBRARY_VERSION = "0.20.1"  # the compressed-tensors release the round-trip tests load exports with
+
+
+def check_compressed(plan: QuantizationPlan) -> None:
+    """Refuse what ``pack-quantized`` cannot hold, naming the field, before any weight changes.
+
+    Raises:
+        ConfigError: Activation or KV quantization (not written yet), an online rotation, a weight spec
+            that is not an INT grid of 1-8 bits per channel or group, a float zero point, act-order.
+
+    """
+    if plan.activations or plan.attention is not None or plan.kv is not None:
+        raise ConfigError("scheme.activation / scheme.kv_cache: ptqlab writes compressed-tensors weight-only "
+                          "(pack-quantized) so far; remove them to export the weights")
+    for transform in plan.recipe.model_transforms:
+        if getattr(getattr(transform, "config", None), "online_down", False):
+            raise ConfigError("recipe rotation with online_down: true needs a forward hook vLLM does not run; "
+                              "set online_down: false to export")
+    if getattr(getattr(plan.recipe.quantizer, "config", None), "act_order", False):
+        raise ConfigError("gptq act_order: true gives each column its own group order, and compressed-tensors "
+                          "0.20 has no g_idx; export a run with act_order: false")
+    for t in plan.targets:
+        _check_spec(t.spec, t.name)
+    if any(not t.spec.symmetric and t.spec.nbits not in (4, 8) for t in plan.targets):
+        log.warning("vLLM loads asymmetric (zero-point) INT weights only at 4 and 8 bits; this export will "
+                    "load in compressed-tensors but not in vLLM")
+
+
+def _check_spec(spec: QuantSpec, name: str) -> None:
+    where = f"scheme.weight (module {name})"
+    if spec.format != "int" or not 1 <= spec.nbits <= 8:
+        raise ConfigError(f"{where}: pack-quantized holds INT weights of 1-8 bits, not {spec.format} "
+                          f"{spec.nbits}-bit")
+    if spec.granularity not in ("channel", "group"):
+        raise ConfigError(f"{where}: granularity {spec.granularity!r}; pack-quantized holds channel or group")
+    if not spec.symmetric and spec.zero_point != "int":
+        raise ConfigError(f"{where}: zero_point: float has no place in compressed-tensors (integer zero "
+                          "points only); use zero_point: int")
+
+
+def pack_codes(signed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed ``bits``-bit integers (rows, cols) into int32 words along the columns.
+
+    Each value is offset by ``2 ** (bits - 1)``; element ``i`` of a row starts at bit ``i * bits`` of the row's
+    bit stream (least significant first), split across two words where it straddles one.
+    """
+    rows, cols = signed.shape
+    values = (signed.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
+    words = -(-cols * bits // 32)
+    out = torch.zeros(rows, words + 1, dtype=torch.int64)
+    start = torch.arange(cols, dtype=torch.int64) * bits
+    word, shift = start // 32, start % 32
+    out.index_add_(1, word, (values << shift) & 0xFFFFFFFF)
+    spill = shift + bits > 32
+    if bool(spill.any()):
+        out.index_add_(1, word[spill] + 1, values[:, spill] >> (32 - shift[spill]))
+    out = out[:, :words]
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+
+
+def _columns(grid: WeightGrid, cols: int) -> torch.Tensor:
+    """Each input column's group index."""
+    if grid.g_idx is not None:
+        return grid.g_idx.long()
+    if grid.spec.granularity == "group" and grid.spec.group_size:
+        return torch.arange(cols) // grid.spec.group_size
+    return torch.zeros(cols, dtype=torch.long)
+
+
+def linear_tensors(name: str, module: nn.Module, grid: WeightGrid) -> dict[str, torch.Tensor]:
+    """The compressed tensors of one linear, after checking its weight is on its grid.
+
+    Raises:
+        ConfigError: The weight is not ``scale * (code - zero)`` for integer codes in range.
+
+    """
+    stored = weight_matrix(module).detach()
+    W = stored.float()
+    cols = _columns(grid, W.shape[1])
+    scale, zero = grid.scale.float().to(W.device), grid.zero.float().to(W.device)
+    s, z = scale[:, cols], zero[:, cols]
+    codes = torch.round(W / s) + z
+    half = 1 << (grid.spec.nbits - 1)
+    if not torch.equal(s * (codes - z), W) or codes.min() < 0 or codes.max() > 2 * half - 1:
+        raise ConfigError(f"the weight of {name} is not on its quantization grid (a low-rank correction or a "
+                          "refiner changed it after quantization); compressed-tensors cannot hold it")
+    out = {
+        f"{name}.weight_packed": pack_codes((codes - half).to(torch.int8), grid.spec.nbits),
+        f"{name}.weight_scale": scale.to(stored.dtype).contiguous(),
+        f"{name}.weight_shape": torch.tensor([W.shape[0], in_features(module)], dtype=torch.int64),
+    }
+    if not grid.spec.symmetric:
+        out[f"{name}.weight_zero_point"] = pack_codes((zero - half).to(torch.int8).T.contiguous(),
+                                                      grid.spec.nbits).T.contiguous()
+    return out
+
+
+def quantization_config(grids: dict[str, WeightGrid], linears: list[str]) -> dict[str, Any]:
+    """The ``quantization_config`` of ``config.json``: one config group per distinct weight spec."""
+    by_spec: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+    for name, grid in grids.items():
+        spec = grid.spec
+        by_spec[(spec.nbits, spec.symmetric, spec.granularity, spec.group_size)].append(name)
+    groups = {}
+    for i, ((bits, symmetric, granularity, group_size), names) in enumerate(sorted(by_spec.items())):
+        weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": granularity,
+                   "group_size": group_size if granularity == "group" else None, "dynamic": False,
+                   "actorder": None, "observer": "minmax"}
+        groups[f"group_{i}"] = {"targets": sorted(names), "weights": weights, "input_activations": None,
+                                "output_activations": None, "format": FORMAT}
+    return {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+            "config_groups": groups, "ignore": sorted(n for n in linears if n not in grids),
+            "kv_cache_scheme": None, "version": LIBRARY_VERSION}
+
+
+def write_compressed(model: nn.Module, tokenizer: Any, out: Path, grids: dict[str, WeightGrid]) -> None:
+    """Write ``model`` (quantized in place, its grids in ``grids``) as a pack-quantized checkpoint to ``out``."""
+    modules = dict(model.named_modules())
+    state = {k: v for k, v in model.state_dict().items()}
+    for name, grid in grids.items():
+        state.pop(f"{name}.weight")
+        state.update(linear_tensors(name, modules[name], grid))
+    out.mkdir(parents=True)
+    save = getattr(model, "save_pretrained", None)
+    if not callable(save):
+        raise ConfigError(f"{type(model).__name__} is not a transformers model: it has no save_pretrained")
+    save(out, state_dict=state)
+    config = json.loads((out / "config.json").read_text())
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    config["quantization_config"] = quantization_config(grids, linears)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
