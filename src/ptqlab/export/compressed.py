@@ -25,6 +25,7 @@ from ..models.weights import in_features, weight_matrix
 from ..pipeline.driver import WeightGrid
 from ..pipeline.plan import QuantizationPlan
 from ..quant.spec import QuantSpec
+from .checks import refuse_online_rotation
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,7 @@ def check_compressed(plan: QuantizationPlan) -> None:
     if plan.activations or plan.attention is not None or plan.kv is not None:
         raise ConfigError("scheme.activation / scheme.kv_cache: ptqlab writes compressed-tensors weight-only "
                           "(pack-quantized) so far; remove them to export the weights")
-    for transform in plan.recipe.model_transforms:
-        if getattr(getattr(transform, "config", None), "online_down", False):
-            raise ConfigError("recipe rotation with online_down: true needs a forward hook vLLM does not run; "
-                              "set online_down: false to export")
+    refuse_online_rotation(plan, "vLLM")
     if getattr(getattr(plan.recipe.quantizer, "config", None), "act_order", False):
         raise ConfigError("gptq act_order: true gives each column its own group order, and compressed-tensors "
                           "0.20 has no g_idx; export a run with act_order: false")

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..pipeline.plan import QuantizationPlan
 from ..schema import RunConfig
 from ..study.store import RunRecord
+from .checks import refuse_online_rotation
 
 
 def check_hf(plan: QuantizationPlan) -> None:
@@ -34,10 +35,7 @@ def check_hf(plan: QuantizationPlan) -> None:
     if plan.kv is not None:
         raise ConfigError("scheme.kv_cache quantizes the KV cache at run time, which a plain HF checkpoint "
                           "cannot hold; export the weights with the kv_cache section removed")
-    for transform in plan.recipe.model_transforms:
-        if getattr(getattr(transform, "config", None), "online_down", False):
-            raise ConfigError("recipe rotation with online_down: true rotates down_proj's input in a forward "
-                              "hook that transformers does not run; set online_down: false to export")
+    refuse_online_rotation(plan, "transformers")
 
 
 def write_hf(model: nn.Module, tokenizer: Any, out: Path, cfg: RunConfig, rid: str, record: RunRecord | None) -> None:
