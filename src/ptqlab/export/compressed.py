@@ -1,4 +1,8 @@
-"""compressed-tensors ``pack-quantized``: the INT weight format vLLM loads, with ptqlab's own codes and scales.
+"""compressed-tensors, the format vLLM loads, with ptqlab's own codes and scales.
+
+Formats: ``pack-quantized`` (INT weights of 1-8 bits, weight-only), ``int-quantized`` (INT8 weights with
+dynamic per-token INT8 activations, W8A8), ``naive-quantized`` (FP8 E4M3 weights, weight-only) and
+``float-quantized`` (FP8 weights with dynamic FP8 activations). In ``pack-quantized``:
 
 Each quantized linear ``X`` becomes ``X.weight_packed`` (int32, out x ceil(in * bits / 32): the codes offset
 into the signed range, ``bits`` bits each, element ``i`` of a row at bit ``i * bits`` of the row's
@@ -33,33 +37,56 @@ FORMAT = "pack-quantized"
 LIBRARY_VERSION = "0.20.1"  # the compressed-tensors release the round-trip tests load exports with
 
 
-def check_compressed(plan: QuantizationPlan) -> None:
-    """Refuse what ``pack-quantized`` cannot hold, naming the field, before any weight changes.
+def check_compressed(plan: QuantizationPlan) -> str:
+    """The compressed-tensors format of ``plan``; refuse what none holds, naming the field, before any work.
 
     Raises:
-        ConfigError: Activation or KV quantization (not written yet), an online rotation, a weight spec
-            that is not an INT grid of 1-8 bits per channel or group, a float zero point, act-order.
+        ConfigError: Attention-input or KV quantization (not written yet), activations other than dynamic
+            per-token INT8 beside INT8 weights or FP8 beside FP8 weights, an online rotation, a weight spec
+            that is not INT (1-8 bits) or FP8 E4M3 per channel or group, a float zero point, act-order.
 
     """
-    if plan.activations or plan.attention is not None or plan.kv is not None:
-        raise ConfigError("scheme.activation / scheme.kv_cache: ptqlab writes compressed-tensors weight-only "
-                          "(pack-quantized) so far; remove them to export the weights")
+    if plan.attention is not None or plan.kv is not None:
+        raise ConfigError("scheme.kv_cache / scheme.activation.attention: ptqlab does not write compressed-tensors "
+                          "KV-cache or attention-input schemes yet; remove them to export")
+    fmt = _format_of(plan)
     refuse_online_rotation(plan, "vLLM")
     if getattr(getattr(plan.recipe.quantizer, "config", None), "act_order", False):
         raise ConfigError("gptq act_order: true gives each column its own group order, and compressed-tensors "
                           "0.20 has no g_idx; export a run with act_order: false")
     for t in plan.targets:
-        _check_spec(t.spec, t.name)
+        _check_spec(t.spec, t.name, fmt)
     if any(not t.spec.symmetric and t.spec.nbits not in (4, 8) for t in plan.targets):
         log.warning("vLLM loads asymmetric (zero-point) INT weights only at 4 and 8 bits; this export will "
                     "load in compressed-tensors but not in vLLM")
+    return fmt
 
 
-def _check_spec(spec: QuantSpec, name: str) -> None:
+def _format_of(plan: QuantizationPlan) -> str:
+    """``pack-quantized`` / ``naive-quantized`` weight-only, ``int-quantized`` / ``float-quantized`` W8A8."""
+    fp8 = bool(plan.targets) and all(t.spec.format == "fp8_e4m3" for t in plan.targets)
+    if not plan.activations:
+        return "naive-quantized" if fp8 else FORMAT
+    specs = [a for _, _, a in plan.activations]
+    want = "fp8_e4m3" if fp8 else "int"
+    if any(a.spec.format != want or a.spec.nbits != 8 or a.spec.granularity != "token" or not a.dynamic
+           or (not fp8 and not a.spec.symmetric) for a in specs):
+        raise ConfigError(f"scheme.activation: compressed-tensors holds dynamic, symmetric per-token 8-bit "
+                          f"activations ({'FP8 E4M3' if fp8 else 'INT8'}, as the weights) beside "
+                          f"{'FP8' if fp8 else 'INT8'} weights; set bits: 8, granularity: token, dynamic: true"
+                          + ("" if fp8 else ", symmetric: true"))
+    if not fp8 and any(t.spec.nbits != 8 or not t.spec.symmetric for t in plan.targets):
+        raise ConfigError("scheme.weight: W8A8 in compressed-tensors (int-quantized) takes symmetric 8-bit INT "
+                          "weights; set bits: 8, symmetric: true, or drop the activation section")
+    return "float-quantized" if fp8 else "int-quantized"
+
+
+def _check_spec(spec: QuantSpec, name: str, fmt: str) -> None:
     where = f"scheme.weight (module {name})"
-    if spec.format != "int" or not 1 <= spec.nbits <= 8:
-        raise ConfigError(f"{where}: pack-quantized holds INT weights of 1-8 bits, not {spec.format} "
-                          f"{spec.nbits}-bit")
+    fp8 = fmt in ("naive-quantized", "float-quantized")
+    if not fp8 and (spec.format != "int" or not 1 <= spec.nbits <= 8):
+        raise ConfigError(f"{where}: compressed-tensors holds INT weights of 1-8 bits or FP8 E4M3, not "
+                          f"{spec.format} {spec.nbits}-bit")
     if spec.granularity not in ("channel", "group"):
         raise ConfigError(f"{where}: granularity {spec.granularity!r}; pack-quantized holds channel or group")
     if not spec.symmetric and spec.zero_point != "int":
@@ -96,11 +123,16 @@ def _columns(grid: WeightGrid, cols: int) -> torch.Tensor:
     return torch.zeros(cols, dtype=torch.long)
 
 
-def linear_tensors(name: str, module: nn.Module, grid: WeightGrid) -> dict[str, torch.Tensor]:
-    """The compressed tensors of one linear, after checking its weight is on its grid.
+def _off_grid(name: str) -> ConfigError:
+    return ConfigError(f"the weight of {name} is not on its quantization grid (a low-rank correction or a "
+                       "refiner changed it after quantization); compressed-tensors cannot hold it")
+
+
+def linear_tensors(name: str, module: nn.Module, grid: WeightGrid, fmt: str = FORMAT) -> dict[str, torch.Tensor]:
+    """The compressed tensors of one linear in format ``fmt``, after checking its weight is on its grid.
 
     Raises:
-        ConfigError: The weight is not ``scale * (code - zero)`` for integer codes in range.
+        ConfigError: The weight is not ``scale * (code - zero)`` for codes of the grid.
 
     """
     stored = weight_matrix(module).detach()
@@ -108,11 +140,18 @@ def linear_tensors(name: str, module: nn.Module, grid: WeightGrid) -> dict[str, 
     cols = _columns(grid, W.shape[1])
     scale, zero = grid.scale.float().to(W.device), grid.zero.float().to(W.device)
     s, z = scale[:, cols], zero[:, cols]
+    if fmt in ("naive-quantized", "float-quantized"):  # FP8: the codes are the E4M3 values themselves
+        values = (W / s).to(torch.float8_e4m3fn)
+        if not torch.equal(s * values.float(), W):
+            raise _off_grid(name)
+        return {f"{name}.weight": values, f"{name}.weight_scale": scale.to(stored.dtype).contiguous()}
     codes = torch.round(W / s) + z
     half = 1 << (grid.spec.nbits - 1)
     if not torch.equal(s * (codes - z), W) or codes.min() < 0 or codes.max() > 2 * half - 1:
-        raise ConfigError(f"the weight of {name} is not on its quantization grid (a low-rank correction or a "
-                          "refiner changed it after quantization); compressed-tensors cannot hold it")
+        raise _off_grid(name)
+    if fmt == "int-quantized":
+        return {f"{name}.weight": (codes - half).to(torch.int8).contiguous(),
+                f"{name}.weight_scale": scale.to(stored.dtype).contiguous()}
     out = {
         f"{name}.weight_packed": pack_codes((codes - half).to(torch.int8), grid.spec.nbits),
         f"{name}.weight_scale": scale.to(stored.dtype).contiguous(),
@@ -124,31 +163,37 @@ def linear_tensors(name: str, module: nn.Module, grid: WeightGrid) -> dict[str, 
     return out
 
 
-def quantization_config(grids: dict[str, WeightGrid], linears: list[str]) -> dict[str, Any]:
+def quantization_config(grids: dict[str, WeightGrid], linears: list[str], fmt: str = FORMAT) -> dict[str, Any]:
     """The ``quantization_config`` of ``config.json``: one config group per distinct weight spec."""
+    fp8 = fmt in ("naive-quantized", "float-quantized")
+    acts = None
+    if fmt in ("int-quantized", "float-quantized"):
+        acts = {"num_bits": 8, "type": "float" if fp8 else "int", "symmetric": True, "strategy": "token",
+                "dynamic": True, "observer": None}
     by_spec: dict[tuple[Any, ...], list[str]] = defaultdict(list)
     for name, grid in grids.items():
         spec = grid.spec
         by_spec[(spec.nbits, spec.symmetric, spec.granularity, spec.group_size)].append(name)
     groups = {}
     for i, ((bits, symmetric, granularity, group_size), names) in enumerate(sorted(by_spec.items())):
-        weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": granularity,
+        weights = {"num_bits": bits, "type": "float" if fp8 else "int", "symmetric": symmetric, "strategy": granularity,
                    "group_size": group_size if granularity == "group" else None, "dynamic": False,
                    "actorder": None, "observer": "minmax"}
-        groups[f"group_{i}"] = {"targets": sorted(names), "weights": weights, "input_activations": None,
-                                "output_activations": None, "format": FORMAT}
-    return {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+        groups[f"group_{i}"] = {"targets": sorted(names), "weights": weights, "input_activations": acts,
+                                "output_activations": None, "format": fmt}
+    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
             "config_groups": groups, "ignore": sorted(n for n in linears if n not in grids),
             "kv_cache_scheme": None, "version": LIBRARY_VERSION}
 
 
-def write_compressed(model: nn.Module, tokenizer: Any, out: Path, grids: dict[str, WeightGrid]) -> None:
-    """Write ``model`` (quantized in place, its grids in ``grids``) as a pack-quantized checkpoint to ``out``."""
+def write_compressed(model: nn.Module, tokenizer: Any, out: Path, grids: dict[str, WeightGrid],
+                     fmt: str = FORMAT) -> None:
+    """Write ``model`` (quantized in place, its grids in ``grids``) as a ``fmt`` checkpoint to ``out``."""
     modules = dict(model.named_modules())
     state = {k: v for k, v in model.state_dict().items()}
     for name, grid in grids.items():
         state.pop(f"{name}.weight")
-        state.update(linear_tensors(name, modules[name], grid))
+        state.update(linear_tensors(name, modules[name], grid, fmt))
     out.mkdir(parents=True)
     save = getattr(model, "save_pretrained", None)
     if not callable(save):
@@ -156,7 +201,7 @@ def write_compressed(model: nn.Module, tokenizer: Any, out: Path, grids: dict[st
     save(out, state_dict=state)
     config = json.loads((out / "config.json").read_text())
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-    config["quantization_config"] = quantization_config(grids, linears)
+    config["quantization_config"] = quantization_config(grids, linears, fmt)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

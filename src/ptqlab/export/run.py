@@ -92,7 +92,7 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
     record = store.get(rid) if store is not None else None
     record = record if record is not None and record.id == rid and record.status == "done" else None
     plan = bind(compiled, loaded.model, loaded.tokenizer)
-    _check(fmt, plan)
+    layout = _check(fmt, plan)
     report = quantize(loaded.model, plan.quantization, progress=progress)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -100,7 +100,7 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
         if fmt == "hf":
             write_hf(loaded.model, loaded.tokenizer, tmp, cfg, rid, record)
         else:
-            write_compressed(loaded.model, loaded.tokenizer, tmp, report.grids)
+            write_compressed(loaded.model, loaded.tokenizer, tmp, report.grids, layout)
             (tmp / "README.md").write_text(model_card(cfg, rid, record, fmt))
         (tmp / EXPORT_FILE).write_text(json.dumps(_manifest(cfg, fmt, rid, record), indent=2) + "\n")
         if target.exists():
@@ -113,11 +113,12 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
     return ExportResult(target, rid, fmt, seconds)
 
 
-def _check(fmt: str, plan: RunPlan) -> None:
+def _check(fmt: str, plan: RunPlan) -> str:
+    """Check ``plan`` against ``fmt``; the format's layout (compressed-tensors' own format name)."""
     if fmt == "hf":
         check_hf(plan.quantization)
-    else:
-        check_compressed(plan.quantization)
+        return fmt
+    return check_compressed(plan.quantization)
 
 
 def _manifest(cfg: RunConfig, fmt: str, rid: str, record: RunRecord | None) -> dict[str, Any]:
