@@ -40,7 +40,7 @@ def test_transformers_loads_the_runs_weights_bit_for_bit(tmp_path: Path, quantiz
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # no temporary left
 
 
-def test_cli_exports_a_stored_run_with_its_metrics_in_the_card(tmp_path: Path) -> None:
+def test_cli_exports_a_stored_run_with_its_metrics_in_the_card(tmp_path: Path, capsys) -> None:
     config, store = tmp_path / "run.yaml", tmp_path / "runs.db"
     config.write_text(yaml.safe_dump(BASE))
     assert main(["run", str(config), "--store", str(store), "--quiet"]) == 0
@@ -53,6 +53,9 @@ def test_cli_exports_a_stored_run_with_its_metrics_in_the_card(tmp_path: Path) -
     assert main(["export", str(config), "--format", "hf", "--out", str(out), "--store", str(store)]) == 2  # exists
     assert main(["export", str(config), "--format", "hf", "--out", str(out), "--store", str(store), "--quiet",
                  "--overwrite"]) == 0
+    assert [e["format"] for e in Store(str(store)).exports(record.id)] == ["hf"]  # one record per directory
+    assert main(["show", record.id, "--store", str(store)]) == 0
+    assert f"exported: hf -> {out.resolve()}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("change", "message"), [

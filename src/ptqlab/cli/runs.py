@@ -129,17 +129,21 @@ def _filtered(args: argparse.Namespace) -> bool:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    """Show one stored run."""
-    run = _store(args).get(args.run)
+    """Show one stored run (and where it was exported)."""
+    store = _store(args)
+    run = store.get(args.run)
     if run is None:
         sys.stderr.write(f"error: no run (or more than one) matches {args.run!r}\n")
         return 2
+    exports = store.exports(run.id)
     if args.json:
-        json.dump(run.to_json(), sys.stdout, indent=2)
+        json.dump(run.to_json() | {"exports": exports}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         _run_table(run, sys.stdout)
         for rec in run.layers:
             err = f"{rec['rel_error']:.5f}" if rec["rel_error"] is not None else "-"
             sys.stdout.write(f"  {rec['module']:<45} W{rec['bits']}  err {err}  {rec['seconds']:.2f} s\n")
+        for e in exports:
+            sys.stdout.write(f"exported: {e['format']} -> {e['directory']} ({e['created_at']})\n")
     return 0

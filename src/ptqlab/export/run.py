@@ -70,7 +70,8 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
             ``compressed-tensors`` (``pack-quantized`` INT weights, the format vLLM loads).
         out: The directory to create.
         overwrite: Replace ``out`` when it exists.
-        store: Where the run of ``cfg`` may be stored: its metrics go into the model card.
+        store: Where the run of ``cfg`` may be stored: its metrics go into the model card, and the export is
+            recorded there (``ptqlab show`` lists it with the run).
         progress: Show progress bars.
 
     Returns:
@@ -108,6 +109,8 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if store is not None:
+        store.add_export(rid, fmt, target)
     seconds = time.perf_counter() - t0
     log.info("exported run %s as %s to %s in %.1f s", rid, fmt, target, seconds)
     return ExportResult(target, rid, fmt, seconds)

@@ -9,6 +9,7 @@ time) is free again.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import socket
@@ -340,6 +341,20 @@ class Store:
                 con.execute("DELETE FROM leases WHERE owner = ?", (owner,))
             else:
                 con.execute("DELETE FROM leases WHERE owner = ? AND run_id = ?", (owner, run_id))
+
+    def add_export(self, run_id: str, fmt: str, directory: str | Path) -> None:
+        """Record that run ``run_id`` was exported as ``fmt`` to ``directory`` (replacing an earlier record)."""
+        with self._connect() as con:
+            con.execute("INSERT OR REPLACE INTO exports (run_id, format, directory, created_at) VALUES (?, ?, ?, ?)",
+                        (run_id, fmt, str(Path(directory).resolve()),
+                         dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")))
+
+    def exports(self, run_id: str) -> list[dict[str, str]]:
+        """The exports recorded for ``run_id``, oldest first: ``{"format", "directory", "created_at"}``."""
+        with self._connect() as con:
+            rows = con.execute("SELECT format, directory, created_at FROM exports WHERE run_id = ? "
+                               "ORDER BY created_at", (run_id,)).fetchall()
+        return [{"format": r[0], "directory": r[1], "created_at": r[2]} for r in rows]
 
     def leased(self) -> dict[str, str]:
         """``{run id: owner}`` of the live leases."""

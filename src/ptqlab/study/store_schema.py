@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..errors import StoreError
 
-SCHEMA_VERSION = 2  # 1: runs, metrics, sensitivity, texts, windows, layer_records; 2: + sweeps, leases, adaptive
+SCHEMA_VERSION = 3  # 1: runs, metrics, sensitivity, texts, windows, layer_records; 2: + sweeps, leases, adaptive;
+# 3: + exports
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -79,6 +80,13 @@ CREATE TABLE IF NOT EXISTS sweep_runs (
     values_json TEXT NOT NULL,
     config_json TEXT NOT NULL,
     PRIMARY KEY (sweep, run_id)
+);
+CREATE TABLE IF NOT EXISTS exports (
+    run_id TEXT NOT NULL,
+    format TEXT NOT NULL,
+    directory TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, directory)
 );
 CREATE TABLE IF NOT EXISTS leases (
     run_id TEXT PRIMARY KEY,
