@@ -279,6 +279,14 @@ class Runtime(_Strict):
         return v
 
 
+class ExportSection(_Strict):
+    """Export the run's quantized model when the run is done (``ptqlab export`` with these options)."""
+
+    format: Literal["hf", "compressed-tensors"]
+    out: str
+    overwrite: bool = False
+
+
 class RunConfig(_Strict):
     """One configuration: model, scheme, recipe, calibration, evaluations."""
 
@@ -291,6 +299,7 @@ class RunConfig(_Strict):
     calibration: Calibration = Field(default_factory=Calibration)
     evaluate: Evaluate = Field(default_factory=Evaluate)
     runtime: Runtime = Field(default_factory=Runtime)
+    export: ExportSection | None = None
     _compiled: Any = PrivateAttr(default=None)  # what ptqlab.compile made of it, made once
 
     @field_validator("device")

@@ -81,3 +81,21 @@ def test_an_existing_directory_is_refused_before_any_work(tmp_path: Path, monkey
         export_config(parse_config(BASE), "hf", out)
     with pytest.raises(ConfigError, match="not an export format"):
         export_config(parse_config(BASE), "gguf-q9", tmp_path / "new")
+
+
+def test_an_export_section_exports_when_the_run_is_done(tmp_path: Path) -> None:
+    """`export:` in a run config: written after the run, not part of its id, its directory checked first."""
+    plain, with_export = tmp_path / "plain.yaml", tmp_path / "export.yaml"
+    out = tmp_path / "served"
+    plain.write_text(yaml.safe_dump(BASE))
+    with_export.write_text(yaml.safe_dump(BASE | {"export": {"format": "compressed-tensors", "out": str(out)}}))
+    store = tmp_path / "runs.db"
+    assert main(["run", str(with_export), "--store", str(store), "--quiet"]) == 0
+    (record,) = Store(str(store)).list_runs()
+    assert json.loads((out / "ptqlab-export.json").read_text())["run_id"] == record.id
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    assert main(["run", str(plain), "--store", str(store), "--quiet"]) == 0  # the same run: reused
+    assert len(Store(str(store)).list_runs()) == 1
+    before = (out / "ptqlab-export.json").stat().st_mtime_ns
+    assert main(["run", str(with_export), "--store", str(store), "--force"]) == 2  # out exists: nothing run
+    assert (out / "ptqlab-export.json").stat().st_mtime_ns == before

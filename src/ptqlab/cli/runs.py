@@ -7,6 +7,7 @@ import fnmatch
 import json
 import os
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from ..report import describe_scheme
@@ -55,7 +56,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.dry_run:
         return _dry_run(cfg, args)
-    outcome = execute(cfg, _store(args), force=args.force, progress=not args.quiet)
+    if cfg.export is not None:  # an output directory that is in the way is known before any work
+        from ..export.run import check_output
+
+        check_output(Path(cfg.export.out), cfg.export.overwrite)
+    store = _store(args)
+    outcome = execute(cfg, store, force=args.force, progress=not args.quiet)
     if args.json:
         json.dump(outcome.record.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -63,7 +69,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         if outcome.reused:
             sys.stdout.write("(already in the store; --force recomputes)\n")
         _run_table(outcome.record, sys.stdout)
-    return 0 if outcome.record.status == "done" else 1
+    if outcome.record.status != "done":
+        return 1
+    if cfg.export is not None:
+        from ..export.run import export_config
+
+        result = export_config(cfg, cfg.export.format, cfg.export.out, overwrite=cfg.export.overwrite, store=store,
+                               progress=not args.quiet)
+        sys.stderr.write(f"exported ({result.format}) to {result.directory}\n")
+    return 0
 
 
 def _dry_run(cfg: RunConfig, args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 from ..schema import RunConfig
 
 _PACKAGES = ("ptqlab", "torch", "transformers", "safetensors", "gguf", "accelerate", "numpy", "pydantic")
-_NOT_IDENTITY = ("model", "device", "trust_remote_code", "runtime")
+_NOT_IDENTITY = ("model", "device", "trust_remote_code", "runtime", "export")
 
 
 def _digest(payload: Any) -> str:
