@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
-.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale report-demo clean
+.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale bench-export report-demo clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,9 @@ bench-contention: setup
 
 # Resident vs layer-streamed GPTQ + evaluation (peak RSS, time) on SmolLM2-135M and a random 1.1B Llama with
 # llm-compressor beside it, then ptqlab's task path against lm-eval's HF model (about 1 h on two cores).
+bench-export: setup
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_export.py
+
 bench-scale: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_scale.py --samples 16 --windows 2 --peer
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_layer_pass.py
