@@ -94,6 +94,7 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
     record = record if record is not None and record.id == rid and record.status == "done" else None
     plan = bind(compiled, loaded.model, loaded.tokenizer)
     layout = _check(fmt, plan)
+    plan.quantization.keep_grids = True
     report = quantize(loaded.model, plan.quantization, progress=progress)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

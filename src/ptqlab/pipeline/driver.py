@@ -74,7 +74,7 @@ class QuantizeReport:
         distill: The refiners' losses, ``{"layer", "start", "best"}`` (layer -1: a model refiner).
         hooks: Handles of hooks a model transform installed (the online rotation).
         metrics: Size, effective bits and what the methods report (``zeroquant.local.loss_ratio``).
-        grids: The grid of each quantized linear, by full name (what exporters write).
+        grids: The grid of each quantized linear, by full name, when the plan keeps them (what exporters write).
 
     """
 
@@ -184,7 +184,8 @@ def _quantize_directly(layer: nn.Module, li: int, group: list[LinearTarget], pla
         W = weight_matrix(module)
         res = later.quantized(module, W, plan.recipe.quantizer.quantize(W, t.spec), t.spec)
         set_weight_matrix(module, res.weight)
-        report.keep_grid(t.name, module, t.spec, res)
+        if plan.keep_grids:
+            report.keep_grid(t.name, module, t.spec, res)
         report.records.append(LayerRecord(li, t.name, t.spec.nbits, None, time.perf_counter() - t0))
 
 
@@ -283,7 +284,8 @@ def _quantize_layer(
                 res = later.quantized(module, W, plan.recipe.quantizer.quantize(W, t.spec, H), t.spec)
                 err = relative_output_error(W.float(), res.weight, H)
                 set_weight_matrix(module, res.weight)
-                report.keep_grid(t.name, module, t.spec, res)
+                if plan.keep_grids:
+                    report.keep_grid(t.name, module, t.spec, res)
                 report.records.append(LayerRecord(li, t.name, t.spec.nbits, err, time.perf_counter() - t0))
 
     run = run_group_passes if per_group else run_layer_pass

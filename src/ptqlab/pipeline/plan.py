@@ -76,6 +76,8 @@ class QuantizationPlan:
         max_memory: The run's memory budget in bytes (None: what the machine has available).
         offload_dir: Where calibration hidden states past the budget are memory-mapped (None: the cache's
             ``stream`` directory).
+        keep_grids: Record each quantized linear's scales and zero points in the report (an exporter asks for
+            them; they are an eighth of the weights' size at group 64, so runs do not keep them).
 
     """
 
@@ -92,6 +94,7 @@ class QuantizationPlan:
     layer_pass: str = "auto"
     max_memory: int | None = None
     offload_dir: str | None = None
+    keep_grids: bool = False
 
     @property
     def changes_weights(self) -> bool:
