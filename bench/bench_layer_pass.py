@@ -27,11 +27,13 @@ RESULTS = ROOT / "bench" / "results"
 SCHEME = {"weight": {"bits": 4, "granularity": "group", "group_size": 64}}
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) // 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+def _resident_mb(peak: bool = False) -> int:
+    from ptqlab.memory import resident_bytes
+
+    found = resident_bytes(peak)
+    if found is None:
+        raise RuntimeError("no VmRSS / VmHWM in /proc/self/status: this benchmark needs Linux")
+    return found // 2**20
 
 
 def job(layers: int, samples: int, layer_pass: str) -> dict:
@@ -55,13 +57,13 @@ def job(layers: int, samples: int, layer_pass: str) -> dict:
     plan.layer_pass = layer_pass
     return_freed()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
-    before = _status("VmRSS")
+    before = _resident_mb()
     t0 = time.perf_counter()
     run_quantization(model, plan, progress=False)
     seconds = time.perf_counter() - t0
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     return {"layers": layers, "samples": samples, "layer_pass": layer_pass, "seconds": seconds,
-            "peak_over_model_mb": _status("VmHWM") - before, "checksum": checksum}
+            "peak_over_model_mb": _resident_mb(peak=True) - before, "checksum": checksum}
 
 
 def main() -> None:

@@ -116,10 +116,10 @@ def job(config: Path, store: Path, baseline: bool) -> dict:
 
 def peak_rss_mb() -> float:
     """This process's peak RSS (VmHWM: ru_maxrss would start from the parent's peak, inherited at fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from ptqlab.memory import resident_bytes
+
+    peak = resident_bytes(peak=True)
+    return peak / 2**20 if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_job(config: Path, store: Path, cache: Path, baseline: bool = False) -> dict:

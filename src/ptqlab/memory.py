@@ -45,14 +45,20 @@ def format_size(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The ``key:  N kB`` line of a Linux ``/proc`` file in bytes, or None where there is none."""
+    file = Path(path)
+    if file.is_file():
+        for line in file.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def available_memory() -> int:
     """Bytes of memory available to new allocations (Linux ``MemAvailable``, else the physical total)."""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    found = _proc_bytes("/proc/meminfo", "MemAvailable")
+    return found if found is not None else int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 @lru_cache(maxsize=1)
@@ -77,11 +83,6 @@ def return_freed() -> bool:
     return bool(lib is not None and lib.malloc_trim(0))
 
 
-def resident_bytes() -> int | None:
-    """Resident memory of this process (Linux ``VmRSS``), or None where it cannot be read."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return None
+def resident_bytes(peak: bool = False) -> int | None:
+    """Resident memory of this process (Linux ``VmRSS``; ``peak``: its high-water mark ``VmHWM``), or None."""
+    return _proc_bytes("/proc/self/status", "VmHWM" if peak else "VmRSS")

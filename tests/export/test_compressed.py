@@ -59,6 +59,7 @@ def test_the_library_decompresses_the_runs_weights_bit_for_bit(tmp_path: Path, w
     export_config(parse_config(data), "compressed-tensors", out, progress=False)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["format"] == layout and config["ignore"] == ["lm_head"]
+    assert "`quantization_config.format`" in (out / "README.md").read_text()  # the card every export carries
     acts = config["config_groups"]["group_0"]["input_activations"]
     assert (acts is None) == (activation is None)
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:

@@ -29,7 +29,7 @@ from ..models.weights import in_features, weight_matrix
 from ..pipeline.driver import WeightGrid
 from ..pipeline.plan import QuantizationPlan
 from ..quant.spec import QuantSpec
-from .checks import refuse_online_rotation
+from .common import refuse_online_rotation, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +190,12 @@ def write_compressed(model: nn.Module, tokenizer: Any, out: Path, grids: dict[st
                      fmt: str = FORMAT) -> None:
     """Write ``model`` (quantized in place, its grids in ``grids``) as a ``fmt`` checkpoint to ``out``."""
     modules = dict(model.named_modules())
-    state = {k: v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())
     for name, grid in grids.items():
         state.pop(f"{name}.weight")
         state.update(linear_tensors(name, modules[name], grid, fmt))
-    out.mkdir(parents=True)
-    save = getattr(model, "save_pretrained", None)
-    if not callable(save):
-        raise ConfigError(f"{type(model).__name__} is not a transformers model: it has no save_pretrained")
-    save(out, state_dict=state)
+    save_checkpoint(model, tokenizer, out, state)
     config = json.loads((out / "config.json").read_text())
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     config["quantization_config"] = quantization_config(grids, linears, fmt)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)

@@ -1,5 +1,6 @@
-"""Fake-quantized Hugging Face safetensors: the quantized weights, dequantized, in the model's own layout.
+"""Fake-quantized Hugging Face safetensors, and the model card every export carries.
 
+The ``hf`` format is the quantized weights, dequantized, in the model's own layout.
 Any transformers user loads the directory with ``AutoModelForCausalLM.from_pretrained`` and gets the
 weights ptqlab evaluated. Only weights can be held this way: activation, attention-input and KV-cache
 quantizers run at inference time and an online rotation is a forward hook, so such schemes are refused
@@ -10,16 +11,14 @@ the run's metrics when it is stored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
-from torch import nn
 
 from ..errors import ConfigError
 from ..pipeline.plan import QuantizationPlan
 from ..schema import RunConfig
 from ..study.store import RunRecord
-from .checks import refuse_online_rotation
+from .common import refuse_online_rotation
 
 
 def check_hf(plan: QuantizationPlan) -> None:
@@ -38,24 +37,13 @@ def check_hf(plan: QuantizationPlan) -> None:
     refuse_online_rotation(plan, "transformers")
 
 
-def write_hf(model: nn.Module, tokenizer: Any, out: Path, cfg: RunConfig, rid: str, record: RunRecord | None) -> None:
-    """Write ``model`` (quantized in place) and its tokenizer to ``out`` with a model card."""
-    out.mkdir(parents=True)
-    save = getattr(model, "save_pretrained", None)
-    if not callable(save):
-        raise ConfigError(f"{type(model).__name__} is not a transformers model: it has no save_pretrained")
-    save(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    (out / "README.md").write_text(model_card(cfg, rid, record, "hf"))
-
-
 _HOW = {
     "hf": ["Fake-quantized weights: every quantized linear holds its dequantized values (the codes times their",
            "scales) in the model's dtype, so `AutoModelForCausalLM.from_pretrained` loads the exact weights ptqlab",
            "evaluated; the file is as large as the original."],
-    "compressed-tensors": ["compressed-tensors `pack-quantized`: the run's own integer codes, scales and zero "
-                           "points,", "packed into int32 words; vLLM and transformers (`CompressedTensorsConfig`) "
+    "compressed-tensors": ["compressed-tensors, in the layout `quantization_config.format` names (packed INT "
+                           "codes,", "INT8 or FP8 weights, with the activations' scheme for W8A8): the run's own "
+                           "codes, scales and zero", "points; vLLM and transformers (`CompressedTensorsConfig`) "
                            "load it."],
 }
 

@@ -24,8 +24,9 @@ from ..pipeline.quantize import quantize
 from ..schema import RunConfig
 from ..study.identity import run_id
 from ..study.store import RunRecord, Store
+from .common import save_checkpoint
 from .compressed import check_compressed, write_compressed
-from .hf import check_hf, model_card, write_hf
+from .hf import check_hf, model_card
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,16 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
     record = record if record is not None and record.id == rid and record.status == "done" else None
     plan = bind(compiled, loaded.model, loaded.tokenizer)
     layout = _check(fmt, plan)
-    plan.quantization.keep_grids = True
+    plan.quantization.keep_grids = fmt != "hf"  # the codes' grids are what a packed format writes
     report = quantize(loaded.model, plan.quantization, progress=progress)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if fmt == "hf":
-            write_hf(loaded.model, loaded.tokenizer, tmp, cfg, rid, record)
+            save_checkpoint(loaded.model, loaded.tokenizer, tmp)
         else:
             write_compressed(loaded.model, loaded.tokenizer, tmp, report.grids, layout)
-            (tmp / "README.md").write_text(model_card(cfg, rid, record, fmt))
+        (tmp / "README.md").write_text(model_card(cfg, rid, record, fmt))
         (tmp / EXPORT_FILE).write_text(json.dumps(_manifest(cfg, fmt, rid, record), indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)

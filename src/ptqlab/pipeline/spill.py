@@ -10,14 +10,11 @@ so nothing is left behind on any exit; its space is freed when the last view of 
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 class HiddenSpill:
@@ -26,7 +23,6 @@ class HiddenSpill:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.files = 0
 
     def keep(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """File-backed copies of ``tensors`` (views of one buffer; same values, shapes and dtype).
@@ -46,7 +42,6 @@ class HiddenSpill:
             flat = torch.from_file(name, shared=True, size=sum(t.numel() for t in tensors), dtype=dtype)
         finally:
             os.unlink(name)  # the mapping stays valid until its last view is gone
-        self.files += 1
         out, offset = [], 0
         for t in tensors:
             view = flat[offset : offset + t.numel()].view(t.shape)
