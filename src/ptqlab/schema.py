@@ -282,7 +282,7 @@ class Runtime(_Strict):
 class ExportSection(_Strict):
     """Export the run's quantized model when the run is done (``ptqlab export`` with these options)."""
 
-    format: Literal["hf", "compressed-tensors"]
+    format: Literal["hf", "compressed-tensors", "gguf"]
     out: str
     overwrite: bool = False
 

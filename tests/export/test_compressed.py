@@ -13,7 +13,10 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from ptqlab.errors import ConfigError
-from ptqlab.export.compressed import pack_codes
+from ptqlab.export.compressed import linear_tensors, pack_codes
+from ptqlab.pipeline.driver import WeightGrid
+from ptqlab.quant.core import choose_qparams, fake_quantize
+from ptqlab.quant.spec import QuantSpec
 from ptqlab.export.run import export_config
 from ptqlab.study.config import parse_config
 
@@ -101,10 +104,24 @@ def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path: Path, c
     assert not out.exists()
 
 
-def test_a_weight_moved_off_its_grid_is_an_error_not_a_requantization(tmp_path: Path) -> None:
+def test_lorc_is_refused_before_any_work_and_pointed_to_hf(tmp_path: Path) -> None:
     """LoRC adds a low-rank product to the quantized weight: pack-quantized has no place for it."""
     data = _config({"bits": 4, **CHANNEL}, [{"rtn": {}}, {"lorc": {"rank": 4}}])
     out = tmp_path / "ct"
-    with pytest.raises(ConfigError, match="not on its quantization grid"):
+    with pytest.raises(ConfigError, match="LoRC.*--format hf"):
         export_config(parse_config(data), "compressed-tensors", out, progress=False)
     assert not out.exists()
+
+
+def test_a_weight_moved_off_its_grid_is_an_error_not_a_requantization() -> None:
+    spec = QuantSpec(bits=4, granularity="group", group_size=8)
+    linear = torch.nn.Linear(16, 4, bias=False)
+    qp = choose_qparams(linear.weight.detach(), spec)
+    with torch.no_grad():
+        linear.weight.copy_(fake_quantize(linear.weight, spec))
+    grid = WeightGrid(linear, spec, qp.scale, qp.zero)
+    assert "x.weight_packed" in linear_tensors("x", linear, grid)
+    with torch.no_grad():
+        linear.weight[0, 0] += 1e-3
+    with pytest.raises(ConfigError, match="not on its quantization grid"):
+        linear_tensors("x", linear, grid)

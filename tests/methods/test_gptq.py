@@ -132,5 +132,5 @@ def test_gptq_with_number_formats_beats_rtn_and_stays_on_the_grid(spec: QuantSpe
     rtn = RTN().quantize(W.float(), spec)
     err = relative_output_error(W.float(), gptq.weight, H.float())
     assert err < relative_output_error(W.float(), rtn.weight, H.float())
-    again = dequantize(quantize(gptq.weight, gptq.qparams, spec), gptq.qparams)
+    again = dequantize(quantize(gptq.weight, gptq.qparams, spec), gptq.qparams, spec)
     torch.testing.assert_close(again, gptq.weight, rtol=0, atol=1e-5)

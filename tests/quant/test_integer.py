@@ -23,7 +23,7 @@ def test_asym_int_grid_contains_zero_and_codes_in_range(bits):
     assert codes.min() >= 0 and codes.max() <= 2**bits - 1
     assert torch.equal(qp.zero, torch.round(qp.zero))
     zero_row = torch.zeros(16, 64)
-    assert torch.all(dequantize(quantize(zero_row, qp, spec), qp) == 0)
+    assert torch.all(dequantize(quantize(zero_row, qp, spec), qp, spec) == 0)
 
 
 def test_rtn_error_at_most_half_step():

@@ -18,7 +18,9 @@ def add_commands(sub: Any) -> list[argparse.ArgumentParser]:
 
     export = sub.add_parser("export", help="write a run's quantized model in a format other tools load")
     export.add_argument("run", help="a YAML configuration file, or the id of a stored run (a unique prefix)")
-    export.add_argument("--format", required=True, choices=FORMATS, help="hf: fake-quantized safetensors")
+    export.add_argument("--format", required=True, choices=FORMATS,
+                        help="hf: fake-quantized safetensors; compressed-tensors: packed codes (vLLM); "
+                        "gguf: llama.cpp block types (weights in gguf_* formats)")
     export.add_argument("--out", required=True, help="directory to create")
     export.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     export.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,4 +1,4 @@
-"""What every export format shares: the online-rotation check, and writing the model's own files."""
+"""What every export format shares: the recipe checks, and writing the model's own files."""
 
 from __future__ import annotations
 
@@ -23,6 +23,24 @@ def refuse_online_rotation(plan: QuantizationPlan, runtime: str) -> None:
         if getattr(getattr(transform, "config", None), "online_down", False):
             raise ConfigError(f"recipe rotation with online_down: true rotates down_proj's input in a forward "
                               f"hook that {runtime} does not run; set online_down: false to export")
+
+
+def refuse_off_grid_recipe(plan: QuantizationPlan, fmt: str, runtime: str) -> None:
+    """Refuse recipes whose weights a packed format cannot hold as codes and block scales.
+
+    Raises:
+        ConfigError: An online rotation (a hook ``runtime`` does not run), GPTQ act-order (a column order of
+            groups), or LoRC (low-rank factors beside the codes).
+
+    """
+    refuse_online_rotation(plan, runtime)
+    if getattr(getattr(plan.recipe.quantizer, "config", None), "act_order", False):
+        raise ConfigError(f"gptq act_order: true gives each column its own group order, and {fmt} has no group "
+                          "index (g_idx); export a run with act_order: false")
+    if plan.recipe.compensators:
+        names = ", ".join(type(c).__name__ for c in plan.recipe.compensators)
+        raise ConfigError(f"recipe {names} adds low-rank factors to the quantized weights, and {fmt} has no place "
+                          "for them; use --format hf, which folds them into the weights, or drop them")
 
 
 def save_checkpoint(model: nn.Module, tokenizer: Any, out: Path,

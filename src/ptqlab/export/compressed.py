@@ -29,7 +29,7 @@ from ..models.weights import in_features, weight_matrix
 from ..pipeline.driver import WeightGrid
 from ..pipeline.plan import QuantizationPlan
 from ..quant.spec import QuantSpec
-from .common import refuse_online_rotation, save_checkpoint
+from .common import refuse_off_grid_recipe, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,7 @@ def check_compressed(plan: QuantizationPlan) -> str:
         raise ConfigError("scheme.kv_cache / scheme.activation.attention: ptqlab does not write compressed-tensors "
                           "KV-cache or attention-input schemes yet; remove them to export")
     fmt = _format_of(plan)
-    refuse_online_rotation(plan, "vLLM")
-    if getattr(getattr(plan.recipe.quantizer, "config", None), "act_order", False):
-        raise ConfigError("gptq act_order: true gives each column its own group order, and compressed-tensors "
-                          "0.20 has no g_idx; export a run with act_order: false")
+    refuse_off_grid_recipe(plan, "compressed-tensors 0.20", "vLLM")
     for t in plan.targets:
         _check_spec(t.spec, t.name, fmt)
     if any(not t.spec.symmetric and t.spec.nbits not in (4, 8) for t in plan.targets):

@@ -45,6 +45,9 @@ _HOW = {
                            "codes,", "INT8 or FP8 weights, with the activations' scheme for W8A8): the run's own "
                            "codes, scales and zero", "points; vLLM and transformers (`CompressedTensorsConfig`) "
                            "load it."],
+    "gguf": ["GGUF for llama.cpp (`model.gguf`): each quantized linear in the llama.cpp block type of its ptqlab "
+             "format", "(`gguf_q4_0` is Q4_0, ...), written from the run's own codes and FP16 block parameters, "
+             "so llama.cpp", "runs the weights ptqlab evaluated; transformers reads it with `gguf_file=`."],
 }
 
 

@@ -26,11 +26,13 @@ from ..study.identity import run_id
 from ..study.store import RunRecord, Store
 from .common import save_checkpoint
 from .compressed import check_compressed, write_compressed
+from .gguf import check_gguf, write_gguf
 from .hf import check_hf, model_card
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hf", "compressed-tensors")
+FORMATS = ("hf", "compressed-tensors", "gguf")
+GGUF_FILE = "model.gguf"
 EXPORT_FILE = "ptqlab-export.json"
 
 
@@ -67,8 +69,9 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
 
     Args:
         cfg: The run's configuration.
-        fmt: ``hf`` (fake-quantized safetensors any transformers user loads with ``from_pretrained``) or
-            ``compressed-tensors`` (``pack-quantized`` INT weights, the format vLLM loads).
+        fmt: ``hf`` (fake-quantized safetensors any transformers user loads with ``from_pretrained``),
+            ``compressed-tensors`` (``pack-quantized`` INT weights, the format vLLM loads) or ``gguf``
+            (llama.cpp's block types, ``model.gguf`` in ``out``).
         out: The directory to create.
         overwrite: Replace ``out`` when it exists.
         store: Where the run of ``cfg`` may be stored: its metrics go into the model card, and the export is
@@ -94,7 +97,7 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
     record = store.get(rid) if store is not None else None
     record = record if record is not None and record.id == rid and record.status == "done" else None
     plan = bind(compiled, loaded.model, loaded.tokenizer)
-    layout = _check(fmt, plan)
+    layout = _check(fmt, plan, loaded.model.config)
     plan.quantization.keep_grids = fmt != "hf"  # the codes' grids are what a packed format writes
     report = quantize(loaded.model, plan.quantization, progress=progress)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -102,6 +105,9 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
     try:
         if fmt == "hf":
             save_checkpoint(loaded.model, loaded.tokenizer, tmp)
+        elif fmt == "gguf":
+            tmp.mkdir(parents=True)
+            write_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_FILE, report.grids, loaded.info.source)
         else:
             write_compressed(loaded.model, loaded.tokenizer, tmp, report.grids, layout)
         (tmp / "README.md").write_text(model_card(cfg, rid, record, fmt))
@@ -118,10 +124,13 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
     return ExportResult(target, rid, fmt, seconds)
 
 
-def _check(fmt: str, plan: RunPlan) -> str:
+def _check(fmt: str, plan: RunPlan, config: Any) -> str:
     """Check ``plan`` against ``fmt``; the format's layout (compressed-tensors' own format name)."""
     if fmt == "hf":
         check_hf(plan.quantization)
+        return fmt
+    if fmt == "gguf":
+        check_gguf(plan.quantization, config)
         return fmt
     return check_compressed(plan.quantization)
 

@@ -149,7 +149,7 @@ class AWQClip:
         for k in range(steps):
             ratio = 1.0 - (1.0 - self.config.max_shrink) * k / max(1, steps - 1)
             qp = params_from_range(xmin, xmax, spec, ratio)
-            D = dequantize(quantize(W, qp, spec), qp).reshape(rows, groups, gs) - view
+            D = dequantize(quantize(W, qp, spec), qp, spec).reshape(rows, groups, gs) - view
             err = torch.einsum("rgi,gij,rgj->rg", D, blocks, D)
             better = err < best_err
             best = QParams(torch.where(better, qp.scale, best.scale), torch.where(better, qp.zero, best.zero))

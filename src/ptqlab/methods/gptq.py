@@ -15,9 +15,10 @@ from typing import ClassVar
 
 import torch
 
-from ..quant.core import choose_qparams, to_codes
+from ..quant.core import choose_qparams, to_codes, values
 from ..quant.formats import MX_FORMATS
-from ..quant.integer import QParams, dequantize_with
+from ..quant.gguf import BLOCK_TYPES
+from ..quant.integer import QParams
 from ..quant.spec import QuantSpec
 from .base import WeightResult
 
@@ -90,7 +91,7 @@ class GPTQ:
         if perm is not None:
             inv = torch.argsort(perm)
             codes, scale, zero, group_of = codes[:, inv], scale[:, inv], zero[:, inv], group_of[inv]
-        weight = dequantize_with(codes, scale, zero)
+        weight = values(codes, scale, zero, spec)
         return WeightResult(weight=weight, codes=codes, qparams=_per_group(scale, zero, group_of), g_idx=group_of)
 
     def _static_params(self, W: torch.Tensor, spec: QuantSpec) -> QParams | None:
@@ -111,8 +112,8 @@ class GPTQ:
         """Lazy-batch width aligned so that no dynamic group straddles two blocks."""
         bs = self.config.block_size
         if spec.granularity == "group" and spec.group_size and not self.config.static_groups:
-            gs = spec.group_size
-            return gs * max(1, bs // gs)
+            span = _span(spec)
+            return span * max(1, bs // span)
         return bs
 
     def _quantize_columns(
@@ -131,7 +132,7 @@ class GPTQ:
         group_of = torch.zeros(cols, dtype=torch.long, device=W.device)
         bs = self._block_size(spec)
         natural = perm if perm is not None else torch.arange(cols, device=W.device)
-        s_col = z_col = None
+        held: QParams | None = None
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             W1 = W[:, i1:i2].clone()
@@ -139,12 +140,13 @@ class GPTQ:
             Hinv1 = Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 j = i1 + i
-                s_col, z_col, group_of[j] = self._column_params(W1, i, j, natural, spec, static, s_col, z_col)
+                held, k, group_of[j] = self._column_params(W1, i, j, natural, spec, static, held)
+                s_col, z_col = held.scale[:, k], held.zero[:, k]
                 w = W1[:, i]
                 d = Hinv1[i, i]
                 q = to_codes(w, s_col, z_col, spec)
                 codes[:, j], scale[:, j], zero[:, j] = q, s_col, z_col
-                err = (w - dequantize_with(q, s_col, z_col)) / d
+                err = (w - values(q, s_col, z_col, spec)) / d
                 W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
@@ -158,23 +160,33 @@ class GPTQ:
         natural: torch.Tensor,
         spec: QuantSpec,
         static: QParams | None,
-        s_col: torch.Tensor | None,
-        z_col: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Scale, zero and group index for processed column ``j`` (``i`` within the current block)."""
+        held: QParams | None,
+    ) -> tuple[QParams, int, int]:
+        """Parameters for processed column ``j`` (``i`` within the current block).
+
+        Returns the parameters holding its range, the column of them it uses, and its group index.
+        Dynamic groups get their parameters when the loop reaches their first column, from the columns
+        as updated so far; a K-quant super-block's (eight groups chosen together) at its first column.
+        """
         if static is not None:
             g = int(natural[j]) // spec.group_size if spec.granularity == "group" and spec.group_size else 0
-            return static.scale[:, g], static.zero[:, g], g
+            return static, g, g
         gs = spec.group_size or 1
-        if j % gs == 0 or s_col is None or z_col is None:
-            qp = choose_qparams(W1[:, i : i + gs], _as_channel(spec))
-            s_col, z_col = qp.scale[:, 0], qp.zero[:, 0]
-        return s_col, z_col, j // gs
+        span = _span(spec)
+        if j % span == 0 or held is None:
+            held = choose_qparams(W1[:, i : i + span], _as_channel(spec))
+        return held, (j % span) // gs, j // gs
+
+
+def _span(spec: QuantSpec) -> int:
+    """Columns whose parameters are chosen together: a group, or a GGUF K-quant super-block."""
+    block = BLOCK_TYPES.get(spec.format)
+    return block.span if block is not None else spec.group_size or 1
 
 
 def _as_channel(spec: QuantSpec) -> QuantSpec:
     """The same grid with one range per row (used on a group's slice of columns)."""
-    if spec.format in MX_FORMATS:  # the slice is one MX block per row already
+    if spec.format in MX_FORMATS or spec.format in BLOCK_TYPES:  # the slice is whole blocks of each row
         return spec
     return spec.replace(granularity="channel", group_size=None)
 

@@ -46,4 +46,4 @@ class RTN:
 def round_with(W: torch.Tensor, qp: QParams, spec: QuantSpec) -> WeightResult:
     """Round ``W`` (out, in) float32 to the nearest grid points of the given parameters."""
     codes = quantize(W, qp, spec)
-    return WeightResult(weight=dequantize(codes, qp), codes=codes, qparams=qp)
+    return WeightResult(weight=dequantize(codes, qp, spec), codes=codes, qparams=qp)

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 from ..metrics import Metric, method_name
 from ..models.weights import in_features, stored_transposed
-from ..quant.core import to_codes
+from ..quant.core import to_codes, values
 from ..quant.integer import QParams
 from ..quant.spec import QuantSpec
 from ..threads import fit_threads
@@ -175,7 +175,7 @@ class STEFakeQuant(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """The fake-quantized weight, with the identity as its gradient."""
         scale, zero = self.get_buffer("scale"), self.get_buffer("zero")
-        q = scale * (to_codes(w.float(), scale, zero, self.spec) - zero)
+        q = values(to_codes(w.float(), scale, zero, self.spec), scale, zero, self.spec)
         return w + (q.to(w.dtype) - w).detach()
 
 

@@ -44,7 +44,7 @@ def fake_quantize_sequences(x: torch.Tensor, spec: QuantSpec, valid: torch.Tenso
     for b in range(x.shape[0]):
         real = x[b][valid[b]].reshape(1, -1).float()
         qp = choose_qparams(real if real.numel() else flat[b : b + 1], row)
-        out[b] = dequantize(quantize(flat[b : b + 1], qp, row), qp)[0]
+        out[b] = dequantize(quantize(flat[b : b + 1], qp, row), qp, row)[0]
     return out.reshape(x.shape).to(x.dtype)
 
 
@@ -60,11 +60,12 @@ def fake_quantize_over_tokens(x: torch.Tensor, spec: QuantSpec, valid: torch.Ten
         xb = x[b].float().transpose(0, 1)  # (F, T)
         real = xb if valid is None else xb[:, valid[b]]
         qp = choose_qparams(real if real.shape[1] else xb, row)  # (F, 1)
-        out[b] = dequantize(quantize(xb, qp, row), qp).transpose(0, 1)
+        out[b] = dequantize(quantize(xb, qp, row), qp, row).transpose(0, 1)
     return out.to(x.dtype)
 
 
 def fake_quantize_static(x: torch.Tensor, spec: QuantSpec, qp: QParams) -> torch.Tensor:
     """Fake-quantize ``x`` of any shape with one fixed (1, 1) range."""
     flat = x.reshape(1, -1).float()
-    return dequantize(quantize(flat, qp, _per_row(spec)), qp).reshape(x.shape).to(x.dtype)
+    row = _per_row(spec)
+    return dequantize(quantize(flat, qp, row), qp, row).reshape(x.shape).to(x.dtype)

@@ -5,7 +5,9 @@ Every format is ``value = scale * (code - zero)`` per range:
 - ``int``: integer codes in [0, 2**bits - 1] with a zero point (see :mod:`ptqlab.quant.integer`);
 - scaled minifloats and ``nf4``: ``code`` is a point of the element grid, ``scale = absmax / grid_max``,
   zero 0;
-- MX formats: ``code`` is a point of the element grid, ``scale`` the block's power-of-two E8M0 scale.
+- MX formats: ``code`` is a point of the element grid, ``scale`` the block's power-of-two E8M0 scale;
+- GGUF block types: integer codes with FP16 block parameters; the types with a minimum are
+  ``scale * code + zero`` instead (``zero`` is the offset; see :mod:`ptqlab.quant.gguf`).
 
 Ranges follow the granularity: ``tensor`` (one), ``group`` (``group_size`` consecutive columns of a row)
 and per row for every other granularity (``channel`` for weights; callers lay activations and KV out
@@ -18,7 +20,7 @@ import math
 
 import torch
 
-from . import integer
+from . import gguf, integer
 from .formats import MX_FORMATS, element_format, grid_max, mx_shared_scale, round_to_grid
 from .integer import QParams
 from .spec import QuantSpec
@@ -67,6 +69,9 @@ def params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec, r
     """
     if spec.is_int:
         return integer.qparams_from_range(xmin * ratio, xmax * ratio, spec)
+    if spec.format in gguf.BLOCK_TYPES:
+        clip = spec.clip_ratio * ratio
+        return QParams(*gguf.block_params(xmin * clip, xmax * clip, spec.format))
     absmax = torch.maximum(xmin.abs(), xmax.abs()) * (spec.clip_ratio * ratio)
     if spec.format in MX_FORMATS:
         scale = mx_shared_scale(absmax, spec.format)
@@ -80,12 +85,24 @@ def to_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Qua
     """Map values to codes with broadcastable scale and zero point (grid values for non-int formats)."""
     if spec.is_int:
         return integer.quantize_with(x, scale, zero, spec.maxq, integer.float_zero(spec))
+    if spec.format in gguf.BLOCK_TYPES:
+        return gguf.block_codes(x, scale, zero, spec.format)
     return round_to_grid(x / scale, element_format(spec.format))
+
+
+def values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Values of codes with broadcastable scale and zero.
+
+    ``scale * (codes - zero)``; GGUF types with a minimum: ``scale * codes + zero``.
+    """
+    if spec.format in gguf.BLOCK_TYPES:
+        return gguf.block_values(codes, scale, zero, spec.format)
+    return integer.dequantize_with(codes, scale, zero)
 
 
 def _fake_view(view: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
     scale, zero = qp.scale[..., None], qp.zero[..., None]
-    return integer.dequantize_with(to_codes(view, scale, zero, spec), scale, zero)
+    return values(to_codes(view, scale, zero, spec), scale, zero, spec)
 
 
 def _mse_params(view: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> QParams:
@@ -127,11 +144,11 @@ def quantize(w: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
     return codes.reshape(w.shape)
 
 
-def dequantize(codes: torch.Tensor, qp: QParams) -> torch.Tensor:
-    """Values of codes produced by :func:`quantize` with the same parameters."""
+def dequantize(codes: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
+    """Values of codes produced by :func:`quantize` with the same parameters and spec."""
     rows, cols = codes.shape
     view = codes.reshape(qp.scale.shape[0], qp.scale.shape[1], -1)
-    return integer.dequantize_with(view, qp.scale[..., None], qp.zero[..., None]).reshape(rows, cols)
+    return values(view, qp.scale[..., None], qp.zero[..., None], spec).reshape(rows, cols)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

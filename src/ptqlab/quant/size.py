@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .formats import MX_FORMATS
+from .gguf import BLOCK_TYPES
 from .spec import FULL_PRECISION_BITS, QuantSpec
 
 SCALE_BITS = 16
@@ -13,6 +14,8 @@ def param_bits_per_range(spec: QuantSpec) -> int:
     """Bits of the parameters each range stores: an FP16 scale (E8M0 for MX) and the zero point if any."""
     if spec.format in MX_FORMATS:
         return E8M0_BITS
+    if spec.format in BLOCK_TYPES:
+        return BLOCK_TYPES[spec.format].param_bits
     if not spec.is_int or spec.symmetric:
         return SCALE_BITS
     return SCALE_BITS + (spec.nbits if spec.zero_point == "int" else SCALE_BITS)

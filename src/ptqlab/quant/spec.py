@@ -8,15 +8,18 @@ from typing import Literal
 
 from ..errors import ConfigError
 from .formats import FORMAT_BITS, MX_BLOCK, MX_FORMATS
+from .gguf import BLOCK, BLOCK_TYPES, GGUF_BITS
 
 Granularity = Literal["tensor", "channel", "group", "token", "head"]
 ZeroPoint = Literal["int", "float"]
+_BLOCKED = MX_FORMATS | frozenset(BLOCK_TYPES)
 Clipping = Literal["minmax", "percentile", "mse"]
 
 FULL_PRECISION_BITS = 16
 INT_BITS = range(2, 9)
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group", "token", "head")
-FORMATS: tuple[str, ...] = ("int", *FORMAT_BITS)
+FORMATS: tuple[str, ...] = ("int", *FORMAT_BITS, *GGUF_BITS)
+FIXED_BITS: dict[str, int] = {**FORMAT_BITS, **GGUF_BITS}
 CLIPPINGS: tuple[str, ...] = ("minmax", "percentile", "mse")
 
 
@@ -30,7 +33,10 @@ class QuantSpec:
         format: Number format: ``int`` (uniform integer grid), scaled minifloats (``fp8_e4m3``,
             ``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``), OCP microscaling formats (``mxfp8_e4m3``,
             ``mxfp8_e5m2``, ``mxfp6_e3m2``, ``mxfp6_e2m3``, ``mxfp4``, ``mxint8``: blocks of 32 sharing a
-            power-of-two E8M0 scale) and ``nf4`` (QLoRA's normal-float levels times an absmax per range).
+            power-of-two E8M0 scale), ``nf4`` (QLoRA's normal-float levels times an absmax per range) and
+            llama.cpp's GGUF block types (``gguf_q8_0``, ``gguf_q4_0``, ``gguf_q5_0``, ``gguf_q4_1``,
+            ``gguf_q5_1``, ``gguf_q4_k``: weights only, blocks of 32 with FP16 parameters; their symmetry
+            is the type's; see :mod:`ptqlab.quant.gguf`).
         symmetric: Symmetric signed grid around 0, or asymmetric min-max grid with a zero point (``int``
             only; the other formats are sign-magnitude grids scaled by the absolute maximum).
         granularity: ``tensor`` (one range), ``channel`` (one range per output row), ``group`` (one range
@@ -66,12 +72,13 @@ class QuantSpec:
             raise ConfigError(f"{self.where}.format={self.format!r} is unknown; supported: {', '.join(FORMATS)}")
         self._resolve_bits()
         if self.granularity is None:
-            object.__setattr__(self, "granularity", "group" if self.format in MX_FORMATS else "channel")
+            object.__setattr__(self, "granularity", "group" if self.format in _BLOCKED else "channel")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(
                 f"{self.where}.granularity={self.granularity!r} is unknown; use one of {', '.join(GRANULARITIES)}"
             )
         self._check_mx()
+        self._check_gguf()
         self._check_group_size()
         if self.zero_point not in ("int", "float"):
             raise ConfigError(f"{self.where}.zero_point={self.zero_point!r} must be 'int' or 'float'")
@@ -83,7 +90,7 @@ class QuantSpec:
             raise ConfigError(f"{self.where}.percentile={self.percentile} must be in (50, 100]")
 
     def _resolve_bits(self) -> None:
-        fixed = FORMAT_BITS.get(self.format)
+        fixed = FIXED_BITS.get(self.format)
         if self.bits is None:
             object.__setattr__(self, "bits", fixed if fixed is not None else FULL_PRECISION_BITS)
             return
@@ -112,6 +119,22 @@ class QuantSpec:
                 f"{self.where}.group_size={self.group_size}: MX format {self.format!r} uses blocks of exactly "
                 f"{MX_BLOCK} (the OCP microscaling spec)"
             )
+
+    def _check_gguf(self) -> None:
+        block = BLOCK_TYPES.get(self.format)
+        if block is None or not self.enabled:
+            return
+        name = f"{self.format!r} (llama.cpp {block.ggml})"
+        if self.granularity != "group":
+            raise ConfigError(f"{self.where}.granularity={self.granularity!r}: {name} is a weight format of blocks "
+                              f"of {BLOCK} input columns; use granularity group (or leave it out)")
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", BLOCK)
+        elif self.group_size != BLOCK:
+            raise ConfigError(f"{self.where}.group_size={self.group_size}: {name} has blocks of exactly {BLOCK}; "
+                              "no GGUF block type has another group size")
+        object.__setattr__(self, "symmetric", block.symmetric)
+        object.__setattr__(self, "zero_point", "int" if block.symmetric else "float")
 
     def replace(self, **changes: object) -> QuantSpec:
         """A copy of this spec with some fields changed (validated again)."""
@@ -165,6 +188,12 @@ class QuantSpec:
             ConfigError: If the group size does not divide the width.
 
         """
+        block = BLOCK_TYPES.get(self.format)
+        if self.enabled and block is not None and width % block.span:
+            raise ConfigError(f"{self.where}.format={self.format!r}: llama.cpp {block.ggml} needs rows that are "
+                              f"whole {'super-blocks' if block.span > BLOCK else 'blocks'} of {block.span}; "
+                              f"the input width {width} of module {module} is not (leave it in full precision "
+                              "with an override, or use a 32-column type)")
         if self.enabled and self.granularity == "group" and self.group_size and width % self.group_size:
             raise ConfigError(
                 f"{self.where}.group_size={self.group_size} does not divide the input width {width} "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..metrics import BITS_WEIGHT, SIZE_MODEL_BYTES
-from ..quant.formats import FORMAT_BITS
+from ..quant.spec import FIXED_BITS
 from ..study.store import RunRecord, Store
 
 __all__ = ["Change", "RunView", "describe_scheme", "load_views", "part_label", "quality", "zq_class"]
@@ -66,7 +66,7 @@ def section_bits(section: Mapping[str, Any] | None) -> int | None:
     if not section:
         return None
     fmt = section.get("format") or "int"
-    bits = section.get("bits") if fmt == "int" else FORMAT_BITS.get(fmt, section.get("bits"))
+    bits = section.get("bits") if fmt == "int" else FIXED_BITS.get(fmt, section.get("bits"))
     return None if bits is None or bits >= 16 else int(bits)
 
 
