@@ -14,10 +14,10 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from ptqlab.errors import ConfigError
 from ptqlab.export.compressed import linear_tensors, pack_codes
+from ptqlab.export.run import export_config
 from ptqlab.pipeline.driver import WeightGrid
 from ptqlab.quant.core import choose_qparams, fake_quantize
 from ptqlab.quant.spec import QuantSpec
-from ptqlab.export.run import export_config
 from ptqlab.study.config import parse_config
 
 GROUP = {"granularity": "group", "group_size": 4}
