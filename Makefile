@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
-.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale bench-export report-demo clean
+.PHONY: setup demo test test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale bench-export bench-coverage report-demo clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,9 @@ bench-contention: setup
 # llm-compressor beside it, then ptqlab's task path against lm-eval's HF model (about 1 h on two cores).
 bench-export: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_export.py
+
+bench-coverage: setup
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_coverage.py
 
 bench-scale: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_scale.py --samples 16 --windows 2 --peer

@@ -33,6 +33,7 @@ from .models.registry import get_adapter
 from .nn.runtime import check_runtime
 from .nn.specs import ActivationSpec, KVSpec, activation_spec, kv_specs
 from .pipeline.plan import (
+    LinearTarget,
     Override,
     QuantizationPlan,
     check_recipe_shapes,
@@ -40,6 +41,7 @@ from .pipeline.plan import (
     plan_weights,
     spec_from,
 )
+from .quant.outliers import OutlierRule
 from .quant.spec import QuantSpec
 from .schema import Calibration, Evaluate, RunConfig, Scheme, coerce
 
@@ -56,6 +58,7 @@ class SchemeSpec:
         kv: KV cache quantization (keys rotated when a model transform asks), or None.
         overrides: The per-module overrides, in order.
         recipe: The methods, by kind.
+        outliers: The outlier decomposition rule, or None.
 
     """
 
@@ -66,6 +69,7 @@ class SchemeSpec:
     kv: KVSpec | None
     overrides: tuple[Override, ...]
     recipe: Recipe
+    outliers: OutlierRule | None = None
 
     @property
     def attention(self) -> ActivationSpec | None:
@@ -111,7 +115,21 @@ def compile_scheme(scheme: Scheme | Mapping[str, Any] | None, recipe: Sequence[M
     overrides = tuple(
         Override(o.match, o.weight, o.activation, o.sets("weight"), o.sets("activation")) for o in sch.overrides
     )
-    return SchemeSpec(weight, weight_spec, activation, act, kv, overrides, built)
+    return SchemeSpec(weight, weight_spec, activation, act, kv, overrides, built, _outliers(sch, built))
+
+
+def _outliers(sch: Scheme, recipe: Recipe) -> OutlierRule | None:
+    """The outlier rule of ``scheme.outliers``, checked against the rest of the scheme and the recipe."""
+    if sch.outliers is None:
+        return None
+    rule = OutlierRule(sch.outliers.threshold, sch.outliers.fraction)
+    if sch.weight is None and sch.activation is None:
+        raise ConfigError("scheme.outliers keeps input columns of quantized linears in FP16, but the scheme "
+                          "quantizes no weight or activation")
+    if recipe.layer_transforms:
+        raise ConfigError("scheme.outliers with smoothquant/awq: those move activation outliers into the weights "
+                          "before the columns could be chosen; use outliers with rtn, gptq or a rotation")
+    return rule
 
 
 def compile_config(cfg: RunConfig) -> CompiledConfig:
@@ -156,15 +174,16 @@ def plan_quantization(
     activations = plan_activations(model, adapter, scheme.activation, scheme.overrides, scheme.activation_spec)
     check_runtime(model, adapter, scheme.attention, scheme.kv)
     check_recipe_shapes(model, adapter, targets, scheme.recipe)
+    _check_codebooks(targets, scheme.recipe)
     for transform in scheme.recipe.model_transforms:
         transform.check(model, adapter)
     plan = QuantizationPlan(adapter, targets, scheme.recipe, None, 8, activations, scheme.attention, scheme.kv,
-                            kv_tokens)
+                            kv_tokens, outliers=scheme.outliers)
     if not plan.needs_calibration:
         return plan
     if calibration is None:
         what = f"method {scheme.recipe.name} needs" if plan.recipe_needs_calibration else (
-            "static activation ranges need")
+            "scheme.outliers needs" if plan.outliers is not None else "static activation ranges need")
         raise ConfigError(f"{what} calibration data, but none was given")
     if isinstance(calibration, torch.Tensor):
         plan.calibration = calibration
@@ -175,6 +194,19 @@ def plan_quantization(
     plan.calibration = calibration_windows(tokenizer, cal.dataset, cal.samples, cal.seqlen, cal.seed, cal.path)
     plan.batch_size = cal.batch_size
     return plan
+
+
+_CODEBOOK_STEPS = frozenset({"rtn", "gptq", "squeezellm", "lorc"})
+
+
+def _check_codebooks(targets: Sequence[LinearTarget], recipe: Recipe) -> None:
+    """Codebook weights (format kmeans) go with the steps that round to a codebook, nothing that needs ranges."""
+    if not any(t.spec.is_codebook for t in targets):
+        return
+    other = [s for s in recipe.steps if s not in _CODEBOOK_STEPS]
+    if other:
+        raise ConfigError(f"scheme.weight format kmeans: recipe {', '.join(other)} works on scaled ranges, which a "
+                          f"codebook has not; use {', '.join(sorted(_CODEBOOK_STEPS))}")
 
 
 def bind(compiled: CompiledConfig, model: nn.Module, tokenizer: Any) -> RunPlan:

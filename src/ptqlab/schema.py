@@ -103,6 +103,17 @@ class OverrideEntry(_Strict):
         return key in self.model_fields_set
 
 
+class OutlierScheme(_Strict):
+    """LLM.int8-style decomposition of the quantized linears' input columns.
+
+    Columns whose calibration magnitude exceeds ``threshold`` (or the top ``fraction`` of columns) stay in
+    FP16 in the weights and activations; the rest follow the scheme.
+    """
+
+    threshold: float = 6.0
+    fraction: float | None = None
+
+
 class Scheme(_Strict):
     """What is quantized and how."""
 
@@ -110,6 +121,7 @@ class Scheme(_Strict):
     activation: ActivationScheme | None = None
     kv_cache: KVCacheScheme | None = None
     overrides: list[OverrideEntry] = Field(default_factory=list)
+    outliers: OutlierScheme | None = None
 
 
 class Calibration(_Strict):
@@ -178,11 +190,36 @@ class AdaptiveConfig(_Strict):
     seed: int = 0
 
 
-EVALUATIONS = ("perplexity", "tasks", "divergence", "long_context", "sample", "sensitivity")
+EVALUATIONS = ("perplexity", "tasks", "divergence", "long_context", "sample", "sensitivity", "dialogue")
 """The keys of ``evaluate`` that name an evaluation; the others are settings."""
 
 DEFAULT_EVALUATIONS: dict[str, Any] = {"perplexity": ["wikitext2"], "sample": {}, "sensitivity": {}}
 """What a run evaluates when its ``evaluate`` section names no evaluation (or is left out)."""
+
+
+class DialogueConfig(_Strict):
+    """Multi-turn dialogue, answered greedily turn by turn with the model's chat template.
+
+    Conversations in MT-Bench's question format (``path``, jsonl; left out, the built-in set), the first
+    ``limit`` of them, answers of up to ``max_new_tokens`` tokens each.
+    """
+
+    path: str | None = None
+    limit: int | None = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+
+
+class JudgeConfig(_Strict):
+    """An OpenAI-compatible judge of the dialogue answers.
+
+    API base ``url``, ``model`` name, the environment variable holding the key (``api_key_env``; the key is
+    never stored or logged), the request timeout.
+    """
+
+    url: str
+    model: str
+    api_key_env: str | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
 
 
 class Evaluate(_Strict):
@@ -193,6 +230,9 @@ class Evaluate(_Strict):
     only such as ``{max_windows: 8}``) runs the defaults, :data:`DEFAULT_EVALUATIONS`: wikitext2
     perplexity, the generation sample and the per-module sensitivity.
     ``divergence: true`` uses the defaults of :class:`DivergenceConfig` (16 windows of 512 wikitext2 tokens).
+    ``num_fewshot``: the in-context examples of the lm-eval tasks: a count (metric names as lm-eval's, e.g.
+    ``lm_eval.piqa.acc``), or a list of counts (``[0, 1, 5]``), each evaluated and named with its count
+    (``lm_eval.piqa.acc.fewshot5``): the in-context learning curve. Left out, each task's own default.
     """
 
     perplexity: list[str] = Field(default_factory=list)
@@ -201,7 +241,7 @@ class Evaluate(_Strict):
     batch_size: int = Field(default=1, ge=1)
     tasks: list[str] = Field(default_factory=list)
     limit: int | None = Field(default=None, ge=1)
-    num_fewshot: int | None = Field(default=None, ge=0)
+    num_fewshot: int | list[int] | None = None
     tasks_dir: str | None = None
     seed: int = 0
     divergence: bool | DivergenceConfig = False
@@ -209,6 +249,8 @@ class Evaluate(_Strict):
     long_context: LongContextConfig | None = None
     sensitivity: SensitivityConfig | None = None
     adaptive: AdaptiveConfig | None = None
+    dialogue: DialogueConfig | None = None
+    judge: JudgeConfig | None = None
 
     _defaulted: bool = PrivateAttr(default=False)
 
@@ -220,6 +262,24 @@ class Evaluate(_Strict):
         made = handler({**DEFAULT_EVALUATIONS, **data})
         made._defaulted = True
         return made
+
+    @field_validator("num_fewshot")
+    @classmethod
+    def _shot_counts(cls, v: int | list[int] | None) -> int | list[int] | None:
+        counts = [] if v is None else v if isinstance(v, list) else [v]
+        if any(k < 0 for k in counts):
+            raise ValueError("few-shot counts must be at least 0")
+        if isinstance(v, list):
+            if not v or len(set(v)) != len(v):
+                raise ValueError("a list of few-shot counts must be non-empty, without repeats")
+            return sorted(v)
+        return v
+
+    @model_validator(mode="after")
+    def _judge_needs_dialogue(self) -> Evaluate:
+        if self.judge is not None and self.dialogue is None:
+            raise ValueError("judge scores the dialogue answers: add evaluate.dialogue")
+        return self
 
     @model_validator(mode="after")
     def _adaptive_needs_perplexity(self) -> Evaluate:
@@ -236,8 +296,20 @@ class Evaluate(_Strict):
         """The evaluations this section runs, in the order of :data:`EVALUATIONS`."""
         on = {"perplexity": bool(self.perplexity), "tasks": bool(self.tasks),
               "divergence": self.divergence_config() is not None, "long_context": self.long_context is not None,
-              "sample": self.sample is not None, "sensitivity": self.sensitivity is not None}
+              "sample": self.sample is not None, "sensitivity": self.sensitivity is not None,
+              "dialogue": self.dialogue is not None}
         return [k for k in EVALUATIONS if on[k]]
+
+    @property
+    def fewshot_curve(self) -> bool:
+        """Whether ``num_fewshot`` is a list: each count is evaluated, and metric names say the count."""
+        return isinstance(self.num_fewshot, list)
+
+    def shot_counts(self) -> list[int | None]:
+        """The few-shot counts the tasks run at (None: each task's own default), in increasing order."""
+        if isinstance(self.num_fewshot, list):
+            return list(self.num_fewshot)
+        return [self.num_fewshot]
 
     def divergence_config(self) -> DivergenceConfig | None:
         """The divergence settings, or None when not asked for."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import torch
@@ -15,21 +16,31 @@ from ptqlab.errors import UnsupportedModelError
 from ptqlab.models import (
     ADAPTERS,
     Adapter,
+    ExpertLinear,
     LinearGroup,
     fused_qkv_rows,
     get_adapter,
     in_features,
+    input_site,
     out_features,
     prev_rows_read,
+    register_input_hook,
     set_weight_matrix,
     stored_transposed,
     supported_classes,
     weight_matrix,
 )
 from ptqlab.models.adapter import FusedQKV
-from ptqlab.models.tiny import TINY_FAMILIES, TINY_VARIANTS, tiny_config, tiny_model
+from ptqlab.models.tiny import (
+    TINY_FAMILIES,
+    TINY_MOE_FAMILIES,
+    TINY_SSM_FAMILIES,
+    TINY_VARIANTS,
+    tiny_config,
+    tiny_model,
+)
 
-ALL_TINY = TINY_FAMILIES + TINY_VARIANTS
+ALL_TINY = TINY_FAMILIES + TINY_SSM_FAMILIES + TINY_MOE_FAMILIES + TINY_VARIANTS
 EXPECTED_CLASSES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -44,7 +55,19 @@ EXPECTED_CLASSES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "glm": "GlmForCausalLM",
+    "glm4": "Glm4ForCausalLM",
+    "stablelm": "StableLmForCausalLM",
+    "mamba": "MambaForCausalLM",
+    "mamba2": "Mamba2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
+
+
+def _base_family(name: str) -> str:
+    """The family of a tiny model name: itself, or the family a variant name starts with (``falcon_new``)."""
+    return max((f for f in EXPECTED_CLASSES if name == f or name.startswith(f + "_")), key=len)
 
 
 @pytest.fixture(scope="module", params=ALL_TINY)
@@ -59,7 +82,8 @@ def _ids(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
 
 
 def _linear_names(layer: nn.Module) -> list[str]:
-    return [name for name, mod in layer.named_modules() if isinstance(mod, (nn.Linear, Conv1D))]
+    """Every linear of the layer: its modules, and each expert's slice of a fused 3-D expert parameter."""
+    return [name for name, mod in layer.named_modules() if isinstance(mod, (nn.Linear, Conv1D, ExpertLinear))]
 
 
 def _first_layer(model: nn.Module, adapter: Adapter) -> nn.Module:
@@ -88,17 +112,16 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def test_registry_knows_the_13_families() -> None:
+def test_registry_knows_every_family() -> None:
     classes = supported_classes()
     assert set(EXPECTED_CLASSES.values()) <= set(classes)
     assert classes == sorted(set(classes))
-    assert set(TINY_FAMILIES) == set(EXPECTED_CLASSES)
+    assert set(TINY_FAMILIES + TINY_SSM_FAMILIES + TINY_MOE_FAMILIES) == set(EXPECTED_CLASSES)
 
 
 def test_adapter_found_for_the_class(family_model: tuple[str, nn.Module, Adapter]) -> None:
     family, model, adapter = family_model
-    base = family.split("_post")[0].split("_sequential")[0]
-    base = "falcon" if base.startswith("falcon") else base
+    base = _base_family(family)
     assert type(model).__name__ == EXPECTED_CLASSES[base]
     assert type(model).__name__ in adapter.classes
     assert adapter.family == base
@@ -113,13 +136,15 @@ def test_every_linear_in_exactly_one_group(family_model: tuple[str, nn.Module, A
 
 
 def test_weight_layout_matches_module_type(family_model: tuple[str, nn.Module, Adapter]) -> None:
-    """GPT-2 stores its linears transposed (Conv1D); the weight helpers read the layout off the module."""
+    """GPT-2 stores its linears transposed (Conv1D), experts slices of 3-D parameters; the helpers read the layout."""
     _, model, adapter = family_model
     layer = _first_layer(model, adapter)
-    expected = Conv1D if adapter.family == "gpt2" else nn.Linear
     for name in adapter.linear_names():
         module = layer.get_submodule(name)
+        routed = adapter.group_of(name).routed
+        expected = ExpertLinear if routed else Conv1D if adapter.family == "gpt2" else nn.Linear
         assert isinstance(module, expected)
+        assert routed is (adapter.experts is not None and name.startswith(adapter.experts.module + "."))
         assert stored_transposed(module) is (expected is Conv1D)
         assert weight_matrix(module).shape == (out_features(module), in_features(module))
 
@@ -140,20 +165,38 @@ def test_final_norm_attention_and_k_projection_are_where_the_adapter_says(
         torch.testing.assert_close(inp["head"], out["norm"])
     attention = adapter.attention_modules(model)
     assert len(attention) == len(adapter.layers(model))
-    assert all("Attention" in type(m).__name__ for m in attention)
     layer = _first_layer(model, adapter)
+    assert layer.get_submodule(adapter.attention) is attention[0]
+    if adapter.token_mixer == "ssm":  # the SSM mixer: no attention, no keys
+        assert all("Mixer" in type(m).__name__ for m in attention)
+        assert adapter.attention_refusal() is not None
+        assert adapter.k_proj is None and adapter.fused_qkv is None and not adapter.has_rope
+        return
+    assert adapter.attention_refusal() is None
+    assert all("Attention" in type(m).__name__ for m in attention)
     if adapter.fused_qkv is None:
         assert adapter.k_proj is not None and adapter.k_proj in adapter.linear_names()
         assert adapter.k_proj.startswith(adapter.attention + ".")
     else:
         assert adapter.k_proj is None
         assert adapter.fused_qkv.module.startswith(adapter.attention + ".")
-    assert layer.get_submodule(adapter.attention) is attention[0]
 
 
 def test_rotation_is_refused_where_it_would_not_be_exact() -> None:
     refused = {a.family for a in ADAPTERS if a.rotation_refusal() is not None}
-    assert refused == {"opt", "bloom", "gpt2", "gpt_neox", "falcon", "gemma2", "gemma3"}
+    assert refused == {
+        "opt", "bloom", "gpt2", "gpt_neox", "falcon", "gemma2", "gemma3", "glm4", "stablelm", "mamba", "mamba2",
+        "mixtral", "qwen3_moe",
+    }
+
+
+def test_scaling_is_refused_only_where_a_group_cannot_fold() -> None:
+    """Mamba's x_proj and out_proj read SiLU outputs that no op can scale; the experts of a mixture of experts
+    share their norm with the router; every other family folds."""
+    refused = {a.family for a in ADAPTERS if a.scaling_refusal() is not None}
+    assert refused == {"mamba", "mixtral", "qwen3_moe"}
+    mamba = next(a for a in ADAPTERS if a.family == "mamba")
+    assert [g.name for g in mamba.groups if g.fold == "none"] == ["x", "out"]
 
 
 def test_groups_share_input_width(family_model: tuple[str, nn.Module, Adapter]) -> None:
@@ -164,7 +207,7 @@ def test_groups_share_input_width(family_model: tuple[str, nn.Module, Adapter]) 
         assert len(widths) == 1, f"{group.name}: {widths}"
 
 
-def _read_width(layer: nn.Module, adapter: Adapter, group: LinearGroup, config: object) -> int:
+def _read_width(layer: nn.Module, adapter: Adapter, group: LinearGroup, config: Any) -> int:
     """Width of the part of prev_op's output that the group reads (fold='linear')."""
     assert group.prev_op is not None
     prev = layer.get_submodule(group.prev_op)
@@ -173,6 +216,8 @@ def _read_width(layer: nn.Module, adapter: Adapter, group: LinearGroup, config: 
         return int(fused_qkv_rows(adapter.fused_qkv, config, out_features(prev))[2].numel())
     if group.prev_part == "up":
         return out_features(prev) // 2
+    if group.prev_part == "lead":  # Mamba's x_proj output is [dt; B; C]: dt_proj reads time_step_rank rows
+        return int(config.time_step_rank)
     return out_features(prev)
 
 
@@ -211,6 +256,17 @@ def test_norm_and_activation_feed_their_group(family_model: tuple[str, nn.Module
             torch.testing.assert_close(_flat(inp[name]), _flat(out[str(group.prev_op)]), msg=name)
 
 
+@contextmanager
+def _seen_input(model: nn.Module, adapter: Adapter, layer: nn.Module, linear: str) -> Iterator[list[torch.Tensor]]:
+    """Record the input of ``linear`` where ptqlab's hooks see it (at the linear, or in prev_op's rows)."""
+    seen: list[torch.Tensor] = []
+    handle = register_input_hook(input_site(model.config, adapter, layer, linear), lambda x: seen.append(x.clone()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 def test_linear_prev_op_rows_drive_the_group(family_model: tuple[str, nn.Module, Adapter]) -> None:
     """Zeroing the prev_op rows a fold='linear' group reads zeroes that group's input, and only those."""
     _, model, adapter = family_model
@@ -227,16 +283,45 @@ def test_linear_prev_op_rows_drive_the_group(family_model: tuple[str, nn.Module,
         with torch.no_grad():
             if bias is not None:
                 bias[rows] = 0
-            target = {"t": layer.get_submodule(group.linears[0])}
-            with _capture(target, outputs=False) as inp:
+            with _seen_input(model, adapter, layer, group.linears[0]) as inp:
                 model(_ids())
-            assert torch.count_nonzero(inp["t"]) == 0, group.name
+            assert torch.count_nonzero(inp[-1]) == 0, group.name
             set_weight_matrix(prev, saved_w)
             if bias is not None and saved_b is not None:
                 bias.copy_(saved_b)
-            with _capture(target, outputs=False) as inp:
+            with _seen_input(model, adapter, layer, group.linears[0]) as inp:
                 model(_ids())
-            assert torch.count_nonzero(inp["t"]) > 0, group.name
+            assert torch.count_nonzero(inp[-1]) > 0, group.name
+
+
+def test_input_site_holds_what_the_weight_multiplies(family_model: tuple[str, nn.Module, Adapter]) -> None:
+    """Doubling a linear's input where its site sees it equals doubling its weight (W(2x) = (2W)x).
+
+    This holds for linears the model never calls too (Mamba's dt_proj, seen in x_proj's leading rows).
+    """
+    _, model, adapter = family_model
+    layer = _first_layer(model, adapter)
+    ids = _ids(seed=5)
+    for group in adapter.groups:
+        linear = group.linears[0]
+        module = layer.get_submodule(linear)
+        site = input_site(model.config, adapter, layer, linear)
+        assert (site.rows is None) is group.called, linear
+        with torch.no_grad():
+            base = model(ids).logits
+            handle = register_input_hook(site, lambda x: 2 * x)
+            try:
+                doubled_input = model(ids).logits
+            finally:
+                handle.remove()
+            saved = weight_matrix(module).detach().clone()
+            set_weight_matrix(module, 2 * saved)
+            try:
+                doubled_weight = model(ids).logits
+            finally:
+                set_weight_matrix(module, saved)
+        assert not torch.allclose(doubled_input, base), linear
+        torch.testing.assert_close(doubled_input, doubled_weight, rtol=1e-4, atol=1e-5, msg=linear)
 
 
 def test_quantized_weights_forward(family_model: tuple[str, nn.Module, Adapter]) -> None:
@@ -300,6 +385,36 @@ def test_unsupported_class_lists_supported() -> None:
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM") as info:
         get_adapter(nn.Linear(2, 2))
     assert "Linear" in str(info.value)
+    for cls in EXPECTED_CLASSES.values():
+        assert cls in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("family", "variant", "qkv_bias", "second_norm"),
+    [
+        ("stablelm", "sequential", False, True),
+        ("stablelm_qkv_bias", "sequential", True, True),
+        ("stablelm_parallel", "parallel-residual", False, False),
+    ],
+)
+def test_stablelm_layouts(family: str, variant: str, qkv_bias: bool, second_norm: bool) -> None:
+    """The config picks StableLM's adapter (parallel residual: one norm feeds attention and the MLP)."""
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    assert adapter.extra["variant"] == variant
+    layer = _first_layer(model, adapter)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        assert (layer.get_submodule(f"self_attn.{proj}").bias is not None) is qkv_bias
+    assert (layer.post_attention_layernorm is not None) is second_norm
+    norms = {g.prev_op for g in adapter.groups if g.fold == "norm"}
+    assert norms == ({"input_layernorm", "post_attention_layernorm"} if second_norm else {"input_layernorm"})
+
+
+def test_a_group_the_model_does_not_call_needs_its_input() -> None:
+    with pytest.raises(ValueError, match="need prev_op"):
+        LinearGroup("dt", ("mixer.dt_proj",), called=False)
+    with pytest.raises(KeyError, match="no linear group"):
+        get_adapter(tiny_model("llama")).group_of("mlp.nothing")
 
 
 def test_adapters_are_unique_per_condition() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import huggingface_hub.constants as hub_constants
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MambaConfig
+from transformers import AutoModelForCausalLM, XGLMConfig
 
 from ptqlab.errors import ConfigError, ModelLoadError, UnsupportedModelError
 from ptqlab.models import fingerprint_files, get_adapter, load_model, resolve_device
@@ -135,13 +135,15 @@ def test_pickle_only_directory_is_refused(tmp_path: Path) -> None:
 
 
 def test_unsupported_class_fails_at_load(tmp_path: Path) -> None:
-    config = MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=1, expand=2)
+    config = XGLMConfig(vocab_size=64, d_model=32, num_layers=1, attention_heads=2, ffn_dim=64,
+                        max_position_embeddings=64)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(tmp_path / "mamba")
-    with pytest.raises(UnsupportedModelError, match="MambaForCausalLM") as info:
-        load_model(str(tmp_path / "mamba"))
-    assert "LlamaForCausalLM" in str(info.value) and "GPT2LMHeadModel" in str(info.value)
+    model.save_pretrained(tmp_path / "xglm")
+    with pytest.raises(UnsupportedModelError, match="XGLMForCausalLM") as info:
+        load_model(str(tmp_path / "xglm"))
+    for supported in ("LlamaForCausalLM", "GPT2LMHeadModel", "GlmForCausalLM", "MambaForCausalLM"):
+        assert supported in str(info.value)
 
 
 def test_bad_dtype_and_device() -> None:

@@ -11,6 +11,8 @@ from torch import nn
 from ..data.corpora import CORPORA, eval_windows
 from ..errors import ConfigError
 from ..schema import Evaluate
+from .dialogue import check_dialogue_source
+from .judge import judge_of
 from .retrieval import make_sample, model_max_length, too_long
 from .tasks import check_tasks
 
@@ -34,10 +36,18 @@ class EvalPlan:
 
     @property
     def task_settings(self) -> dict[str, Any]:
-        """The lm-eval settings of the tasks (limit, batch size, few-shot, seed, task directory)."""
+        """The lm-eval settings of the tasks but the few-shot counts (limit, batch size, seed, task directory)."""
         ev = self.config
-        return {"limit": ev.limit, "batch_size": ev.batch_size, "num_fewshot": ev.num_fewshot, "seed": ev.seed,
-                "tasks_dir": ev.tasks_dir}
+        return {"limit": ev.limit, "batch_size": ev.batch_size, "seed": ev.seed, "tasks_dir": ev.tasks_dir}
+
+    @property
+    def shots(self) -> list[int | None]:
+        """The few-shot counts the tasks run at (None: each task's own default)."""
+        return self.config.shot_counts()
+
+    def shot_label(self, shots: int | None) -> int | None:
+        """The count a metric name says for results at ``shots``: the count on a few-shot curve, else None."""
+        return shots if self.config.fewshot_curve else None
 
     def without_sensitivity(self) -> EvalPlan:
         """The same plan without the per-module sensitivity."""
@@ -45,7 +55,11 @@ class EvalPlan:
 
 
 def check_evaluate(config: Evaluate) -> None:
-    """Check what can be checked without a model: known corpora and lm-eval tasks (or a broken task dir).
+    """Check what can be checked without a model: corpora, tasks, their extras and few-shot pools.
+
+    Corpora and lm-eval task names must be known, a task directory must parse, a task's extra packages
+    must be installed, and a few-shot count must fit each task's pool of examples (where its data can be
+    had).
 
     Raises:
         ConfigError: Naming the field and the known values.
@@ -62,7 +76,11 @@ def check_evaluate(config: Evaluate) -> None:
     if sens is not None and sens.corpus not in CORPORA:
         raise ConfigError(f"evaluate.sensitivity.corpus={sens.corpus!r} is unknown; known: {known}")
     if config.tasks or config.tasks_dir:
-        check_tasks(config.tasks, config.tasks_dir)
+        check_tasks(config.tasks, config.tasks_dir, config.shot_counts())
+    if config.dialogue is not None:
+        check_dialogue_source(config.dialogue.path)
+    if config.judge is not None:
+        judge_of(config).check()  # a URL that does not answer fails here, within seconds
 
 
 def plan_evaluation(config: Evaluate, tokenizer: Any, model: nn.Module | None = None) -> EvalPlan:

@@ -26,7 +26,7 @@ from .cache import entry, load_or_compute
 from .perplexity import perplexity
 from .plan import EvalPlan
 from .sensitivity import Outputs, record_outputs
-from .tasks import FPTaskCache, TaskResults
+from .tasks import FPTaskCache, ShotResults
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Reference:
     Attributes:
         nll: Each perplexity window's mean token NLL per corpus, in window order.
         topk: The top-k log-probabilities on the divergence windows.
-        tasks: The lm-eval answers and metrics (for the paired measures).
+        tasks: The lm-eval answers and metrics at each few-shot count (for the paired measures).
         outputs: The output of every decoder linear and layer on the sensitivity windows.
         timings: Seconds each part took (read from disk or computed).
         computed: The parts computed now (the rest came from the disk cache).
@@ -47,7 +47,7 @@ class Reference:
 
     nll: dict[str, list[float]] = field(default_factory=dict)
     topk: divergence.TopKReference | None = None
-    tasks: TaskResults | None = None
+    tasks: ShotResults | None = None
     outputs: Outputs | None = None
     timings: dict[str, float] = field(default_factory=dict)
     computed: list[str] = field(default_factory=list)
@@ -100,7 +100,8 @@ def build_reference(
     if plan.config.tasks:
         t0 = time.perf_counter()
         tasks_cache = FPTaskCache()
-        ref.tasks = tasks_cache.get(model, tokenizer, fingerprint, dtype, plan.config.tasks, **plan.task_settings)
+        ref.tasks = tasks_cache.get_shots(model, tokenizer, fingerprint, dtype, plan.config.tasks, plan.shots,
+                                          **plan.task_settings)
         if tasks_cache.computed:
             ref.computed.append("tasks")
         ref.timings["lm_eval.fp_s"] = time.perf_counter() - t0

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import nn
 
 from ..models.adapter import Adapter
+from ..models.inputs import linear_input_site, register_input_hook
 
 Outputs = dict[str, torch.Tensor]
 
@@ -35,26 +37,52 @@ class Sensitivity:
 
 
 def _modules(model: nn.Module, adapter: Adapter) -> list[tuple[str, int, str, nn.Module]]:
+    """The decoder linears and layers compared.
+
+    A mixture of experts' expert linears are left out: a token's experts may differ between the FP and the
+    quantized model, so their outputs are not paired (the layer's output still is).
+    """
     out = []
     for li, layer in enumerate(adapter.layers(model)):
         for rel in adapter.linear_names():
+            if adapter.group_of(rel).routed:
+                continue
             out.append((f"{adapter.layers_path}.{li}.{rel}", li, "linear", layer.get_submodule(rel)))
         out.append((f"{adapter.layers_path}.{li}", li, "layer", layer))
     return out
+
+
+def _keep(store: Outputs, name: str, y: torch.Tensor) -> None:
+    prev = store.get(name)
+    y = y.detach().float().cpu().reshape(-1, y.shape[-1])
+    store[name] = y if prev is None else torch.cat([prev, y])
 
 
 @contextmanager
 def _recording(model: nn.Module, adapter: Adapter, store: Outputs) -> Iterator[None]:
     def hook(name: str) -> Any:
         def fn(_m: nn.Module, _a: Any, out: Any) -> None:
-            y = out[0] if isinstance(out, tuple) else out
-            prev = store.get(name)
-            y = y.detach().float().cpu().reshape(-1, y.shape[-1])
-            store[name] = y if prev is None else torch.cat([prev, y])
+            _keep(store, name, out[0] if isinstance(out, tuple) else out)
 
         return fn
 
-    handles = [m.register_forward_hook(hook(name)) for name, _, _, m in _modules(model, adapter)]
+    def product(name: str, linear: nn.Module) -> Any:
+        """A linear the model does not call (its weight used directly): its output computed from its input."""
+        weight = linear.get_parameter("weight")
+        bias = getattr(linear, "bias", None)
+
+        def fn(x: torch.Tensor) -> None:
+            _keep(store, name, F.linear(x.to(weight.dtype), weight, bias))
+
+        return fn
+
+    handles = []
+    for name, _, kind, m in _modules(model, adapter):
+        site = linear_input_site(model, adapter, name) if kind == "linear" else None
+        if site is not None and site.rows is not None:
+            handles.append(register_input_hook(site, product(name, m)))
+        else:
+            handles.append(m.register_forward_hook(hook(name)))
     try:
         yield
     finally:

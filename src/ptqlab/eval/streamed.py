@@ -36,12 +36,12 @@ from .lm import Request, Score, score_logits
 from .perplexity import _exp, batch_nll
 from .plan import EvalPlan
 from .reference import Reference
-from .suite import Evaluation, WindowNLL, task_metrics
-from .tasks import run_tasks
+from .suite import Evaluation, WindowNLL, record_tasks
+from .tasks import run_shots
 
 log = logging.getLogger(__name__)
 
-_NOT_STREAMED = ("long_context", "sample", "sensitivity", "adaptive")
+_NOT_STREAMED = ("long_context", "sample", "sensitivity", "adaptive", "dialogue")
 
 
 def check_streamable(plan: EvalPlan) -> None:
@@ -216,11 +216,11 @@ def evaluate_streamed(
     result.timings["eval.streamed_s"] = time.perf_counter() - t0
     if plan.config.tasks:
         t0 = time.perf_counter()
-        scores = {name: run_tasks(model, tokenizer, plan.config.tasks, **plan.task_settings,
+        scores = {name: run_shots(model, tokenizer, plan.config.tasks, plan.shots, **plan.task_settings,
                                   scorer=StreamedScorer(adapter, ckpt, device, dtype, progress))
                   for name, ckpt in sources.items()}
         ref.tasks = scores["fp"]
-        result.metrics += task_metrics(scores[last], scores["fp"])
+        record_tasks(result, plan, scores[last], scores["fp"])
         result.timings["lm_eval_s"] = time.perf_counter() - t0
     return StreamedResult(result, ref)
 

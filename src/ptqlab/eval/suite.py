@@ -2,8 +2,9 @@
 
 :func:`evaluate` runs perplexity (GPTQ protocol, with each window's NLL beside the FP model's),
 long-context retrieval, a greedy generation sample, the divergence from FP (KL, top-k agreement),
-lm-eval tasks with the paired measures against FP, and the per-module sensitivity, and names every metric
-through :mod:`ptqlab.metrics`. The runner, the Python API and the benchmarks all evaluate through it.
+lm-eval tasks at each few-shot count with the paired measures against FP and the self-calibration of
+multiple-choice tasks (:mod:`ptqlab.eval.calibration`), and the per-module sensitivity, and names every
+metric through :mod:`ptqlab.metrics`. The runner, the Python API and the benchmarks all evaluate through it.
 """
 
 from __future__ import annotations
@@ -19,17 +20,30 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..metrics import Metric, divergence_name, perplexity_name, retrieval_name, task_name
+from ..metrics import (
+    DIALOGUE_ANSWERS,
+    DIALOGUE_JUDGE,
+    DIALOGUE_UNRATED,
+    Metric,
+    divergence_name,
+    perplexity_name,
+    retrieval_name,
+    task_name,
+)
 from ..models.registry import get_adapter
 from . import divergence as dv
 from .adaptive import AdaptiveOutcome, adaptive_perplexity, check_reference, outcome_metrics
+from .calibration import task_reliability
+from .dialogue import load_conversations, run_dialogue
+from .fewshot import shot_measure
 from .generation import greedy_sample
+from .judge import judge_conversations, judge_of
 from .perplexity import perplexity
 from .plan import EvalPlan
 from .reference import Reference
 from .retrieval import retrieval_accuracy
 from .sensitivity import Sensitivity, compare
-from .tasks import TaskResults, paired, run_tasks
+from .tasks import ShotResults, TaskResults, paired, run_shots
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +66,8 @@ class Evaluation:
     Attributes:
         metrics: Named by protocol and size (``ppl.wikitext2.s2048.w40``), with standard errors where they exist.
         timings: Seconds of each part.
-        texts: Texts for a person to read (the sample, the retrieval answers).
+        texts: Texts for a person to read (the sample, the retrieval answers) and JSON records (the reliability
+            curves of multiple-choice tasks).
         windows: Per-window NLLs by perplexity metric name (what paired statistics need).
         sensitivity: Each decoder linear's and layer's deviation from FP.
         adaptive: What adaptive perplexity settled (``evaluate.adaptive``), else None.
@@ -116,6 +131,7 @@ def evaluate(
         if plan.config.sample is not None:
             sample = plan.config.sample
             result.texts["sample"] = greedy_sample(model, tokenizer, sample.prompt, sample.max_new_tokens)
+        _dialogue(model, tokenizer, plan, result)
         _divergence(model, plan, ref, result)
     _tasks(model, tokenizer, plan, ref, result)
     if plan.sensitivity is not None and ref.outputs is not None:
@@ -123,6 +139,28 @@ def evaluate(
         result.sensitivity = compare(model, get_adapter(model), plan.sensitivity, ref.outputs)
         result.timings["sensitivity_s"] = time.perf_counter() - t0
     return result
+
+
+def _dialogue(model: nn.Module, tokenizer: Any, plan: EvalPlan, result: Evaluation) -> None:
+    """Answer the conversations (stored as ``dialogue`` in the texts); with a judge, score every answer."""
+    cfg = plan.config.dialogue
+    if cfg is None:
+        return
+    t0 = time.perf_counter()
+    conversations = run_dialogue(model, tokenizer, load_conversations(cfg.path, cfg.limit), cfg.max_new_tokens)
+    result.texts["dialogue"] = json.dumps([c.to_json() for c in conversations])
+    result.metrics.append(Metric(DIALOGUE_ANSWERS, float(sum(len(c.answers) for c in conversations))))
+    result.timings["dialogue_s"] = time.perf_counter() - t0
+    if plan.config.judge is None:
+        return
+    t0 = time.perf_counter()
+    scores, unrated = judge_conversations(judge_of(plan.config), conversations)
+    rated = [s for row in scores for s in row if s is not None]
+    if rated:
+        result.metrics.append(Metric(DIALOGUE_JUDGE, sum(rated) / len(rated)))
+    result.metrics.append(Metric(DIALOGUE_UNRATED, float(unrated)))
+    result.texts["dialogue.judge"] = json.dumps({"model": plan.config.judge.model, "scores": scores})
+    result.timings["judge_s"] = time.perf_counter() - t0
 
 
 def _perplexity(model: nn.Module, plan: EvalPlan, ref: Reference, result: Evaluation, progress: bool) -> None:
@@ -186,20 +224,41 @@ def _divergence(model: nn.Module, plan: EvalPlan, ref: Reference, result: Evalua
 
 
 def _tasks(model: nn.Module, tokenizer: Any, plan: EvalPlan, ref: Reference, result: Evaluation) -> None:
-    """lm-eval metrics (names kept, with stderr) and, with the FP answers, the paired measures."""
+    """lm-eval metrics at each few-shot count, the self-calibration of multiple-choice tasks, paired measures."""
     if not plan.config.tasks:
         return
     t0 = time.perf_counter()
-    res = run_tasks(model, tokenizer, plan.config.tasks, **plan.task_settings)
+    shots = run_shots(model, tokenizer, plan.config.tasks, plan.shots, **plan.task_settings)
     result.timings["lm_eval_s"] = time.perf_counter() - t0
-    result.metrics += task_metrics(res, res if ref.same_model else ref.tasks)
+    record_tasks(result, plan, shots, shots if ref.same_model else ref.tasks)
 
 
-def task_metrics(res: TaskResults, fp: TaskResults | None) -> list[Metric]:
-    """lm-eval's metrics (names kept, with stderr) and, given the FP answers, the paired measures."""
+def record_tasks(result: Evaluation, plan: EvalPlan, shots: ShotResults, fp: ShotResults | None) -> None:
+    """Add the task measures of each few-shot count to ``result``, and each reliability curve to its texts.
+
+    On a few-shot curve (``evaluate.num_fewshot`` a list) every name says its count
+    (``lm_eval.piqa.acc.fewshot5``); otherwise names are lm-eval's (``lm_eval.piqa.acc``). A multiple-choice
+    task also gets its expected calibration error (``lm_eval.<task>.ece``) and its reliability curve, stored
+    as JSON in the texts under ``lm_eval.<task>.reliability`` (both with the same count suffix).
+    """
+    for k, res in shots.items():
+        label = plan.shot_label(k)
+        result.metrics += task_metrics(res, None if fp is None else fp.get(k), label)
+        for task, rel in task_reliability(res.loglik, res.correct).items():
+            result.metrics.append(Metric(task_name(task, shot_measure("ece", label)), rel.ece))
+            result.texts[task_name(task, shot_measure("reliability", label))] = json.dumps(rel.to_json())
+
+
+def task_metrics(res: TaskResults, fp: TaskResults | None, shots: int | None = None) -> list[Metric]:
+    """lm-eval's metrics (names kept, with stderr) and, given the FP answers, the paired measures.
+
+    With ``shots``, each name says the few-shot count (``lm_eval.piqa.acc.fewshot5``).
+    """
     out = []
     for task, metrics in res.metrics.items():
-        out += [Metric(task_name(task, name), value, err) for name, (value, err) in metrics.items()]
+        out += [Metric(task_name(task, shot_measure(name, shots)), value, err)
+                for name, (value, err) in metrics.items()]
         if fp is not None:
-            out += [Metric(task_name(task, name), value) for name, value in paired(fp, res, task).items()]
+            out += [Metric(task_name(task, shot_measure(name, shots)), value)
+                    for name, value in paired(fp, res, task).items()]
     return out

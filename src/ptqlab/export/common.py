@@ -34,6 +34,9 @@ def refuse_off_grid_recipe(plan: QuantizationPlan, fmt: str, runtime: str) -> No
 
     """
     refuse_online_rotation(plan, runtime)
+    if plan.outliers is not None:
+        raise ConfigError(f"scheme.outliers keeps input columns in FP16 beside the codes, and {fmt} has no place "
+                          "for them; use --format hf for the weights, or drop the outliers section")
     if getattr(getattr(plan.recipe.quantizer, "config", None), "act_order", False):
         raise ConfigError(f"gptq act_order: true gives each column its own group order, and {fmt} has no group "
                           "index (g_idx); export a run with act_order: false")

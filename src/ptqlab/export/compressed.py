@@ -46,6 +46,9 @@ def check_compressed(plan: QuantizationPlan) -> str:
             that is not INT (1-8 bits) or FP8 E4M3 per channel or group, a float zero point, act-order.
 
     """
+    if plan.adapter.experts is not None:
+        raise ConfigError(f"family {plan.adapter.family}: compressed-tensors export of fused mixture-of-experts "
+                          "parameters is not written yet; use --format hf")
     if plan.attention is not None or plan.kv is not None:
         raise ConfigError("scheme.kv_cache / scheme.activation.attention: ptqlab does not write compressed-tensors "
                           "KV-cache or attention-input schemes yet; remove them to export")

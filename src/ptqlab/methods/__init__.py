@@ -28,6 +28,7 @@ from .recipe import Recipe, build_recipe, register_method, registered_methods
 from .rotation import ResidualRotation, RotationConfig
 from .rtn import RTN, RTNConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
+from .squeezellm import SqueezeLLM, SqueezeLLMConfig
 from .zeroquant import LKDConfig, ZeroQuantGlobal, ZeroQuantLocal
 
 register_method("rotation", ResidualRotation, RotationConfig)
@@ -38,6 +39,7 @@ register_method("gptq", GPTQ, GPTQConfig)
 register_method("zeroquant_local", ZeroQuantLocal, LKDConfig)
 register_method("zeroquant_global", ZeroQuantGlobal, LKDConfig)
 register_method("lorc", LoRC, LoRCConfig)
+register_method("squeezellm", SqueezeLLM, SqueezeLLMConfig)
 
 __all__ = [
     "GPTQ",
@@ -65,6 +67,8 @@ __all__ = [
     "RTNConfig",
     "SmoothQuant",
     "SmoothQuantConfig",
+    "SqueezeLLM",
+    "SqueezeLLMConfig",
     "WeightResult",
     "ZeroQuantGlobal",
     "ZeroQuantLocal",

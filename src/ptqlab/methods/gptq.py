@@ -33,6 +33,10 @@ class GPTQConfig:
         act_order: Quantize columns in order of decreasing Hessian diagonal.
         static_groups: With act-order and groups, fix each group's range from the original weight
             before any update, in the natural column order (else groups follow the permuted order).
+        min_tokens: Fewest calibration tokens a linear's Hessian must come from; a linear that saw fewer
+            (an expert of a mixture-of-experts layer the router sent too few tokens) is rounded to nearest
+            (RTN) instead, and its layer record says so. 1 (the default): only an expert that saw no token,
+            whose Hessian is zero, falls back.
 
     """
 
@@ -40,6 +44,7 @@ class GPTQConfig:
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    min_tokens: int = 1
 
     def __post_init__(self) -> None:
         """Validate the knobs."""
@@ -49,6 +54,8 @@ class GPTQConfig:
             raise ConfigError(f"recipe.gptq.damp={self.damp} must be in [0, 1)")
         if self.block_size < 1:
             raise ConfigError(f"recipe.gptq.block_size={self.block_size} must be positive")
+        if self.min_tokens < 1:
+            raise ConfigError(f"recipe.gptq.min_tokens={self.min_tokens} must be at least 1 (no token: a zero Hessian)")
 
 
 class GPTQ:
@@ -59,6 +66,11 @@ class GPTQ:
 
     def __init__(self, config: GPTQConfig | None = None) -> None:
         self.config = config or GPTQConfig()
+
+    @property
+    def min_tokens(self) -> int:
+        """Fewest calibration tokens a Hessian must come from (the driver rounds to nearest below it)."""
+        return self.config.min_tokens
 
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         """Quantize ``W`` (out, in) against the input Hessian ``H`` (in, in).
@@ -82,7 +94,7 @@ class GPTQ:
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
-        static = self._static_params(W, spec)
+        static = self._static_params(W, spec, H)
         perm = torch.argsort(torch.diag(H), descending=True) if self.config.act_order else None
         if perm is not None:
             W, H = W[:, perm], H[perm][:, perm]
@@ -91,11 +103,19 @@ class GPTQ:
         if perm is not None:
             inv = torch.argsort(perm)
             codes, scale, zero, group_of = codes[:, inv], scale[:, inv], zero[:, inv], group_of[inv]
+        if spec.is_codebook and static is not None:  # one codebook per row, fixed before the loop
+            return WeightResult(weight=values(codes, static.scale, static.zero, spec), codes=codes, qparams=static)
         weight = values(codes, scale, zero, spec)
         return WeightResult(weight=weight, codes=codes, qparams=_per_group(scale, zero, group_of), g_idx=group_of)
 
-    def _static_params(self, W: torch.Tensor, spec: QuantSpec) -> QParams | None:
-        """Ranges fixed before any update: per tensor/row always, per group when static_groups."""
+    def _static_params(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor) -> QParams | None:
+        """Ranges fixed before any update: per tensor/row always, per group when static_groups.
+
+        A ``kmeans`` codebook is fitted to the weight with the Hessian diagonal as column importance
+        (SqueezeLLM's weighting), and GPTQ then rounds each column to it.
+        """
+        if spec.is_codebook:
+            return choose_qparams(W, spec, torch.diag(H))
         if spec.granularity != "group" or self.config.static_groups:
             return choose_qparams(W, spec)
         return None
@@ -141,11 +161,13 @@ class GPTQ:
             for i in range(i2 - i1):
                 j = i1 + i
                 held, k, group_of[j] = self._column_params(W1, i, j, natural, spec, static, held)
-                s_col, z_col = held.scale[:, k], held.zero[:, k]
+                s_col, z_col = (held.scale, held.zero) if spec.is_codebook else (held.scale[:, k], held.zero[:, k])
                 w = W1[:, i]
                 d = Hinv1[i, i]
                 q = to_codes(w, s_col, z_col, spec)
-                codes[:, j], scale[:, j], zero[:, j] = q, s_col, z_col
+                codes[:, j] = q
+                if not spec.is_codebook:
+                    scale[:, j], zero[:, j] = s_col, z_col
                 err = (w - values(q, s_col, z_col, spec)) / d
                 W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err

@@ -1,4 +1,4 @@
-"""The family adapters of ptqlab, as data (module names as in transformers 5.23).
+"""The family adapters of ptqlab, as data (module names as in transformers 5.24).
 
 Each decoder layer's linears are grouped by the activation they read, in forward order:
 
@@ -11,12 +11,16 @@ Each decoder layer's linears are grouped by the activation they read, in forward
   after the activation module that ``prev_op`` names (``fold="scale"``).
 
 Some classes build different layers depending on their config (OPT's post-LayerNorm 350M, Falcon's
-four layouts); those get one adapter per variant, told apart by ``Adapter.when``.
+four layouts, StableLM's parallel residual); those get one adapter per variant, told apart by
+``Adapter.when``. State-space families (Mamba) describe their mixer's linears the same way; they have no
+attention and no KV cache (``token_mixer="ssm"``). Mixture-of-experts families (Mixtral, Qwen3-MoE) name
+where their fused experts and router are (``Adapter.experts``); each expert's matrices become groups of
+their own for the model's expert count (see :mod:`ptqlab.models.experts`).
 """
 
 from __future__ import annotations
 
-from ptqlab.models.adapter import Adapter, FusedQKV, LinearGroup
+from ptqlab.models.adapter import Adapter, FusedExperts, FusedQKV, LinearGroup
 
 _ATTN = "self_attn"
 
@@ -91,6 +95,166 @@ PHI3 = Adapter(
     attention=_ATTN,
     final_norm="model.norm",
     fused_qkv=FusedQKV(f"{_ATTN}.qkv_proj", interleaved=False, kv_heads_attr="num_key_value_heads"),
+)
+
+
+def _fused_mlp_groups(mlp_norm: str = "post_attention_layernorm") -> tuple[LinearGroup, ...]:
+    """Groups of a layer with separate q/k/v/o and a fused ``[gate; up]`` MLP projection (GLM)."""
+    return (
+        LinearGroup("qkv", (f"{_ATTN}.q_proj", f"{_ATTN}.k_proj", f"{_ATTN}.v_proj"), "input_layernorm", "norm"),
+        LinearGroup("o", (f"{_ATTN}.o_proj",), f"{_ATTN}.v_proj", "linear"),
+        LinearGroup("up_gate", ("mlp.gate_up_proj",), mlp_norm, "norm"),
+        # gate_up_proj's rows are [gate; up] (chunk(2)): down reads up * act(gate), so a scale folds into up.
+        LinearGroup("down", ("mlp.down_proj",), "mlp.gate_up_proj", "linear", prev_part="up"),
+    )
+
+
+def _glm(family: str, cls: str, model_type: str, rotation_blocker: str | None = None) -> Adapter:
+    """GLM / GLM-4: Llama-style attention (q/k/v biases by default) and a fused ``[gate; up]`` MLP."""
+    return Adapter(
+        family=family,
+        classes=(cls,),
+        model_types=(model_type,),
+        layers_path="model.layers",
+        groups=_fused_mlp_groups(),
+        attention=_ATTN,
+        k_proj=f"{_ATTN}.k_proj",
+        final_norm="model.norm",
+        rotation_blocker=rotation_blocker,
+        extra={"rope": "partial (rope_parameters.partial_rotary_factor, 0.5 by default), interleaved pairs"},
+    )
+
+
+GLM = _glm("glm", "GlmForCausalLM", "glm")
+# GLM-4 adds post_self_attn_layernorm / post_mlp_layernorm on the sublayer outputs (the MLP still reads
+# post_attention_layernorm): the same sandwich as Gemma2/3.
+GLM4 = _glm("glm4", "Glm4ForCausalLM", "glm4", rotation_blocker=_SANDWICH)
+
+
+def _stablelm(parallel: bool) -> Adapter:
+    """StableLM: LayerNorm, partial RoPE, optional q/k/v biases; sequential or parallel residual."""
+    qkv = (f"{_ATTN}.q_proj", f"{_ATTN}.k_proj", f"{_ATTN}.v_proj")
+    o = LinearGroup("o", (f"{_ATTN}.o_proj",), f"{_ATTN}.v_proj", "linear")
+    down = LinearGroup("down", ("mlp.down_proj",), "mlp.up_proj", "linear")
+    if parallel:
+        # x + attn(ln(x)) + mlp(ln(x)): attention and MLP read the same input_layernorm output (no second norm).
+        groups: tuple[LinearGroup, ...] = (
+            LinearGroup("qkv_up_gate", (*qkv, "mlp.gate_proj", "mlp.up_proj"), "input_layernorm", "norm"),
+            o,
+            down,
+        )
+    else:
+        groups = (
+            LinearGroup("qkv", qkv, "input_layernorm", "norm"),
+            o,
+            LinearGroup("up_gate", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", "norm"),
+            down,
+        )
+    return Adapter(
+        family="stablelm",
+        classes=("StableLmForCausalLM",),
+        model_types=("stablelm",),
+        layers_path="model.layers",
+        groups=groups,
+        attention=_ATTN,
+        k_proj=f"{_ATTN}.k_proj",  # with qk_layernorm, pre-RoPE keys are quantized before k_layernorm
+        final_norm="model.norm",
+        norm_kind="layernorm",
+        extra={"variant": "parallel-residual" if parallel else "sequential", "rope": "partial"},
+        when=(("use_parallel_residual", (parallel,)),),
+    )
+
+
+STABLELM = _stablelm(parallel=False)
+STABLELM_PARALLEL = _stablelm(parallel=True)
+
+
+def _moe(family: str, cls: str, model_type: str, count_attr: str) -> Adapter:
+    """A Llama-style attention layer with a sparse mixture-of-experts MLP: router ``mlp.gate``, experts fused."""
+    qkv = (f"{_ATTN}.q_proj", f"{_ATTN}.k_proj", f"{_ATTN}.v_proj")
+    return Adapter(
+        family=family,
+        classes=(cls,),
+        model_types=(model_type,),
+        layers_path="model.layers",
+        groups=(
+            LinearGroup("qkv", qkv, "input_layernorm", "norm"),
+            LinearGroup("o", (f"{_ATTN}.o_proj",), f"{_ATTN}.v_proj", "linear"),
+        ),  # the experts' groups are added for the config's expert count (Adapter.experts)
+        attention=_ATTN,
+        k_proj=f"{_ATTN}.k_proj",
+        final_norm="model.norm",
+        experts=FusedExperts(module="mlp.experts", router="mlp.gate", count_attr=count_attr),
+        rotation_blocker=(
+            "has a router that reads the normalised residual stream outside the linear groups, and the fused "
+            "rotation rotates only the groups' linears"
+        ),
+        scaling_blocker=(
+            "feeds post_attention_layernorm's output to the router and to every expert (each reading only its "
+            "routed tokens), so a scale folded into that norm would change the routing and be shared by all "
+            "experts, which the scaling transforms, folding one group at a time, do not do"
+        ),
+        extra={"mlp": "sparse mixture of experts; the router stays in full precision"},
+    )
+
+
+MIXTRAL = _moe("mixtral", "MixtralForCausalLM", "mixtral", "num_local_experts")
+# Qwen3-MoE can make some layers dense (mlp_only_layers, decoder_sparse_step): an adapter describes one layer
+# structure for all layers, so only the all-sparse layout of the released models is served (a dense layer
+# is refused when the experts are exposed).
+QWEN3_MOE = _moe("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", "num_experts")
+
+_MIXER = "mixer"
+_SSM_NOTES = {"state": "recurrent SSM state and conv window, not a KV cache"}
+
+# Mamba: in_proj -> [x; z]; x -> depthwise causal conv1d -> SiLU -> x_proj -> [dt; B; C]; dt_proj's weight
+# multiplies dt (the mixer never calls dt_proj); the selective scan's output, gated by SiLU(z), -> out_proj.
+MAMBA = Adapter(
+    family="mamba",
+    classes=("MambaForCausalLM",),
+    model_types=("mamba",),
+    layers_path="backbone.layers",
+    groups=(
+        LinearGroup("in", (f"{_MIXER}.in_proj",), "norm", "norm"),
+        LinearGroup("x", (f"{_MIXER}.x_proj",)),  # reads SiLU(conv1d(x)): nothing absorbs a scale
+        LinearGroup("dt", (f"{_MIXER}.dt_proj",), f"{_MIXER}.x_proj", "linear", prev_part="lead", called=False),
+        LinearGroup("out", (f"{_MIXER}.out_proj",)),  # reads scan(x) * SiLU(z): nothing absorbs a scale
+    ),
+    attention=_MIXER,
+    final_norm="backbone.norm_f",
+    has_rope=False,
+    token_mixer="ssm",
+    rotation_blocker=(
+        "has linears inside each SSM mixer (x_proj after the depthwise conv1d, dt_proj) that neither read nor "
+        "write the residual stream, and the fused rotation handles only linears that do one or the other"
+    ),
+    scaling_blocker=(
+        "has no op before x_proj (it reads SiLU of the depthwise conv1d) or out_proj (it reads the SSM output "
+        "gated by SiLU(z)) that can absorb a per-channel scale"
+    ),
+    extra=_SSM_NOTES,
+)
+
+# Mamba-2: in_proj -> [z; xBC; dt]; xBC -> conv1d -> SiLU -> SSD scan; a gated RMSNorm (norm(y * SiLU(z)),
+# weight last) feeds out_proj, so a scale of out_proj's input folds into that norm's weight.
+MAMBA2 = Adapter(
+    family="mamba2",
+    classes=("Mamba2ForCausalLM",),
+    model_types=("mamba2",),
+    layers_path="backbone.layers",
+    groups=(
+        LinearGroup("in", (f"{_MIXER}.in_proj",), "norm", "norm"),
+        LinearGroup("out", (f"{_MIXER}.out_proj",), f"{_MIXER}.norm", "norm"),
+    ),
+    attention=_MIXER,
+    final_norm="backbone.norm_f",
+    has_rope=False,
+    token_mixer="ssm",
+    rotation_blocker=(
+        "has a gated RMSNorm inside each mixer before out_proj, and the fused rotation takes every norm a "
+        "linear reads for a norm of the residual stream"
+    ),
+    extra=_SSM_NOTES,
 )
 
 
@@ -303,4 +467,12 @@ ADAPTERS: tuple[Adapter, ...] = (
     GEMMA2,
     GEMMA3,
     PHI3,
+    GLM,
+    GLM4,
+    STABLELM,
+    STABLELM_PARALLEL,
+    MAMBA,
+    MAMBA2,
+    MIXTRAL,
+    QWEN3_MOE,
 )

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ptqlab.models.adapter import Adapter, FusedQKV, LinearGroup
-from ptqlab.models.weights import out_features
+from ptqlab.models.weights import in_features, out_features
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def prev_rows_read(config: Any, adapter: Adapter, layer: nn.Module, group: Linea
     """Output rows of a group's ``prev_op`` linear that its input is made of, in input order.
 
     The value rows of a fused qkv projection (``prev_part="v"``), the up half of a fused ``[gate; up]``
-    (``prev_part="up"``), or every row.
+    (``prev_part="up"``), the first rows, as many as the group reads (``prev_part="lead"``), or every row.
     """
     assert group.prev_op is not None
     width = out_features(layer.get_submodule(group.prev_op))
@@ -114,6 +114,8 @@ def prev_rows_read(config: Any, adapter: Adapter, layer: nn.Module, group: Linea
         return fused_qkv_rows(adapter.fused_qkv, config, width)[2]
     if group.prev_part == "up":
         return torch.arange(width // 2, width)
+    if group.prev_part == "lead":
+        return torch.arange(in_features(layer.get_submodule(group.linears[0])))
     return torch.arange(width)
 
 

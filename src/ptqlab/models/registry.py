@@ -8,6 +8,7 @@ from torch import nn
 
 from ptqlab.errors import UnsupportedModelError
 from ptqlab.models.adapter import Adapter
+from ptqlab.models.experts import bind_experts
 from ptqlab.models.families import ADAPTERS
 
 
@@ -42,6 +43,9 @@ def get_adapter(model: nn.Module) -> Adapter:
 
     The class name (``type(model).__name__``) is tried first, then ``model.config.model_type``. When a
     class has several layouts (OPT, Falcon), the adapter whose ``when`` conditions the config meets wins.
+    For a family with fused experts (Mixtral, Qwen3-MoE) the adapter returned lists every expert's
+    matrices, and each expert of ``model`` is exposed as linears of its own (see
+    :mod:`ptqlab.models.experts`: the parameters, state dict and function stay the same).
 
     Args:
         model: A causal LM, e.g. ``LlamaForCausalLM``.
@@ -50,7 +54,8 @@ def get_adapter(model: nn.Module) -> Adapter:
         The matching adapter.
 
     Raises:
-        UnsupportedModelError: No adapter serves the class or model type, or none fits its config.
+        UnsupportedModelError: No adapter serves the class or model type, none fits its config, or its
+            experts are not stored as its family's are.
 
     """
     class_name = type(model).__name__
@@ -64,7 +69,7 @@ def get_adapter(model: nn.Module) -> Adapter:
         )
     for adapter in candidates:
         if _config_matches(adapter, config):
-            return adapter
+            return bind_experts(model, adapter)
     variants = "; ".join(_describe_conditions(a) for a in candidates)
     raise UnsupportedModelError(
         f"model class {class_name} is supported, but not with this configuration; supported variants: {variants}"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..models.inputs import InputSite, register_input_hook
 from ..quant.core import params_from_range
 from ..quant.integer import QParams
 from .context import ForwardContext
@@ -27,6 +29,8 @@ class RangeObserver:
     def observe(self, x: torch.Tensor, percentile: float | None) -> None:
         """Record the range (or the percentiles) of the values of ``x``."""
         flat = x.detach().float().reshape(-1)
+        if flat.numel() == 0:  # an expert no token was routed to
+            return
         if percentile is None or percentile >= 100.0:
             self.xmin = min(self.xmin, float(flat.min()))
             self.xmax = max(self.xmax, float(flat.max()))
@@ -36,6 +40,11 @@ class RangeObserver:
             lo, hi = torch.quantile(sample, q).tolist()
             self.lows.append(lo)
             self.highs.append(hi)
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing was observed (an expert no calibration token was routed to)."""
+        return not self.lows and self.xmin > self.xmax
 
     def qparams(self, act: ActivationSpec) -> QParams:
         """The fixed per-tensor parameters from what was observed."""
@@ -59,6 +68,7 @@ class ActivationQuantizer:
         self.ctx = ctx
         self.static: QParams | None = None
         self.observer: RangeObserver | None = None
+        self.keep: torch.Tensor | None = None  # input columns left in FP16 (outlier decomposition)
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,9 +78,14 @@ class ActivationQuantizer:
         if self.observer is not None:
             self._observe(x)
             return x
-        out = self._quantize(x)
+        out = self._quantize(x) if self.keep is None else self._decomposed(x, self.keep)
         self._last = (x, out)
         return out
+
+    def _decomposed(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Quantize the columns outside ``keep`` (ranges without them); ``keep``'s columns rounded to FP16."""
+        out = self._quantize(x.masked_fill(keep, 0))
+        return torch.where(keep, x.half().to(x.dtype), out)
 
     def clear(self) -> None:
         """Drop the remembered input (end of a forward pass)."""
@@ -118,27 +133,21 @@ class InstalledActivations:
             q.clear()
 
 
-def _pre_hook(quantizer: ActivationQuantizer) -> Any:
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if not args or not isinstance(args[0], torch.Tensor):
-            return None
-        return (quantizer(args[0]), *args[1:])
-
-    return hook
-
-
 def install_activation_quantizers(
     model: nn.Module,
     targets: list[tuple[str, str, ActivationSpec]],
     ctx: ForwardContext,
+    sites: Callable[[str], InputSite] | None = None,
 ) -> InstalledActivations:
-    """Install a pre-hook on each target linear that fake-quantizes its input.
+    """Install a hook on each target linear's input that fake-quantizes it.
 
     Args:
         model: The causal LM.
         targets: ``(module name, sharing key, spec)``: linears with the same sharing key and spec read the
             same tensor and share one quantizer.
         ctx: The forward context (padding mask).
+        sites: Where each target's input is seen, by module name (None: at the linear itself; see
+            :func:`ptqlab.models.inputs.linear_input_site` for linears the model does not call).
 
     Returns:
         The installed quantizers and hook handles.
@@ -149,8 +158,8 @@ def install_activation_quantizers(
     for name, key, act in targets:
         quantizer = shared.setdefault((key, act), ActivationQuantizer(act, ctx))
         installed.quantizers[name] = quantizer
-        module = model.get_submodule(name)
-        installed.handles.append(module.register_forward_pre_hook(_pre_hook(quantizer)))
+        site = InputSite(model.get_submodule(name)) if sites is None else sites(name)
+        installed.handles.append(register_input_hook(site, quantizer))
 
     def clear_after(module: nn.Module, args: Any, output: Any) -> None:
         installed.clear()

@@ -67,11 +67,15 @@ def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | 
     return None
 
 
-def _past_length(kwargs: dict[str, Any]) -> int:
+def _continues_cache(kwargs: dict[str, Any]) -> bool:
+    """Whether the call is given a non-empty cache (a decode step)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None or not hasattr(cache, "get_seq_length"):
-        return 0
-    return int(cache.get_seq_length())
+        return False
+    try:
+        return int(cache.get_seq_length()) > 0
+    except ValueError:  # a cache of state-space layers only (Mamba) has no length, only a state
+        return bool(cache.has_previous_state())
 
 
 def track_forward(model: nn.Module, ctx: ForwardContext) -> ForwardContext:
@@ -88,7 +92,7 @@ def track_forward(model: nn.Module, ctx: ForwardContext) -> ForwardContext:
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ctx.attention_mask = _mask_from(args, kwargs)
-        ctx.decoding = _past_length(kwargs) > 0
+        ctx.decoding = _continues_cache(kwargs)
         ctx.tokens = _tokens(args, kwargs)
 
     ctx.handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))

@@ -121,9 +121,13 @@ def check_kv(model: nn.Module, adapter: Adapter, kv: KVSpec) -> None:
     """Check that ``kv`` fits the model before any work.
 
     Raises:
-        ConfigError: pre_rope on a family without RoPE, or a group size that does not divide head_dim.
+        ConfigError: A family without a KV cache, pre_rope on a family without RoPE, or a group size that
+            does not divide head_dim.
 
     """
+    no_attention = adapter.attention_refusal()
+    if no_attention is not None:
+        raise ConfigError(f"scheme.kv_cache: family {adapter.family} {no_attention}; remove scheme.kv_cache")
     if kv.rotate_keys and kv.where == "pre_rope":
         raise ConfigError("rotation.kv: rotated keys are quantized after RoPE; use kv_cache.where=post_rope")
     if kv.where == "pre_rope" and not adapter.has_rope:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.adapter import Adapter
+from ..models.inputs import linear_input_site
 from .activation import InstalledActivations, install_activation_quantizers
 from .attention import check_attention, install_attention_quantization
 from .context import ForwardContext, track_forward
@@ -51,6 +54,10 @@ def check_runtime(
     if kv is not None:
         check_kv(model, adapter, kv)
     if attention is not None and attention.attention:
+        no_attention = adapter.attention_refusal()
+        if no_attention is not None:
+            raise ConfigError(f"scheme.activation.attention: family {adapter.family} {no_attention}; "
+                              "set attention: false")
         check_attention(model)
 
 
@@ -82,7 +89,8 @@ def install_runtime(
         return rt
     track_forward(model, rt.ctx)
     if activation_targets:
-        rt.activations = install_activation_quantizers(model, activation_targets, rt.ctx)
+        sites = functools.partial(linear_input_site, model, adapter)
+        rt.activations = install_activation_quantizers(model, activation_targets, rt.ctx, sites)
     if attention is not None and attention.attention:
         rt.undo.append(install_attention_quantization(model, adapter.attention_modules(model), attention.spec, rt.ctx))
     if kv is not None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import DataError
 from ..nn.activation import ActivationQuantizer, RangeObserver
 from ..nn.runtime import RuntimeQuantization
 
@@ -36,6 +37,9 @@ def calibrate_static_activations(
     Returns:
         The number of quantizers calibrated.
 
+    Raises:
+        DataError: No calibration token reached a quantized input (an expert the router never chose).
+
     """
     if runtime.activations is None:
         return 0
@@ -51,6 +55,12 @@ def calibrate_static_activations(
     with torch.inference_mode():
         for chunk in tqdm(calibration.split(batch_size), desc="static ranges", disable=not progress):
             model(input_ids=chunk.to(device), use_cache=False)
+    unseen = [name for name, q in runtime.activations.quantizers.items() if q.observer is not None and q.observer.empty]
+    if unseen:
+        for q in static:
+            q.observer = None
+        raise DataError(f"static activation ranges: no calibration token reached {', '.join(unseen)} (an expert the "
+                        "router never chose); use more calibration data or dynamic ranges")
     for q in static:
         assert q.observer is not None
         q.static = q.observer.qparams(q.act)

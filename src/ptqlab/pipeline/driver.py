@@ -17,7 +17,10 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..memory import return_freed
 from ..methods.base import HessianAccumulator, WeightResult, divide_rows, relative_output_error, scaled_hessian
+from ..methods.kinds import Quantizer
+from ..methods.rtn import RTN
 from ..metrics import Metric
+from ..models.inputs import input_site
 from ..models.weights import set_weight_matrix, weight_matrix
 from ..nn.capture import LayerCall, capture_inputs
 from ..nn.runtime import RuntimeQuantization
@@ -25,6 +28,7 @@ from ..quant.spec import QuantSpec
 from ..threads import fit_threads
 from .budget import hidden_spill, per_group_passes
 from .malloc import lean_malloc
+from .outliers import quantize_decomposed
 from .plan import LinearTarget, QuantizationPlan
 from .refine import LaterSteps
 from .sequential import run_group_passes, run_layer_pass
@@ -38,13 +42,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LayerRecord:
-    """What happened to one linear: its relative output error on the calibration data and the time."""
+    """What happened to one linear: its relative output error on the calibration data and the time.
+
+    ``tokens``: how many calibration tokens its Hessian came from (None: quantized without data); for an
+    expert of a mixture-of-experts layer, the tokens routed to it. ``fallback``: the quantizer used instead
+    of the recipe's because it saw too few (``rtn``), else None.
+    """
 
     layer: int
     module: str
     bits: int
     rel_error: float | None
     seconds: float
+    tokens: int | None = None
+    fallback: str | None = None
 
 
 @dataclass
@@ -75,6 +86,7 @@ class QuantizeReport:
         hooks: Handles of hooks a model transform installed (the online rotation).
         metrics: Size, effective bits and what the methods report (``zeroquant.local.loss_ratio``).
         grids: The grid of each quantized linear, by full name, when the plan keeps them (what exporters write).
+        outliers: The input columns the outlier decomposition keeps in FP16, by full linear name (bool masks).
 
     """
 
@@ -85,6 +97,7 @@ class QuantizeReport:
     hooks: list[Any] = field(default_factory=list)
     metrics: list[Metric] = field(default_factory=list)
     grids: dict[str, WeightGrid] = field(default_factory=dict)
+    outliers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def keep_grid(self, name: str, module: nn.Module, spec: QuantSpec, result: WeightResult) -> None:
         """Record the grid ``result`` put ``module``'s weight on."""
@@ -141,6 +154,17 @@ def quantize_weights(
     report.metrics += later.metrics()
 
 
+def _quantizer_for(quantizer: Quantizer, tokens: int) -> tuple[Quantizer, str | None]:
+    """The quantizer of a linear whose Hessian came from ``tokens`` calibration tokens, and the fallback's name.
+
+    Below the quantizer's ``min_tokens`` (GPTQ's option; 1 for others: never from a zero Hessian) the weight
+    is rounded to nearest, e.g. an expert the router sent too few tokens.
+    """
+    if tokens >= int(getattr(quantizer, "min_tokens", 1)):
+        return quantizer, None
+    return RTN(), "rtn"
+
+
 def _by_layer(targets: list[LinearTarget]) -> dict[int, list[LinearTarget]]:
     out: dict[int, list[LinearTarget]] = defaultdict(list)
     for t in targets:
@@ -182,7 +206,8 @@ def _quantize_directly(layer: nn.Module, li: int, group: list[LinearTarget], pla
         t0 = time.perf_counter()
         module = layer.get_submodule(t.relative)
         W = weight_matrix(module)
-        res = later.quantized(module, W, plan.recipe.quantizer.quantize(W, t.spec), t.spec)
+        quantized = quantize_decomposed(plan.recipe.quantizer, W, t.spec, None, report.outliers.get(t.name))
+        res = later.quantized(module, W, quantized, t.spec)
         set_weight_matrix(module, res.weight)
         if plan.keep_grids:
             report.keep_grid(t.name, module, t.spec, res)
@@ -256,7 +281,7 @@ def _quantize_layer(
     per_group: bool = False,
 ) -> list[torch.Tensor]:
     """One true-sequential pass over a layer (or a pass per group); returns its outputs (the next layer's inputs)."""
-    groups = [[layer.get_submodule(rel) for rel in g.linears] for g in plan.adapter.groups]
+    groups = [[input_site(tf.config, plan.adapter, layer, rel) for rel in g.linears] for g in plan.adapter.groups]
     members = {gi: [t for t in targets if t.group == gi] for gi in range(len(groups))}
     hessians: dict[int, HessianAccumulator] = {}
     input_map: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -276,17 +301,23 @@ def _quantize_layer(
         if acc is None:
             return
         H = acc.H if s is None else scaled_hessian(acc.H, s)
+        quantizer, fallback = _quantizer_for(plan.recipe.quantizer, acc.n)
         with _single_thread():
             for t in members[gi]:
                 t0 = time.perf_counter()
                 module = layer.get_submodule(t.relative)
                 W = weight_matrix(module)
-                res = later.quantized(module, W, plan.recipe.quantizer.quantize(W, t.spec, H), t.spec)
-                err = relative_output_error(W.float(), res.weight, H)
+                quantized = quantize_decomposed(quantizer, W, t.spec, H, report.outliers.get(t.name))
+                res = later.quantized(module, W, quantized, t.spec)
+                err = relative_output_error(W.float(), res.weight, H) if acc.n else None
                 set_weight_matrix(module, res.weight)
                 if plan.keep_grids:
                     report.keep_grid(t.name, module, t.spec, res)
-                report.records.append(LayerRecord(li, t.name, t.spec.nbits, err, time.perf_counter() - t0))
+                report.records.append(LayerRecord(li, t.name, t.spec.nbits, err, time.perf_counter() - t0, acc.n,
+                                                  fallback))
+        if fallback is not None:
+            log.warning("layer %d: %s saw %d calibration tokens, too few for %s: rounded to nearest instead", li,
+                        ", ".join(t.relative for t in members[gi]), acc.n, plan.recipe.name)
 
     run = run_group_passes if per_group else run_layer_pass
     return run(layer, groups, hidden, calls, observe, apply, input_map)

@@ -21,6 +21,7 @@ from ..models.adapter import Adapter
 from ..models.weights import in_features, out_features
 from ..nn.capture import InputCache
 from ..nn.specs import ActivationSpec, KVSpec, activation_spec
+from ..quant.outliers import OutlierRule
 from ..quant.spec import QuantSpec
 from .size import size_metrics
 
@@ -78,6 +79,7 @@ class QuantizationPlan:
             ``stream`` directory).
         keep_grids: Record each quantized linear's scales and zero points in the report (an exporter asks for
             them; they are an eighth of the weights' size at group 64, so runs do not keep them).
+        outliers: The outlier decomposition rule (``scheme.outliers``), or None.
 
     """
 
@@ -95,6 +97,7 @@ class QuantizationPlan:
     max_memory: int | None = None
     offload_dir: str | None = None
     keep_grids: bool = False
+    outliers: OutlierRule | None = None
 
     @property
     def changes_weights(self) -> bool:
@@ -110,13 +113,19 @@ class QuantizationPlan:
     @property
     def needs_calibration(self) -> bool:
         """Whether the recipe (on the planned weights) or a static activation range needs calibration data."""
-        return self.recipe_needs_calibration or any(not a.dynamic for _, _, a in self.activations)
+        return (self.recipe_needs_calibration or self.outliers is not None
+                or any(not a.dynamic for _, _, a in self.activations))
 
-    def size_metrics(self, model: nn.Module, kv_tokens: int | None = None) -> dict[str, float]:
-        """Size in bytes and effective bits of this plan on ``model`` (see :func:`size_metrics`)."""
+    def size_metrics(self, model: nn.Module, kv_tokens: int | None = None,
+                     outliers: Mapping[str, int] | None = None) -> dict[str, float]:
+        """Size in bytes and effective bits of this plan on ``model`` (see :func:`size_metrics`).
+
+        ``outliers`` gives the FP16 input columns of each linear the decomposition kept, by full name.
+        """
         tokens = self.kv_tokens if kv_tokens is None else kv_tokens
         specs = {t.name: t.spec for t in self.targets}
-        return size_metrics(model, self.adapter, specs, self.activations, self.kv, tokens, self.recipe.extra_bits)
+        return size_metrics(model, self.adapter, specs, self.activations, self.kv, tokens, self.recipe.extra_bits,
+                            outliers)
 
 
 def spec_from(fields: Mapping[str, Any] | None, where: str) -> QuantSpec:
@@ -225,7 +234,8 @@ def plan_activations(
         group share a key (they read the same tensor).
 
     Raises:
-        ConfigError: An invalid field, or a pattern that matches no module.
+        ConfigError: An invalid field, a pattern that matches no module, or dynamic per-tensor ranges of an
+            expert's input (it holds only its routed tokens, from every sequence of the batch).
 
     """
     compiled = _compile(model, overrides)
@@ -240,6 +250,10 @@ def plan_activations(
                 if act is not None:
                     if act.spec.granularity == "group":
                         act.spec.check_width(in_features(layer.get_submodule(rel)), full)
+                    if group.routed and act.dynamic and act.spec.granularity == "tensor":
+                        raise ConfigError(f"{where}: dynamic per-tensor ranges are taken per sequence, but {full} "
+                                          "(an expert) reads only its routed tokens, gathered from every sequence "
+                                          "of the batch; use granularity token or group, or dynamic: false")
                     out.append((full, f"{li}.{gi}", act))
     return out
 
@@ -250,7 +264,21 @@ def layer_module(model: nn.Module, adapter: Adapter, layer: int, relative: str) 
 
 
 def check_recipe_shapes(model: nn.Module, adapter: Adapter, targets: list[LinearTarget], recipe: Recipe) -> None:
-    """Let the recipe check the shape of every target weight (e.g. LoRC's rank), before any work."""
+    """Let the recipe check the shape of every target weight (e.g. LoRC's rank), before any work.
+
+    Raises:
+        ConfigError: A weight shape a step cannot work on, or scaling transforms or refiners on a family that
+            refuses them.
+
+    """
+    no_scaling = adapter.scaling_refusal()
+    if recipe.layer_transforms and no_scaling is not None:
+        raise ConfigError(f"recipe {recipe.name}: per-channel scaling (SmoothQuant, AWQ) cannot run on family "
+                          f"{adapter.family}: it {no_scaling}; it is not supported")
+    no_refining = adapter.refinement_refusal()
+    if (recipe.layer_refiners or recipe.model_refiners) and no_refining is not None:
+        raise ConfigError(f"recipe {recipe.name}: the refiners (ZeroQuant-Local/Global) cannot run on family "
+                          f"{adapter.family}: it {no_refining}; it is not supported")
     for t in targets:
         module = layer_module(model, adapter, t.layer, t.relative)
         recipe.check_shape(t.name, out_features(module), in_features(module))

@@ -17,6 +17,7 @@ from ..metrics import Metric
 from ..nn.runtime import install_runtime
 from .activations import calibrate_static_activations
 from .driver import QuantizeReport, quantize_weights
+from .outliers import find_outlier_columns
 from .plan import QuantizationPlan
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ def quantize(
         report.hooks += transform.apply(model, plan.adapter)
     if plan.recipe.model_transforms:
         report.timings["model_transforms_s"] = time.perf_counter() - t0
+    if plan.outliers is not None:
+        report.outliers = find_outlier_columns(model, plan, progress)
     quantize_weights(model, plan, report, progress)
     report.timings["quantize_s"] = time.perf_counter() - t0
     _finish(model, plan, report, progress)
@@ -102,10 +105,15 @@ def restore(
 def _finish(model: nn.Module, plan: QuantizationPlan, report: QuantizeReport, progress: bool) -> None:
     """Install the runtime quantizers, calibrate static ranges, measure the size, mark the model."""
     report.runtime = install_runtime(model, plan.adapter, plan.activations, plan.kv, plan.attention)
+    if report.outliers and report.runtime.activations is not None:
+        for name, quantizer in report.runtime.activations.quantizers.items():
+            if name in report.outliers:
+                quantizer.keep = report.outliers[name].to(next(model.parameters()).device)
     if plan.calibration is not None and any(not a.dynamic for _, _, a in plan.activations):
         t1 = time.perf_counter()
         calibrate_static_activations(model, report.runtime, plan.calibration, plan.batch_size, progress)
         report.timings["static_ranges_s"] = time.perf_counter() - t1
-    report.metrics = [Metric(k, v) for k, v in plan.size_metrics(model).items()] + report.metrics
+    kept = {name: int(mask.sum()) for name, mask in report.outliers.items()}
+    report.metrics = [Metric(k, v) for k, v in plan.size_metrics(model, outliers=kept).items()] + report.metrics
     if plan.changes_weights or report.runtime.installed:
         setattr(model, _MARK, True)

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
+from ..models.inputs import InputFn, InputSite, register_input_hook
 from ..nn.capture import LayerCall, layer_output
 
 Observe = Callable[[int, torch.Tensor], None]
 Apply = Callable[[int], None]
+Site = nn.Module | InputSite
+"""Where a group member's input is seen: the linear, or an :class:`InputSite` (a linear the model does not call)."""
 
 
 class _StopError(Exception):
@@ -81,7 +83,7 @@ class _RoundRobin:
 
 def run_layer_pass(
     layer: nn.Module,
-    groups: Sequence[Sequence[nn.Module]],
+    groups: Sequence[Sequence[Site]],
     hidden: list[torch.Tensor | None],
     calls: list[LayerCall],
     observe: Observe,
@@ -92,7 +94,7 @@ def run_layer_pass(
 
     Args:
         layer: The decoder layer.
-        groups: For each linear group, its modules (all read the same input).
+        groups: For each linear group, its modules (all read the same input), or where their input is seen.
         hidden: Input hidden states, one tensor per chunk; consumed (each entry is set to None once its
             chunk has run, so inputs and outputs of the whole calibration set never coexist).
         calls: The layer's other arguments, one per chunk.
@@ -112,16 +114,16 @@ def run_layer_pass(
     errors: list[BaseException] = []
     maps = input_map if input_map is not None else {}
 
-    def pre_hook(group: int) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...] | None]:
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def at_input(group: int) -> InputFn:
+        def hook(x: torch.Tensor) -> torch.Tensor | None:
             chunk = chunk_of[threading.get_ident()]
             done = seen.setdefault(chunk, set())
             if group not in done:  # the first linear of the group to run: observe, then wait for the round
                 done.add(group)
-                observe(group, args[0])
+                observe(group, x)
                 rounds.arrive(chunk, group)
             fn = maps.get(group)
-            return None if fn is None else (fn(args[0]), *args[1:])
+            return None if fn is None else fn(x)
 
         return hook
 
@@ -139,7 +141,7 @@ def run_layer_pass(
             errors.append(exc)
             rounds.fail()
 
-    handles = [m.register_forward_pre_hook(pre_hook(g)) for g, mods in enumerate(groups) for m in mods]
+    handles = [register_input_hook(m, at_input(g)) for g, mods in enumerate(groups) for m in mods]
     try:
         threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in range(len(hidden))]
         for t in threads:
@@ -157,7 +159,7 @@ def run_layer_pass(
 
 def run_group_passes(
     layer: nn.Module,
-    groups: Sequence[Sequence[nn.Module]],
+    groups: Sequence[Sequence[Site]],
     hidden: list[torch.Tensor | None],
     calls: list[LayerCall],
     observe: Observe,
@@ -179,19 +181,19 @@ def run_group_passes(
     applied: set[int] = set()
     target: list[int] = []  # the group this pass works on, set by the first chunk that meets one
 
-    def pre_hook(group: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+    def at_input(group: int) -> InputFn:
+        def hook(x: torch.Tensor) -> None:
             if group not in applied:
                 if not target:
                     target.append(group)
                 if group == target[0]:
-                    observe(group, args[0])
+                    observe(group, x)
                 raise _StopError  # a chunk that meets another unapplied group first cannot go further either
             return None
 
         return hook
 
-    handles = [m.register_forward_pre_hook(pre_hook(g)) for g, mods in enumerate(groups) for m in mods]
+    handles = [register_input_hook(m, at_input(g)) for g, mods in enumerate(groups) for m in mods]
     try:
         while True:
             target.clear()

@@ -88,10 +88,14 @@ def check_streamable(plan: QuantizationPlan) -> None:
 
     Raises:
         ConfigError: A model transform (rotation), a model refiner (ZeroQuant-Global), static activation
-            ranges or a KV-cache scheme.
+            ranges, outlier decomposition or a KV-cache scheme.
 
     """
     recipe = plan.recipe
+    if plan.adapter.experts is not None:
+        raise ConfigError(f"runtime.stream: family {plan.adapter.family} stores its experts fused, and checkpoints "
+                          "name them per expert; streaming mixture-of-experts models is not written yet; use "
+                          "runtime.stream: off")
     if recipe.model_transforms:
         raise ConfigError(f"runtime.stream: {recipe.name} transforms the whole model (embeddings and head) and "
                           "cannot run one layer at a time; use runtime.stream: off")
@@ -103,6 +107,9 @@ def check_streamable(plan: QuantizationPlan) -> None:
                           "activations or runtime.stream: off")
     if plan.kv is not None:
         raise ConfigError("runtime.stream: KV-cache quantization is not streamed yet; use runtime.stream: off")
+    if plan.outliers is not None:
+        raise ConfigError("runtime.stream: scheme.outliers chooses its columns in a whole-model pass; use "
+                          "runtime.stream: off")
 
 
 def quantize_streamed(

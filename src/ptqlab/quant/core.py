@@ -9,6 +9,9 @@ Every format is ``value = scale * (code - zero)`` per range:
 - GGUF block types: integer codes with FP16 block parameters; the types with a minimum are
   ``scale * code + zero`` instead (``zero`` is the offset; see :mod:`ptqlab.quant.gguf`).
 
+The ``kmeans`` format is not scaled: ``scale`` holds each row's codebook (rows, 2**bits) and a code is an
+index into it (see :mod:`ptqlab.quant.codebook`).
+
 Ranges follow the granularity: ``tensor`` (one), ``group`` (``group_size`` consecutive columns of a row)
 and per row for every other granularity (``channel`` for weights; callers lay activations and KV out
 with one token (and head) per row for ``token`` / ``head``).
@@ -20,7 +23,9 @@ import math
 
 import torch
 
+from ..errors import ConfigError
 from . import gguf, integer
+from .codebook import codebook_values, kmeans_codebook, nearest_codes
 from .formats import MX_FORMATS, element_format, grid_max, mx_shared_scale, round_to_grid
 from .integer import QParams
 from .spec import QuantSpec
@@ -69,6 +74,9 @@ def params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec, r
     """
     if spec.is_int:
         return integer.qparams_from_range(xmin * ratio, xmax * ratio, spec)
+    if spec.is_codebook:
+        raise ConfigError(f"{spec.where}: format kmeans has codebooks, not ranges; a clipping search or a static "
+                          "range (AWQ's clipping, static activations) does not apply to it")
     if spec.format in gguf.BLOCK_TYPES:
         clip = spec.clip_ratio * ratio
         return QParams(*gguf.block_params(xmin * clip, xmax * clip, spec.format))
@@ -87,6 +95,8 @@ def to_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Qua
         return integer.quantize_with(x, scale, zero, spec.maxq, integer.float_zero(spec))
     if spec.format in gguf.BLOCK_TYPES:
         return gguf.block_codes(x, scale, zero, spec.format)
+    if spec.is_codebook:
+        return nearest_codes(x, scale)
     return round_to_grid(x / scale, element_format(spec.format))
 
 
@@ -97,6 +107,8 @@ def values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Q
     """
     if spec.format in gguf.BLOCK_TYPES:
         return gguf.block_values(codes, scale, zero, spec.format)
+    if spec.is_codebook:
+        return codebook_values(codes, scale)
     return integer.dequantize_with(codes, scale, zero)
 
 
@@ -119,17 +131,22 @@ def _mse_params(view: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, spec
     return best
 
 
-def choose_qparams(w: torch.Tensor, spec: QuantSpec) -> QParams:
+def choose_qparams(w: torch.Tensor, spec: QuantSpec, weights: torch.Tensor | None = None) -> QParams:
     """Choose the quantization parameters of a 2-D tensor.
 
     Args:
         w: Tensor (rows, cols), float.
         spec: The spec (granularity decides the shape of the result; clipping how ranges are set).
+        weights: Importance of each input column (cols,) for the ``kmeans`` codebooks (e.g. the Hessian
+            diagonal); ignored by the scaled formats.
 
     Returns:
-        QParams shaped (rows, groups) for per-row and group granularities, (1, 1) per tensor.
+        QParams shaped (rows, groups) for per-row and group granularities, (1, 1) per tensor; for ``kmeans``
+        the codebooks (rows, 2**bits) and zeros (rows, 1).
 
     """
+    if spec.is_codebook:
+        return QParams(kmeans_codebook(w, spec.nbits, weights), torch.zeros(w.shape[0], 1, device=w.device))
     view = _grouped_view(w, spec)
     xmin, xmax = _ranges(view, spec)
     if spec.clipping == "mse":
@@ -139,6 +156,8 @@ def choose_qparams(w: torch.Tensor, spec: QuantSpec) -> QParams:
 
 def quantize(w: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
     """Codes of a 2-D tensor with given parameters (shape of ``w``)."""
+    if spec.is_codebook:
+        return nearest_codes(w, qp.scale)
     view = w.reshape(qp.scale.shape[0], qp.scale.shape[1], -1)  # (row ranges, col ranges, values)
     codes = to_codes(view, qp.scale[..., None], qp.zero[..., None], spec)
     return codes.reshape(w.shape)
@@ -146,6 +165,8 @@ def quantize(w: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
 
 def dequantize(codes: torch.Tensor, qp: QParams, spec: QuantSpec) -> torch.Tensor:
     """Values of codes produced by :func:`quantize` with the same parameters and spec."""
+    if spec.is_codebook:
+        return codebook_values(codes, qp.scale)
     rows, cols = codes.shape
     view = codes.reshape(qp.scale.shape[0], qp.scale.shape[1], -1)
     return values(view, qp.scale[..., None], qp.zero[..., None], spec).reshape(rows, cols)
@@ -165,6 +186,9 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if not spec.enabled:
         return w
     wf = w.float()
+    if spec.is_codebook:
+        qp = choose_qparams(wf, spec)
+        return dequantize(quantize(wf, qp, spec), qp, spec).to(w.dtype)
     view = _grouped_view(wf, spec)
     qp = choose_qparams(wf, spec)
     return _fake_view(view, qp, spec).reshape(w.shape).to(w.dtype)

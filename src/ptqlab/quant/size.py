@@ -16,6 +16,8 @@ def param_bits_per_range(spec: QuantSpec) -> int:
         return E8M0_BITS
     if spec.format in BLOCK_TYPES:
         return BLOCK_TYPES[spec.format].param_bits
+    if spec.is_codebook:  # one FP16 centroid per code, per row
+        return SCALE_BITS << spec.nbits
     if not spec.is_int or spec.symmetric:
         return SCALE_BITS
     return SCALE_BITS + (spec.nbits if spec.zero_point == "int" else SCALE_BITS)

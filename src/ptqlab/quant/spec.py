@@ -18,7 +18,8 @@ Clipping = Literal["minmax", "percentile", "mse"]
 FULL_PRECISION_BITS = 16
 INT_BITS = range(2, 9)
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group", "token", "head")
-FORMATS: tuple[str, ...] = ("int", *FORMAT_BITS, *GGUF_BITS)
+CODEBOOK = "kmeans"
+FORMATS: tuple[str, ...] = ("int", *FORMAT_BITS, *GGUF_BITS, CODEBOOK)
 FIXED_BITS: dict[str, int] = {**FORMAT_BITS, **GGUF_BITS}
 CLIPPINGS: tuple[str, ...] = ("minmax", "percentile", "mse")
 
@@ -36,7 +37,8 @@ class QuantSpec:
             power-of-two E8M0 scale), ``nf4`` (QLoRA's normal-float levels times an absmax per range) and
             llama.cpp's GGUF block types (``gguf_q8_0``, ``gguf_q4_0``, ``gguf_q5_0``, ``gguf_q4_1``,
             ``gguf_q5_1``, ``gguf_q4_k``: weights only, blocks of 32 with FP16 parameters; their symmetry
-            is the type's; see :mod:`ptqlab.quant.gguf`).
+            is the type's; see :mod:`ptqlab.quant.gguf`) and ``kmeans`` (a non-uniform codebook of ``2**bits``
+            k-means centroids per output row, weights only; see :mod:`ptqlab.quant.codebook`).
         symmetric: Symmetric signed grid around 0, or asymmetric min-max grid with a zero point (``int``
             only; the other formats are sign-magnitude grids scaled by the absolute maximum).
         granularity: ``tensor`` (one range), ``channel`` (one range per output row), ``group`` (one range
@@ -79,6 +81,7 @@ class QuantSpec:
             )
         self._check_mx()
         self._check_gguf()
+        self._check_codebook()
         self._check_group_size()
         if self.zero_point not in ("int", "float"):
             raise ConfigError(f"{self.where}.zero_point={self.zero_point!r} must be 'int' or 'float'")
@@ -135,6 +138,21 @@ class QuantSpec:
                               "no GGUF block type has another group size")
         object.__setattr__(self, "symmetric", block.symmetric)
         object.__setattr__(self, "zero_point", "int" if block.symmetric else "float")
+
+    def _check_codebook(self) -> None:
+        if self.format != CODEBOOK or not self.enabled:
+            return
+        if self.granularity != "channel":
+            raise ConfigError(f"{self.where}.granularity={self.granularity!r}: format kmeans keeps one codebook per "
+                              "output row of a weight; use granularity channel (or leave it out)")
+        if self.clipping != "minmax" or self.clip_ratio != 1.0:
+            raise ConfigError(f"{self.where}: format kmeans places its centroids by k-means; clipping and clip_ratio "
+                              "do not apply")
+
+    @property
+    def is_codebook(self) -> bool:
+        """Whether the format is a per-row k-means codebook."""
+        return self.format == CODEBOOK
 
     def replace(self, **changes: object) -> QuantSpec:
         """A copy of this spec with some fields changed (validated again)."""

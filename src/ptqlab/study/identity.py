@@ -50,6 +50,8 @@ def weights_key(cfg: RunConfig, fingerprint: str) -> str:
     data = normalized(cfg)
     keep = {"dtype": data["dtype"], "weight": weight, "overrides": overrides, "recipe": data["recipe"],
             "calibration": data["calibration"]}
+    if scheme.outliers is not None:  # the FP16 columns change the weights (keys without it stay as they were)
+        keep["outliers"] = scheme.outliers.model_dump(mode="json")
     return _digest({"w": keep, "model": fingerprint})[:16]
 
 

@@ -75,7 +75,7 @@ def preview_run(cfg: RunConfig, store: Store | None) -> Preview:
     work = replace(  # the counts the keys give, made exact by the plan
         workload_of(normalized(cfg)),
         ppl_tokens=ppl_tokens,
-        task_items=None if None in counted else sum(n for n in counted if n is not None),
+        task_items=None if None in counted else sum(n for n in counted if n is not None) * len(ev.shot_counts()),
         divergence_tokens=0 if plan.divergence is None else int(plan.divergence.numel()),
         reference_cached=cached,
     )
@@ -96,9 +96,11 @@ def _runtime_line(cfg: RunConfig, choice: StreamChoice) -> str:
 def _evaluation_steps(ev: Evaluate, plan: EvalPlan, items: dict[str, int | None]) -> list[tuple[str, str]]:
     """What the evaluation computes beside perplexity, one line each."""
     steps: list[tuple[str, str]] = []
+    counts = [k for k in ev.shot_counts() if k is not None]
+    shots = "" if not counts else f", {'/'.join(map(str, counts))}-shot" + (
+        f" (each item {len(counts)} times)" if len(counts) > 1 else "")
     for task, n in items.items():
-        steps.append(("tasks", f"{task}: {'?' if n is None else n} items" + (f", {ev.num_fewshot}-shot"
-                                                                               if ev.num_fewshot else "")))
+        steps.append(("tasks", f"{task}: {'?' if n is None else n} items{shots}"))
     div = ev.divergence_config()
     if div is not None and plan.divergence is not None:
         steps.append(("divergence", f"{div.corpus}: {plan.divergence.shape[0]} windows x {div.seqlen} tokens, "
@@ -108,6 +110,11 @@ def _evaluation_steps(ev: Evaluate, plan: EvalPlan, items: dict[str, int | None]
         steps.append(("long_context", f"retrieval at {lengths} tokens, {ev.long_context.samples} samples each"))
     if ev.sample is not None:
         steps.append(("sample", f"{ev.sample.max_new_tokens} greedy tokens after {ev.sample.prompt!r}"))
+    if ev.dialogue is not None:
+        judge = "" if ev.judge is None else f", each answer scored by {ev.judge.model} at {ev.judge.url}"
+        steps.append(("dialogue", f"conversations of {ev.dialogue.path or 'the built-in set'}"
+                                  f"{'' if ev.dialogue.limit is None else f' (first {ev.dialogue.limit})'}, "
+                                  f"up to {ev.dialogue.max_new_tokens} tokens per answer{judge}"))
     if ev.sensitivity is not None and plan.sensitivity is not None:
         steps.append(("sensitivity", f"per-module error on {plan.sensitivity.shape[0]} window(s) x "
                                      f"{ev.sensitivity.seqlen} tokens of {ev.sensitivity.corpus}"))

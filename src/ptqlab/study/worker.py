@@ -34,6 +34,7 @@ from ..metrics import Metric
 from ..models.loading import LoadedModel, load_model, model_fingerprint, resolve_device
 from ..nn.capture import InputCache
 from ..pipeline.driver import LayerRecord, QuantizeReport
+from ..pipeline.outliers import outlier_masks
 from ..pipeline.quantize import place, quantize, restore
 from ..schema import RunConfig
 from ..threads import thread_ceiling
@@ -210,7 +211,8 @@ class Worker:
             t0 = time.perf_counter()
             weights, meta = kept
             report = QuantizeReport(records=[LayerRecord(**r) for r in meta["records"]], distill=meta["distill"],
-                                    metrics=[Metric(**m) for m in meta["metrics"]])
+                                    metrics=[Metric(**m) for m in meta["metrics"]],
+                                    outliers=outlier_masks(meta.get("outliers", {}), model))
             restore(model, plan.quantization, {k: v.to(device) for k, v in weights.items()}, report,
                     progress=self.progress)  # measures this run's sizes (its activation and KV bits) again
             report.timings = {"qmodel_restore_s": time.perf_counter() - t0}
@@ -222,7 +224,8 @@ class Worker:
         if self.share and plan.quantization.changes_weights:
             sizes = set(plan.quantization.size_metrics(model))
             meta = {"records": [vars(r) for r in report.records], "distill": report.distill,
-                    "metrics": [dataclasses.asdict(m) for m in report.metrics if m.name not in sizes]}
+                    "metrics": [dataclasses.asdict(m) for m in report.metrics if m.name not in sizes],
+                    "outliers": {n: m.nonzero().flatten().tolist() for n, m in report.outliers.items()}}
             self.qmodels.save(key, device.type, fp.state, model, meta, bool(report.hooks))
         return report
 
