@@ -27,10 +27,21 @@ def test_well_separated_clusters_are_found_exactly() -> None:
 
 
 def test_the_weights_pull_a_centroid_to_the_weighted_mean() -> None:
-    """Lloyd from the quantiles [0, 1, 20, 30]: 0 and 1 merge; their centroid is (0*1 + 1*3) / 4."""
-    w = torch.tensor([[0.0, 1.0, 10.0, 20.0, 30.0]])
-    assert kmeans_codebook(w, 2, torch.tensor([1.0, 3.0, 1.0, 1.0, 1.0])).tolist() == [[0.75, 10.0, 20.0, 30.0]]
-    assert kmeans_codebook(w, 2).tolist() == [[0.5, 10.0, 20.0, 30.0]]
+    """Lloyd from the quantiles [0, 10, 20, 30]: 10 and 11 share a centroid, (10*1 + 11*3) / 4 weighted."""
+    w = torch.tensor([[0.0, 10.0, 11.0, 20.0, 30.0]])
+    assert kmeans_codebook(w, 2, torch.tensor([1.0, 1.0, 3.0, 1.0, 1.0])).tolist() == [[0.0, 10.75, 20.0, 30.0]]
+    assert kmeans_codebook(w, 2).tolist() == [[0.0, 10.5, 20.0, 30.0]]
+
+
+def test_the_rows_extremes_stay_centroids() -> None:
+    """A lone outlier keeps its own centroid, as the uniform grid keeps its range's ends."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 256, generator=g) * 0.02
+    w[:, 7] = 0.9
+    w[:, 9] = -0.7
+    c = kmeans_codebook(w, 3)
+    assert torch.equal(c[:, 0], w.min(dim=1).values.half().float())
+    assert torch.equal(c[:, -1], w.max(dim=1).values.half().float())
 
 
 def test_codes_are_the_nearest_centroid_and_a_midpoint_goes_below() -> None:
