@@ -94,10 +94,10 @@ def _pickle_dir(tmp_path: Path) -> str:
 
 
 def _unsupported_dir(tmp_path: Path) -> str:
-    from transformers import AutoModelForCausalLM, MambaConfig
+    from transformers import AutoModelForCausalLM, XGLMConfig
 
-    d = tmp_path / "mamba"
-    cfg = MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1)
+    d = tmp_path / "xglm"
+    cfg = XGLMConfig(vocab_size=64, d_model=16, ffn_dim=32, num_layers=1, attention_heads=2)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     return str(d)
 
@@ -107,7 +107,7 @@ BAD = [
     ("corrupt checkpoint", lambda t: {**STORIES, "model": _corrupt_dir(t)}, "model.safetensors"),
     ("pickle checkpoint", lambda t: {**STORIES, "model": _pickle_dir(t)}, "safetensors"),
     ("unknown alias", lambda t: {**STORIES, "model": "tinyllama-9b"}, "stories260k"),
-    ("unsupported class", lambda t: {**STORIES, "model": _unsupported_dir(t)}, "MambaForCausalLM"),
+    ("unsupported class", lambda t: {**STORIES, "model": _unsupported_dir(t)}, "XGLMForCausalLM"),
     ("unknown key", lambda t: {**STORIES, "calibraton": {}}, "calibraton: unknown key"),
     ("bits out of range", lambda t: {**STORIES, "scheme": {"weight": {"bits": 9}}}, "bits=9 is out of range"),
     ("group size", lambda t: {**STORIES, "scheme": {"weight": {"bits": 4, "granularity": "group", "group_size": 32}}},
