@@ -99,3 +99,21 @@ def test_an_export_section_exports_when_the_run_is_done(tmp_path: Path) -> None:
     before = (out / "ptqlab-export.json").stat().st_mtime_ns
     assert main(["run", str(with_export), "--store", str(store), "--force"]) == 2  # out exists: nothing run
     assert (out / "ptqlab-export.json").stat().st_mtime_ns == before
+
+
+def test_an_explicit_scale_op_is_refused(tmp_path: Path) -> None:
+    """SmoothQuant on GPT-2 divides fc2's input after the GELU in a module transformers would not rebuild."""
+    from ptqlab.models.loading import load_model
+    from ptqlab.models.tiny import tiny_model
+
+    gpt2 = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(gpt2)
+    load_model("stories260k", "float32", "cpu").tokenizer.save_pretrained(gpt2)
+    data = BASE | {"model": str(gpt2), "recipe": [{"smoothquant": {}}, {"rtn": {}}],
+                   "scheme": {"weight": {"bits": 8, "symmetric": True},
+                              "activation": {"bits": 8, "symmetric": True}}}
+    weights_only = data | {"scheme": {"weight": {"bits": 8}}}
+    for fmt, cfg in (("hf", weights_only), ("compressed-tensors", data)):
+        with pytest.raises(ConfigError, match="explicit scale op"):
+            export_config(parse_config(cfg), fmt, tmp_path / fmt, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]

@@ -13,16 +13,25 @@ from ..pipeline.plan import QuantizationPlan
 
 
 def refuse_online_rotation(plan: QuantizationPlan, runtime: str) -> None:
-    """A rotation that rotates an input online is a forward hook ``runtime`` does not run.
+    """Refuse ops a checkpoint cannot carry: an online rotation (a forward hook) or an explicit scale op.
+
+    SmoothQuant and AWQ on a family whose scale cannot fold into a norm or a linear (the input of fc2 after
+    a GELU) insert a module that divides the activation per channel; ``runtime`` builds the model from its
+    own classes and would drop it.
 
     Raises:
-        ConfigError: The recipe has such a rotation.
+        ConfigError: The recipe has such a rotation or scale op.
 
     """
     for transform in plan.recipe.model_transforms:
         if getattr(getattr(transform, "config", None), "online_down", False):
             raise ConfigError(f"recipe rotation with online_down: true rotates down_proj's input in a forward "
                               f"hook that {runtime} does not run; set online_down: false to export")
+    if plan.recipe.layer_transforms and any(g.fold == "scale" for g in plan.adapter.groups):
+        names = ", ".join(type(t).__name__ for t in plan.recipe.layer_transforms)
+        raise ConfigError(f"recipe {names} on family {plan.adapter.family} inserts an explicit scale op after the "
+                          f"activation function (no norm or linear can absorb the scale there), which {runtime} "
+                          "does not run; export a recipe without it")
 
 
 def refuse_off_grid_recipe(plan: QuantizationPlan, fmt: str, runtime: str) -> None:
