@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from task_items import ITEMS
 
 import ptqlab
 from ptqlab.errors import ConfigError
@@ -17,14 +18,6 @@ from ptqlab.eval.plan import check_evaluate
 from ptqlab.models.loading import load_model
 from ptqlab.schema import Evaluate, coerce
 
-ITEMS = [
-    {"q": "The sky is", "choices": ["blue", "a cat"], "label": 0},
-    {"q": "Water is", "choices": ["dry", "wet"], "label": 1},
-    {"q": "Fire is", "choices": ["hot", "cold"], "label": 0},
-    {"q": "Once upon a", "choices": ["time", "table"], "label": 0},
-    {"q": "The girl was very", "choices": ["happy", "purple"], "label": 0},
-    {"q": "Lily went to the", "choices": ["park", "seventeen"], "label": 0},
-]
 SHOTS = [{"q": "The dog said", "choices": ["woof", "blue"], "label": 0},
          {"q": "Snow is", "choices": ["green", "cold"], "label": 1},
          {"q": "The sun is", "choices": ["bright", "under"], "label": 0}]

@@ -7,19 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from task_items import ITEMS
 
 from ptqlab.errors import ConfigError
 from ptqlab.eval import tasks as T
 from ptqlab.models.loading import load_model
-
-ITEMS = [
-    {"q": "The sky is", "choices": ["blue", "a cat"], "label": 0},
-    {"q": "Water is", "choices": ["dry", "wet"], "label": 1},
-    {"q": "Fire is", "choices": ["hot", "cold"], "label": 0},
-    {"q": "Once upon a", "choices": ["time", "table"], "label": 0},
-    {"q": "The girl was very", "choices": ["happy", "purple"], "label": 0},
-    {"q": "Lily went to the", "choices": ["park", "seventeen"], "label": 0},
-]
 
 
 @pytest.fixture(scope="module")
