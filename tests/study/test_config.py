@@ -87,3 +87,17 @@ def test_a_config_is_compiled_once(monkeypatch):
     compiled = compile_module.compile_config(cfg)
     assert compile_module.compile_config(cfg) is compiled and len(calls) == 1
     assert compiled.scheme.recipe.steps == ["gptq"] and compiled.scheme.weight_spec.bits == 4
+
+
+def test_kept_quantized_weights_are_keyed_by_the_code_that_made_them(monkeypatch, tmp_path):
+    """A change to ptqlab's code (a method fixed) must not reuse weights the old code quantized."""
+    from ptqlab.study import identity
+
+    base = {"model": "stories260k", "scheme": {"weight": {"bits": 4}}}
+    w4, w4a8 = parse_config(base), parse_config({**base, "scheme": {"weight": {"bits": 4}, "activation": {"bits": 8}}})
+    key, rid = identity.weights_key(w4, "fp"), identity.run_id(w4, "fp")
+    assert identity.weights_key(w4a8, "fp") == key  # activations do not change the weights
+    assert identity.code_fingerprint() == identity.code_fingerprint.__wrapped__()  # the package's files
+    monkeypatch.setattr(identity, "code_fingerprint", lambda: "another-version")
+    assert identity.weights_key(w4, "fp") != key
+    assert identity.run_id(w4, "fp") == rid  # a run's identity is its config and model alone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -42,7 +43,8 @@ def weights_key(cfg: RunConfig, fingerprint: str) -> str:
     """Key of the quantized weights alone: what decides them (activation and KV settings do not).
 
     The weights are quantized before any activation or KV quantizer is installed, so runs that differ only
-    in those (W4 and W4A8 with the same recipe and calibration) share them.
+    in those (W4 and W4A8 with the same recipe and calibration) share them. The key also holds
+    :func:`code_fingerprint`: kept weights that an older version of the code quantized are not reused.
     """
     scheme = cfg.scheme
     overrides = [(o.match, o.weight if o.sets("weight") else "unset") for o in scheme.overrides]
@@ -52,7 +54,18 @@ def weights_key(cfg: RunConfig, fingerprint: str) -> str:
             "calibration": data["calibration"]}
     if scheme.outliers is not None:  # the FP16 columns change the weights (keys without it stay as they were)
         keep["outliers"] = scheme.outliers.model_dump(mode="json")
-    return _digest({"w": keep, "model": fingerprint})[:16]
+    return _digest({"w": keep, "model": fingerprint, "code": code_fingerprint()})[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 of ptqlab's own source files (path and bytes of every ``.py`` file of the package), 16 hex."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def package_versions() -> dict[str, str]:
