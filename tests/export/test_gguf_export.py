@@ -154,3 +154,23 @@ def test_other_architectures_and_partial_blocks_are_refused(tmp_path: Path, tmp_
         export_config(parse_config(_config("stories260k", {"format": "gguf_q4_0"}, recipe=[])), "gguf",
                       tmp_path / "b", progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_weight_off_its_block_grid_is_an_error_not_a_requantization() -> None:
+    from ptqlab.export.gguf import _quantized
+    from ptqlab.pipeline.driver import WeightGrid
+    from ptqlab.quant.core import choose_qparams, fake_quantize
+    from ptqlab.quant.spec import QuantSpec
+
+    spec = QuantSpec(format="gguf_q4_1")
+    linear = torch.nn.Linear(64, 4, bias=False)
+    qp = choose_qparams(linear.weight.detach(), spec)
+    with torch.no_grad():
+        linear.weight.copy_(fake_quantize(linear.weight, spec))
+    grid = WeightGrid(linear, spec, qp.scale, qp.zero)
+    data, raw = _quantized("x", linear, grid, "blk.0.ffn_up.weight", None)
+    assert raw.name == "Q4_1" and data.shape == (4, 2 * 20)
+    with torch.no_grad():
+        linear.weight[0, 0] += 1e-3
+    with pytest.raises(ConfigError, match="not on its GGUF block grid"):
+        _quantized("x", linear, grid, "blk.0.ffn_up.weight", None)

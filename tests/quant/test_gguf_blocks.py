@@ -128,3 +128,15 @@ def test_a_width_that_is_not_whole_blocks_is_refused() -> None:
     QuantSpec(format="gguf_q4_0").check_width(576, "model.layers.0.self_attn.q_proj")
     with pytest.raises(ConfigError, match="blocks of 32"):
         QuantSpec(format="gguf_q4_0").check_width(172, "model.layers.0.mlp.down_proj")
+
+
+@pytest.mark.parametrize("fmt", ["gguf_q4_0", "gguf_q4_1", "gguf_q4_k"])
+def test_rows_divided_after_quantization_stay_on_their_grid(fmt: str) -> None:
+    """A scale folded into the rows of a quantized weight (AWQ/SmoothQuant): codes kept, parameters follow."""
+    W = _weights(rows=8)
+    spec = QuantSpec(format=fmt)
+    res = RTN().quantize(W, spec)
+    rows, s = torch.tensor([1, 5]), torch.tensor([2.0, 0.5])
+    divided = res.divide_rows(rows, s, spec)
+    assert torch.equal(dequantize(divided.codes, divided.qparams, spec), divided.weight)
+    assert torch.equal(divided.weight[rows], res.weight[rows] / s[:, None])

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..pipeline.plan import QuantizationPlan
 
 
-def refuse_online_rotation(plan: QuantizationPlan, runtime: str) -> None:
+def refuse_runtime_ops(plan: QuantizationPlan, runtime: str) -> None:
     """Refuse ops a checkpoint cannot carry: an online rotation (a forward hook) or an explicit scale op.
 
     SmoothQuant and AWQ on a family whose scale cannot fold into a norm or a linear (the input of fc2 after
@@ -42,7 +42,7 @@ def refuse_off_grid_recipe(plan: QuantizationPlan, fmt: str, runtime: str) -> No
             groups), or LoRC (low-rank factors beside the codes).
 
     """
-    refuse_online_rotation(plan, runtime)
+    refuse_runtime_ops(plan, runtime)
     if plan.outliers is not None:
         raise ConfigError(f"scheme.outliers keeps input columns in FP16 beside the codes, and {fmt} has no place "
                           "for them; use --format hf for the weights, or drop the outliers section")

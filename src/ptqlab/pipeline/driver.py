@@ -110,6 +110,8 @@ class QuantizeReport:
         for grid in self.grids.values():
             if grid.module is module:
                 grid.scale = divide_rows(grid.scale, rows, s)
+                if grid.spec.offset_zero:  # scale * code + zero: the offset scales with the row
+                    grid.zero = divide_rows(grid.zero, rows, s)
 
 
 @contextmanager

@@ -65,7 +65,7 @@ class LaterSteps:
         """A transform divided ``rows`` of an already quantized ``module`` by ``s``: divide what was kept too."""
         for t in self.kept:
             if t.module is module:
-                t.result = t.result.divide_rows(rows, s)
+                t.result = t.result.divide_rows(rows, s, t.spec)
                 t.original = divide_rows(t.original, rows, s)
 
     def before_layer(self, layer: nn.Module, hidden: list[torch.Tensor | None], calls: list[LayerCall]) -> None:

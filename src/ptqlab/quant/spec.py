@@ -150,6 +150,12 @@ class QuantSpec:
                               "do not apply")
 
     @property
+    def offset_zero(self) -> bool:
+        """Whether ``zero`` is an additive offset (``scale * code + zero``: the GGUF types with a minimum)."""
+        block = BLOCK_TYPES.get(self.format)
+        return block is not None and not block.symmetric
+
+    @property
     def is_codebook(self) -> bool:
         """Whether the format is a per-row k-means codebook."""
         return self.format == CODEBOOK
