@@ -10,7 +10,12 @@ Python API:
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# MKL's strict reproducible mode, read when MKL starts: matrix products give the same bits whatever the
+# thread count (ptqlab.threads explains why and switches it on where MKL has already started)
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from .errors import ConfigError, DataError, ModelLoadError, PtqlabError, UnsupportedModelError
 

@@ -8,18 +8,31 @@ refiner, each perplexity batch, each divergence window and retrieval sample) :fu
 busy the machine was since the last point, leaving out this process's own work (the first reading is
 taken when ptqlab is imported), and sets torch's threads to the cores that were free, at least one and at
 most the ceiling (torch's own default, or ``PTQLAB_THREADS``). ``PTQLAB_THREADS=N`` fixes the count at N
-and turns the fitting off. On this project's paths the thread count does not change the numbers (tested:
-the same bits with 1 and 2 threads), so fitting keeps reruns bit-identical.
+and turns the fitting off.
+
+The thread count must not change the numbers, or fitting would make reruns differ. Two things see to it.
+MKL (torch's BLAS on x86) splits some matrix products between threads in a way that changes their sums
+(a (2048 x 2048) by (2048 x 256) product, a k or v projection of a 2048-wide model, differs between 1 and
+2 threads); its strict reproducible mode (``MKL_CBWR=AUTO,STRICT``: the fastest code path of this
+processor, the same bits whatever the thread count) does not. :mod:`ptqlab` sets that variable when it is
+imported, unless it is already set, so child processes inherit it, and :func:`strict_blas` switches the
+mode on in this process (it can only be switched before MKL's first product: import ptqlab before running
+torch, or a warning says it could not). Factorisations (Cholesky, QR, SVD) are not covered by the strict
+mode: they run on one thread (:func:`single_thread`).
 
 Linux only (``/proc``); elsewhere the count stays as it is.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -129,3 +142,58 @@ def thread_ceiling() -> int:
     fitter = _fitter()
     ceiling = fitter.ceiling
     return fitter.fixed() or ceiling
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run a factorisation on one thread: its result then does not depend on the thread count.
+
+    (A 2-thread Cholesky also collapses when another program holds a core.)
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+_MKL_AUTO, _MKL_STRICT, _MKL_ALL = 2, 0x10000, -1
+
+
+def _mkl() -> ctypes.CDLL | None:
+    lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        mkl = ctypes.CDLL(str(lib))
+        mkl.mkl_serv_cbwr_get.argtypes = mkl.mkl_serv_cbwr_set.argtypes = [ctypes.c_int]
+        return mkl
+    except (OSError, AttributeError):  # not Linux, or a torch without MKL (its BLAS does not split sums so)
+        return None
+
+
+def strict_blas() -> bool:
+    """Switch MKL's matrix products to strict reproducible mode: the same bits whatever the thread count.
+
+    Does nothing where torch has no MKL, or where the user set ``MKL_CBWR`` to a mode without STRICT.
+
+    Returns:
+        Whether MKL's products now give the same bits on any thread count (True without MKL).
+
+    """
+    mkl = _mkl()
+    if mkl is None:
+        return True
+    if mkl.mkl_serv_cbwr_get(_MKL_ALL) & _MKL_STRICT:
+        return True
+    setting = os.environ.get("MKL_CBWR", "")
+    if "STRICT" not in setting.upper():
+        log.info("MKL_CBWR=%s: MKL's products may change with the thread count (reruns may differ)", setting)
+        return False
+    if mkl.mkl_serv_cbwr_set(_MKL_AUTO | _MKL_STRICT) == 0:
+        return True
+    log.warning("MKL ran before ptqlab was imported, so its strict reproducible mode is off: results may change "
+                "with the thread count. Import ptqlab before running torch, or set MKL_CBWR=AUTO,STRICT.")
+    return False
+
+
+strict_blas()

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ptqlab.data.corpora import ASSETS_DIR
 
 REPO_TOKENIZER = ASSETS_DIR.parent / "models" / "stories260k"
-GPT2_TOKENIZER = Path("/work/shared/models/gpt2-tokenizer")
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # ../shared, beside the project root
+GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
 
 
 @pytest.fixture(scope="session")
@@ -26,5 +27,5 @@ def repo_tokenizer() -> PreTrainedTokenizerBase:
 def gpt2_tokenizer() -> PreTrainedTokenizerBase:
     """The GPT-2 tokenizer of the shared folder (skips where it is absent)."""
     if not (GPT2_TOKENIZER / "vocab.json").is_file():
-        pytest.skip("GPT-2 tokenizer not available (needs /work/shared/models/gpt2-tokenizer)")
+        pytest.skip(f"GPT-2 tokenizer not available (needs {GPT2_TOKENIZER})")
     return AutoTokenizer.from_pretrained(GPT2_TOKENIZER)

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from ptqlab.compile import compile_config
 from ptqlab.errors import ConfigError, DataError
-from ptqlab.eval.dialogue import load_conversations, run_dialogue
+from ptqlab.eval.dialogue import BUILTIN, load_conversations, run_dialogue
 from ptqlab.models.loading import load_model
 from ptqlab.study.config import parse_config
 from ptqlab.study.store import Store
@@ -70,12 +71,50 @@ def _config(evaluate: dict[str, Any]) -> dict[str, Any]:
     return {"model": "stories260k", "scheme": {"weight": {"bits": 4}}, "recipe": [{"rtn": {}}], "evaluate": evaluate}
 
 
-def test_multi_turn_answers_follow_the_conversation() -> None:
+# A chat template for the test (stories260K's tokenizer has none), and the same rendering written out by hand.
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _by_hand(template: str | None, history: list[tuple[str, str]], turn: str) -> str:
+    """The prompt of ``turn`` after the (user, answer) pairs of ``history``, rendered as each branch must."""
+    if template is None:  # no chat template: a plain transcript
+        lines = [line for user, answer in history for line in (f"User: {user}", f"Assistant: {answer}")]
+        return "\n".join([*lines, f"User: {turn}"]) + "\nAssistant:"
+    done = "".join(f"<|user|>{user}\n<|assistant|>{answer}\n" for user, answer in history)
+    return f"{done}<|user|>{turn}\n<|assistant|>"
+
+
+@pytest.mark.parametrize("template", [None, TEMPLATE], ids=["plain", "chat_template"])
+def test_multi_turn_answers_follow_the_conversation(template: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each turn's prompt is the conversation so far (the earlier answers included) rendered with the chat
+    template and the generation prompt, and each answer is the greedy decode of that prompt by the model itself."""
     lm = load_model("stories260k", "float32", "cpu")
-    convs = run_dialogue(lm.model, lm.tokenizer, load_conversations(None, 2), max_new_tokens=6)
-    assert [len(c.answers) for c in convs] == [2, 2]
-    assert all(isinstance(a, str) for c in convs for a in c.answers)
-    again = run_dialogue(lm.model, lm.tokenizer, load_conversations(None, 2), max_new_tokens=6)
+    model, tok = lm.model, lm.tokenizer
+    monkeypatch.setattr(tok, "chat_template", template)
+    prompts: list[list[int]] = []
+    generate = model.generate
+
+    def recorded(ids: torch.Tensor, **kwargs: Any) -> Any:
+        prompts.append(ids[0].tolist())
+        return generate(ids, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recorded)
+    convs = run_dialogue(model, tok, load_conversations(None, 2), max_new_tokens=6)
+    assert [(c.question_id, c.turns) for c in convs] == [(b["question_id"], b["turns"]) for b in BUILTIN[:2]]
+    assert [len(c.answers) for c in convs] == [2, 2] and len(prompts) == 4
+    assert any(a for c in convs for a in c.answers)  # stories260K says something: the checks below are not vacuous
+    asked = iter(prompts)
+    for conv in convs:
+        for k, (turn, answer) in enumerate(zip(conv.turns, conv.answers, strict=True)):
+            text = _by_hand(template, list(zip(conv.turns[:k], conv.answers[:k], strict=True)), turn)
+            ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+            assert next(asked) == ids[0].tolist(), text
+            with torch.inference_mode():
+                out = generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                               pad_token_id=tok.eos_token_id)
+            assert answer == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), text
+    again = run_dialogue(model, tok, load_conversations(None, 2), max_new_tokens=6)
     assert [c.answers for c in again] == [c.answers for c in convs]  # greedy: the same answers
 
 

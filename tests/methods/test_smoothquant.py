@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from methods_testutil import outlier_model
+from methods_testutil import outlier_model, ulp_sensitivity
 
 from ptqlab.api import quantize
 from ptqlab.errors import ConfigError
@@ -21,13 +21,18 @@ def test_smoothing_keeps_the_fp_output(family: str) -> None:
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
+    # folding rounds each rescaled weight by at most 2 ulps: 8x the effect of one ulp on every parameter
+    # leaves room for the worst alignment of those roundings (qwen3's q/k norms amplify it most: about
+    # 40 ulps of its largest logit, 1.3e-5)
+    tol = 8 * ulp_sensitivity(model, ids)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     quantize(model, None, [{"smoothquant": {"alpha": 0.5}}], CAL, progress=False)
     with torch.no_grad():
         out = model(ids).logits
     changed = [k for k, v in model.state_dict().items() if k not in before or not torch.equal(before[k], v)]
     assert changed, "nothing was folded"
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+    assert tol < 1e-3 * float(ref.abs().max())  # the bound still catches a fold that is wrong
 
 
 def test_smoothing_makes_activations_easier_to_quantize() -> None:

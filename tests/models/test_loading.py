@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, XGLMConfig
 
+from ptqlab.data.corpora import TINYSTORIES_SAMPLE, asset_path
 from ptqlab.errors import ConfigError, ModelLoadError, UnsupportedModelError
 from ptqlab.models import fingerprint_files, get_adapter, load_model, resolve_device
 from ptqlab.models import loading as loading_mod
@@ -20,7 +21,7 @@ from ptqlab.models.loading import stories260k_dir
 from ptqlab.models.tiny import tiny_model
 
 STORIES_FINGERPRINT = "1044992-407a7c581bdd66972383ce9ad24857713fb98786d06ea564a2fe9b34ebe77dfd"
-TINYSTORIES = Path("/work/shared/data/tinystories/cs336_tinystories_sample.txt")
+TINYSTORIES = asset_path(TINYSTORIES_SAMPLE)  # vendored in the package (also in ../shared/data/tinystories)
 FINGERPRINT_RE = re.compile(r"^\d+-[0-9a-f]{64}$")
 
 
@@ -41,7 +42,6 @@ def test_stories260k_alias(stories: loading_mod.LoadedModel) -> None:
     assert stories.tokenizer("Once upon a time")["input_ids"] == [1, 403, 407, 261, 378]
 
 
-@pytest.mark.skipif(not TINYSTORIES.is_file(), reason="shared TinyStories sample not present")
 def test_stories260k_is_the_real_model(stories: loading_mod.LoadedModel) -> None:
     text = TINYSTORIES.read_text()
     total_nll, total_tokens = 0.0, 0

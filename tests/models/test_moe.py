@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from torch import nn
 
 from ptqlab.api import plan_quantization, quantize, run_quantization
 from ptqlab.errors import ConfigError, DataError, UnsupportedModelError
+from ptqlab.methods.base import relative_output_error
 from ptqlab.methods.gptq import GPTQ, GPTQConfig
 from ptqlab.methods.rtn import RTN
 from ptqlab.models import ExpertLinear, get_adapter, weight_matrix, weight_parameter
@@ -137,7 +139,7 @@ def test_fused_parameters_are_quantized_per_expert(family: str) -> None:
 
 
 class _Recording:
-    """GPTQ that keeps the Hessian of each linear it quantizes, in order."""
+    """GPTQ that keeps the Hessian of each linear it quantizes, and the weight it was given and returned, in order."""
 
     kind: ClassVar[str] = "quantizer"
     needs_calibration: ClassVar[bool] = True
@@ -145,6 +147,7 @@ class _Recording:
     def __init__(self, inner: GPTQ) -> None:
         self.inner = inner
         self.hessians: list[torch.Tensor] = []
+        self.weights: list[tuple[torch.Tensor, torch.Tensor]] = []  # (W given, GPTQ's Q(W)), float32
 
     @property
     def min_tokens(self) -> int:
@@ -153,7 +156,9 @@ class _Recording:
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> Any:
         assert H is not None
         self.hessians.append(H.clone())
-        return self.inner.quantize(W, spec, H)
+        result = self.inner.quantize(W, spec, H)
+        self.weights.append((W.detach().float().clone(), result.weight.detach().float().clone()))
+        return result
 
 
 def _norm_outputs(model: nn.Module, chunks: list[torch.Tensor]) -> torch.Tensor:
@@ -247,20 +252,39 @@ def test_size_counts_every_expert(family: str) -> None:
 
 @pytest.mark.parametrize("family", TINY_MOE_FAMILIES)
 def test_gptq_quantizes_every_expert_and_the_model_generates_with_a_quantized_kv_cache(family: str) -> None:
+    """GPTQ + LoRC on every expert slice, natural routing: on each slice's own routed tokens (its Hessian, see
+    the test above) GPTQ's output error is below RTN's, and LoRC then adds a rank-2 correction that brings the
+    slice closer to its FP weights; the quantized KV cache changes the logits on top of the weights."""
     model = tiny_model(family)
     adapter = get_adapter(model)
+    fp = copy.deepcopy(model)
     ids = _ids()
     ref = _logits(model, ids)
-    report = quantize(model, {"weight": {"bits": 4}, "kv_cache": {"bits": 4}}, [{"gptq": {}}, {"lorc": {"rank": 2}}],
-                      CAL, progress=False)
+    plan = plan_quantization(model, {"weight": {"bits": 4}, "kv_cache": {"bits": 4}},
+                             [{"gptq": {}}, {"lorc": {"rank": 2}}], CAL)
+    recorder = _Recording(GPTQ())
+    plan.recipe.quantizer = recorder
+    spec = plan.targets[0].spec
+    report = run_quantization(model, plan, progress=False)
     names = {f"model.layers.{li}.{rel}" for li in range(2) for rel in adapter.linear_names()}
     assert {r.module for r in report.records} == names
     assert all(r.fallback is None and r.tokens for r in report.records)
+    assert len(recorder.weights) == len(report.records)
+    for record, H, (W, Q) in zip(report.records, recorder.hessians, recorder.weights, strict=True):
+        name = record.module
+        assert torch.equal(W, weight_matrix(fp.get_submodule(name)).float()), name  # the records' order
+        rtn = RTN().quantize(W, spec).weight
+        assert relative_output_error(W, Q, H) < relative_output_error(W, rtn, H), name  # measured: 0.33-0.74x
+        now = weight_matrix(model.get_submodule(name)).detach().float()
+        assert int(torch.linalg.matrix_rank(now - Q)) == 2, name
+        assert torch.linalg.norm(W - now) < torch.linalg.norm(W - Q), name
     assert report.runtime is not None and report.runtime.kv is not None
     out = _logits(model, ids)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
     generated = model.generate(ids[:1, :6], max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 9)
+    report.runtime.remove()
+    assert not torch.allclose(_logits(model, ids), out)  # the KV cache quantizer was at work
 
 
 def test_per_group_passes_give_the_one_pass_weights_with_an_expert_no_token_reaches() -> None:

@@ -103,8 +103,12 @@ x, w = torch.randn(4, 512, 1024, generator=g), torch.randn(3072, 1024, generator
 from ptqlab.methods.base import HessianAccumulator
 acc = HessianAccumulator(1024, x.device)
 acc.add(x)
-big = [torch.nn.functional.linear(x, w), acc.H, torch.softmax(x, -1).sum(-1)]
+# a k/v projection of a 2048-wide model: MKL splits its sums by thread unless in strict reproducible mode
+xk, wk = torch.randn(2048, 2048, generator=g), torch.randn(256, 2048, generator=g)
+big = [torch.nn.functional.linear(x, w), acc.H, torch.softmax(x, -1).sum(-1), torch.nn.functional.linear(xk, wk)]
 out["big"] = [hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for t in big]
+from ptqlab.threads import strict_blas
+out["strict"] = strict_blas()
 out["threads"] = torch.get_num_threads()
 json.dump(out, sys.stdout)
 """
@@ -122,3 +126,21 @@ def test_reruns_in_two_processes_are_bit_identical_whatever_the_thread_count() -
     for name, value in sorted(state.items()):
         digest.update(name.encode() + value.detach().contiguous().numpy().tobytes())
     assert digest.hexdigest() == runs[0]["gptq"][0]  # this process agrees with both
+
+
+def test_mkl_run_before_ptqlab_is_reported() -> None:
+    """Strict mode can only be switched on before MKL's first product: otherwise a warning says so."""
+    from ptqlab.threads import _mkl
+
+    if _mkl() is None:
+        pytest.skip("torch has no MKL here")
+    script = ("import torch; torch.randn(64, 64) @ torch.randn(64, 64)\n"
+              "import logging; logging.basicConfig()\n"
+              "from ptqlab.threads import strict_blas; print(strict_blas())")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == "False"
+    assert "MKL ran before ptqlab was imported" in done.stderr
+    fine = subprocess.run([sys.executable, "-c", script.replace("torch.randn(64, 64) @ torch.randn(64, 64)", "")],
+                          check=True, capture_output=True, text=True, env=env)
+    assert fine.stdout.strip() == "True"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -9,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray")
+from ptqlab.errors import ConfigError
+from ptqlab.models.loading import model_fingerprint
+from ptqlab.study.config import parse_config
+from ptqlab.study.executors import LocalExecutor, Task, TaskResult
+from ptqlab.study.identity import run_id
+from ptqlab.study.ray_executor import RayExecutor, _host_port  # imports ray only when an executor is made
 
-from ptqlab.errors import ConfigError  # noqa: E402
-from ptqlab.models.loading import model_fingerprint  # noqa: E402
-from ptqlab.study.config import parse_config  # noqa: E402
-from ptqlab.study.executors import LocalExecutor, Task, TaskResult  # noqa: E402
-from ptqlab.study.identity import run_id  # noqa: E402
-from ptqlab.study.ray_executor import RayExecutor, _host_port  # noqa: E402
+# Only the tests that start or join a cluster need ray; the address parsing and the error without ray do not.
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray (pip install 'ptqlab[ray]')")
 
 
 def _config(bits: int) -> dict:
@@ -69,6 +73,7 @@ def _run_all(ex: RayExecutor | LocalExecutor, tasks: list[Task]) -> dict[str, Ta
     return results
 
 
+@needs_ray
 def test_ray_runs_match_local_runs(executor: RayExecutor, tasks: list[Task], tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     for task in tasks:  # the actors start (seconds of imports) and run while the same tasks run here
@@ -95,6 +100,7 @@ def test_ray_runs_match_local_runs(executor: RayExecutor, tasks: list[Task], tmp
     assert all(r.stats["qmodel_hits"] == 0 for r in remote.values())  # and quantized each of its runs
 
 
+@needs_ray
 def test_more_tasks_than_slots_wait_for_an_actor(executor: RayExecutor, tasks: list[Task]) -> None:
     for task in tasks:  # three tasks on two actors: the third waits, then runs
         executor.submit(task)
@@ -104,18 +110,43 @@ def test_more_tasks_than_slots_wait_for_an_actor(executor: RayExecutor, tasks: l
         executor.next_result()
 
 
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port that never answers: its listener's accept queue is full, so new SYNs are dropped."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    held = []
+    for _ in range(3):  # never accepted: they fill the queue
+        client = socket.socket()
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            client.connect(("127.0.0.1", port))
+        held.append(client)
+    try:
+        yield port
+    finally:
+        for sock in [*held, server]:
+            sock.close()
+
+
+@needs_ray
 @pytest.mark.parametrize(
     ("address", "timeout"),
-    [("127.0.0.1:1", 5.0), ("ray://127.0.0.1:1", 5.0), ("192.0.2.1:6379", 0.5)],  # refused; refused; silent
+    [("127.0.0.1:1", 5.0), ("ray://127.0.0.1:1", 5.0), ("127.0.0.1:{silent}", 0.5)],  # refused; refused; silent
 )
-def test_address_that_does_not_answer(address: str, timeout: float, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_address_that_does_not_answer(address: str, timeout: float, monkeypatch: pytest.MonkeyPatch,
+                                      silent_port: int) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address = address.format(silent=silent_port)  # only loopback: this machine's own listener
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match=f"Ray cluster at {address} does not answer"):
         RayExecutor(workers=1, address=address, connect_timeout=timeout)
     assert time.perf_counter() - t0 < 10
 
 
+@needs_ray
 def test_ray_address_environment_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     t0 = time.perf_counter()

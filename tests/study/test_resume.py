@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +16,7 @@ import yaml
 from ptqlab.cli import main
 from ptqlab.study.config import parse_config
 from ptqlab.study.executors import LocalExecutor
-from ptqlab.study.store import Store
+from ptqlab.study.store import KILL_AT_ENV, Store
 from ptqlab.study.sweep import load_sweep
 from ptqlab.study.sweeper import plan_sweep, run_sweep
 from ptqlab.study.worker import Worker
@@ -37,18 +36,6 @@ def _sweep_file(path: Path, **extra: object) -> Path:
     return path
 
 
-def _contents(db: Path) -> dict[str, object]:
-    """Everything that must be equal between two stores of the same sweep (not timings or dates)."""
-    with sqlite3.connect(db) as con:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        runs = con.execute("SELECT id, status, error, config_json, qmodel_key FROM runs ORDER BY id").fetchall()
-        metrics = con.execute("SELECT run_id, name, value, stderr FROM metrics ORDER BY run_id, name").fetchall()
-        windows = con.execute("SELECT run_id, metric, idx, nll, fp_nll FROM windows ORDER BY 1, 2, 3").fetchall()
-        layers = con.execute("SELECT run_id, module, bits, rel_error FROM layer_records ORDER BY 1, 2").fetchall()
-        sweep = con.execute("SELECT sweep, run_id, position FROM sweep_runs ORDER BY 1, 3").fetchall()
-    return {"runs": runs, "metrics": metrics, "windows": windows, "layers": layers, "sweep": sweep}
-
-
 def _consistent(db: Path) -> None:
     """No row of a run that is not stored; every stored run is done or failed, with metrics iff done."""
     with sqlite3.connect(db) as con:
@@ -61,31 +48,103 @@ def _consistent(db: Path) -> None:
     assert with_metrics == {i for i, s in ids.items() if s == "done"}
 
 
+# Columns that legitimately differ between two stores of the same sweep: when and how fast (timings_json also
+# says whether a quantized model was reused from the cache), and the leases (owner, host, pid, expiry).
+_VOLATILE = {"runs": {"created_at", "timings_json"}, "layer_records": {"seconds"}, "exports": {"created_at"}}
+
+
+def _differences(db: Path, reference: Path) -> list[str]:
+    """Every cell of ``reference`` that ``db`` lacks or holds otherwise, named ``table[primary key].column``."""
+    out = []
+    with sqlite3.connect(db) as con, sqlite3.connect(reference) as ref:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        tables = [r[0] for r in ref.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        for table in tables:
+            if table == "leases":
+                continue
+            info = ref.execute(f"PRAGMA table_info({table})").fetchall()  # (cid, name, type, notnull, default, pk)
+            key = [c[1] for c in sorted((c for c in info if c[5]), key=lambda c: c[5])]
+            columns = [c[1] for c in info if c[5] == 0 and c[1] not in _VOLATILE.get(table, set())]
+            query = f"SELECT {', '.join(key + columns)} FROM {table}"
+            mine = {row[:len(key)]: row[len(key):] for row in con.execute(query)}
+            theirs = {row[:len(key)]: row[len(key):] for row in ref.execute(query)}
+            for k in sorted(theirs.keys() - mine.keys()):
+                out.append(f"{table}{list(k)}: missing from the resumed store")
+            for k in sorted(mine.keys() - theirs.keys()):
+                out.append(f"{table}{list(k)}: in the resumed store only")
+            for k in sorted(mine.keys() & theirs.keys()):
+                for column, a, b in zip(columns, mine[k], theirs[k], strict=True):
+                    if a != b and not (a != a and b != b):  # NaN equals NaN here
+                        out.append(f"{table}{list(k)}.{column}: {a!r} resumed, {b!r} in the reference")
+    return out
+
+
+def _runs_and_leases(db: Path) -> tuple[dict[str, str], list[tuple[str, int, float]]]:
+    """``{run id: status}`` and the leases ``(run id, pid, expires)`` of a store."""
+    with sqlite3.connect(db) as con:
+        statuses = dict(con.execute("SELECT id, status FROM runs").fetchall())
+        leases = con.execute("SELECT run_id, pid, expires FROM leases").fetchall()
+    return statuses, leases
+
+
+# Where each killed attempt kills itself (PTQLAB_TEST_KILL_AT: after the K-th run it commits, or inside the
+# K-th run's write transaction, before the commit), and how many runs are stored after it. An ``inside``
+# kill leaves the lease of its run, held by a dead process, for the next attempt to take over.
+KILLS = [("after:1", 1), ("inside:2", 2), ("after:2", 4), ("inside:1", 4)]
+
+
 def test_sweep_killed_at_random_moments_resumes_to_the_same_store(tmp_path: Path, monkeypatch) -> None:
     grid = {"recipe": [[{"rtn": {}}], [{"gptq": {}}]], "scheme.weight.bits": [8, 4, 3, 2]}
+    total = 8
     sweep = _sweep_file(tmp_path / "s.yaml", name="killed", grid=grid)
     reference = tmp_path / "reference.db"
     monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache-ref"))
+    monkeypatch.delenv(KILL_AT_ENV, raising=False)
     assert main(["--store", str(reference), "sweep", str(sweep), "--quiet"]) == 0
+    assert len(Store(reference).statuses()) == total
 
     db = tmp_path / "killed.db"
-    env = {**os.environ, "PTQLAB_CACHE": str(tmp_path / "cache-killed")}
     command = [sys.executable, "-m", "ptqlab.cli", "--store", str(db), "sweep", str(sweep), "--quiet"]
-    rng = random.Random(0)
-    kills = 0
-    for _ in range(4):
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.0, 14.0))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        if db.exists():
-            _consistent(db)
-    assert kills >= 2, "the sweep finished before it could be killed: make the runs longer"
+    stored = 0
+    for attempt, (at, expected) in enumerate(KILLS):
+        env = {**os.environ, "PTQLAB_CACHE": str(tmp_path / f"cache-{attempt}"), KILL_AT_ENV: at}  # cold: it computes
+        out, err = tmp_path / f"attempt-{attempt}.out", tmp_path / f"attempt-{attempt}.err"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            proc = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr)
+            try:
+                proc.wait(timeout=600)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        name = f"attempt {attempt} ({KILL_AT_ENV}={at})"
+        log = err.read_text()
+        assert proc.returncode == -signal.SIGKILL, f"{name} was not killed (exit {proc.returncode}):\n{log[-3000:]}"
+        # it saw what the attempts before it stored, and no lease of theirs as a live one
+        before = f"{stored} done, 0 failed, 0 running elsewhere, {total - stored} missing"
+        assert before in log, f"{name}: expected '{before}' in its stderr:\n{log[-3000:]}"
+        assert "being run by another sweep" not in log, f"{name} skipped runs leased by a dead process"
+        _consistent(db)
+        statuses, leases = _runs_and_leases(db)
+        assert len(statuses) == expected, f"{name}: {len(statuses)} runs stored, expected {expected}"
+        assert "failed" not in statuses.values(), f"{name} stored failed runs: {statuses}\n{log[-3000:]}"
+        if at.startswith("inside"):  # its last run was rolled back; the lease it held is left, unexpired
+            assert [(pid, e > time.time()) for _, pid, e in leases] == [(proc.pid, True)], (name, leases)
+            assert leases[0][0] not in statuses
+        else:
+            assert leases == [], f"{name} left leases: {leases}"
+        stored = expected
+    assert 0 < stored < total
+
+    env = {**os.environ, "PTQLAB_CACHE": str(tmp_path / f"cache-{len(KILLS) - 1}")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert _contents(db) == _contents(reference)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = f"{stored} done, 0 failed, 0 running elsewhere, {total - stored} missing"
+    assert before in done.stderr, done.stderr[-3000:]
+    assert f"computed {total - stored} runs" in done.stdout and "elsewhere" not in done.stdout, done.stdout
+    _consistent(db)
+    differences = _differences(db, reference)
+    assert not differences, f"{len(differences)} differences from the reference:\n" + "\n".join(differences[:30])
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 0
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

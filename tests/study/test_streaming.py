@@ -209,9 +209,18 @@ def test_streamed_tasks_equal_resident(small: Path, tmp_path: Path, cache: Path)
     on, off = _metrics(tmp_path / "on.db"), _metrics(tmp_path / "off.db")
     tasks = {k: v for k, v in off.items() if k.startswith("lm_eval.")}
     assert "lm_eval.piqa.acc" in tasks and "lm_eval.piqa.agree_fp" in tasks
+    # The two runs score the same requests through other batch shapes (the resident run shares contexts,
+    # the streamed one runs each request whole), so loglikelihood sums differ by float32 noise: a few
+    # ulps of logits of magnitude <= 20 per token, over <= 50 tokens, well inside 1e-4 nats. Answers
+    # (argmax over choices) are equal unless two choices tie within that noise. What is computed from
+    # the sums moves by their noise at most: word perplexity relatively by exp(1e-4) - 1 ~ 1e-4, and ECE
+    # by the largest change of an item's confidence (a softmax of the choices' sums moves by at most half
+    # the change of their difference: 1e-4), unless an item sits within 1e-4 of a bin edge.
+    noisy = {"perplexity": {"rel": 1e-4}, "ece": {"abs": 1e-4}}
     for name, value in tasks.items():
-        if name.endswith("perplexity"):  # a loglikelihood sum: float noise
-            assert on[name] == pytest.approx(value, rel=1e-4), name
+        kind = name.rsplit(".", 1)[-1]
+        if kind in noisy:
+            assert on[name] == pytest.approx(value, **noisy[kind]), name
         else:
             assert on[name] == value, name
 

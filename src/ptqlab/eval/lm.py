@@ -12,18 +12,21 @@ forward of a few tokens costs about as much as reading the weights once, so the 
 matters as much as the tokens: ``batch_size`` contexts share one forward, and all their continuations
 the next one.
 
-Runtime quantizers (:mod:`ptqlab.nn`) see the tokens of one forward call. Most ranges are per token
-(dynamic per-token or per-group activations, static activation ranges, K/V per head, group or token, the
-attention inputs per token or group): splitting a request into two forwards leaves every quantized
-value as it is. Some are not: a dynamic per-tensor activation range or per-tensor attention inputs
-(one range over the tokens of a call), K/V per channel (a range across the call's tokens), and KV mode
-``decode`` (the first forward is the full-precision prompt, so a continuation forward would be
-quantized as decoding). :func:`split_blockers` finds those on the model; when there is one, every
-request is scored by one forward of its own context + continuation (batched, padding masked out of the
-quantizers' ranges), and why is logged at debug level. An attention implementation registered without
-a mask function would get no attention mask (sdpa then assumes a causal forward from position 0):
-:func:`builds_masks` checks it (ptqlab's quantized attention registers one), and without one contexts are
-not shared and requests are batched only with others of their length.
+Runtime quantizers (:mod:`ptqlab.nn`: activations, the KV cache, attention inputs) round values that the
+forward computes, and those values carry float noise that depends on the shapes of the forward: a context
+run alone or in a padded batch, on its own or with its continuation, goes through other matrix kernels
+and reduction orders. Away from a rounding boundary the noise stays noise (1e-6); at one, a 4-bit code
+flips and a request moves by tenths of a nat. So when :func:`split_blockers` finds a runtime quantizer on
+the model, every request is scored *alone*: one unpadded forward of context + continuation[:-1], called
+as lm-eval's HF model calls it at batch size 1 (``model(input_ids).logits``), so the numbers equal lm-eval's
+own scoring of the same model on any machine, bit for bit. Which way a run was scored is
+:func:`scoring_path`, stored with the run. Some quantizers would not even be split-exact with exact floats
+(a dynamic per-tensor range or per-tensor attention inputs span the tokens of a call, K/V per channel
+span the call's tokens, KV mode ``decode`` keeps the first forward in full precision): their reasons are
+named too. An attention implementation registered without a mask function would get no attention mask
+(sdpa then assumes a causal forward from position 0): :func:`builds_masks` checks it, and without one
+requests are scored alone as well. Weight-only quantization (and FP) share contexts: the weights are
+fixed, and the float noise of the split passes through smooth functions only (within 1e-4 nats).
 
 ``PtqlabLM`` tokenizes as HFLM does (BOS handling, empty contexts, left truncation to ``max_length``)
 and takes the scoring function as an argument, so that a model that is not resident can supply its own.
@@ -54,6 +57,8 @@ Request = tuple[Sequence[int], Sequence[int]]
 Score = tuple[float, bool]
 """Sum of the continuation's log-probabilities, and whether greedy decoding would produce it."""
 
+SCORING_TEXT = "lm_eval.scoring"
+"""The run text that says how its loglikelihood requests were scored (:func:`scoring_path`)."""
 DEFAULT_MAX_LENGTH = 2048  # HFLM's default when neither the config nor the tokenizer names one
 
 
@@ -100,12 +105,16 @@ def _attention_implementation(model: nn.Module) -> str | None:
     return impl if isinstance(impl, str) else None
 
 
+RUNTIME_ROUNDING = "runtime quantizers round what the forward computes (another split would flip roundings)"
+
+
 def split_blockers(model: nn.Module) -> list[str]:
-    """Why scoring a continuation on its context's cache would change the numbers on ``model``.
+    """Why scoring requests other than alone, as lm-eval does, could change the numbers on ``model``.
 
     The runtime quantizers ptqlab installs (activation pre-hooks, the KV cache hook, the attention
-    input setting) are read from the model; a quantizer whose range spans the tokens of a forward call
-    is a reason.
+    input setting) are read from the model. Any of them is a reason (:data:`RUNTIME_ROUNDING`: a shared
+    or batched forward has other float noise under its roundings); a quantizer whose range spans the
+    tokens of a forward call, or an attention implementation without masks, adds its own.
 
     Args:
         model: The causal LM, with or without runtime quantization.
@@ -120,13 +129,18 @@ def split_blockers(model: nn.Module) -> list[str]:
         found.add(f"attention implementation {impl!r} gets no attention mask (a cached forward would be misaligned)")
     for module in model.modules():
         setting = getattr(module, nn_attention._ATTR, None)
-        if setting is not None and setting.spec.granularity == "tensor":
-            found.add("attention inputs quantized per tensor (one range over the tokens of a call)")
+        if setting is not None:
+            found.add(RUNTIME_ROUNDING)
+            if setting.spec.granularity == "tensor":
+                found.add("attention inputs quantized per tensor (one range over the tokens of a call)")
         hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
         for obj in (o for fn in hooks for o in _closure_objects(fn)):
-            if isinstance(obj, ActivationQuantizer) and obj.act.dynamic and obj.act.spec.granularity == "tensor":
-                found.add("dynamic per-tensor activation ranges (one range over the tokens of a call)")
-            elif isinstance(obj, KVSpec):
+            if isinstance(obj, ActivationQuantizer):
+                found.add(RUNTIME_ROUNDING)
+                if obj.act.dynamic and obj.act.spec.granularity == "tensor":
+                    found.add("dynamic per-tensor activation ranges (one range over the tokens of a call)")
+            elif isinstance(obj, KVSpec) and obj.enabled:
+                found.add(RUNTIME_ROUNDING)
                 found.update(_kv_blockers(obj))
     return sorted(found)
 
@@ -201,6 +215,17 @@ def _score_full(model: Any, requests: Sequence[Request], indices: list[int], bat
             out[i] = score_logits(logits[row, start : start + len(cont)], cont)
 
 
+def _score_alone(model: Any, requests: Sequence[Request], indices: list[int], out: list[Score | None]) -> None:
+    """One unpadded forward per request, called as lm-eval's HF model calls it at batch size 1."""
+    device = model_device(model)
+    for i in indices:
+        fit_threads()
+        ctx, cont = requests[i]
+        ids = torch.tensor([[*ctx, *cont][:-1]], dtype=torch.long, device=device)  # (1, T)
+        logits = model(ids).logits[0]  # (T, V)
+        out[i] = score_logits(logits[len(ctx) - 1 : len(ctx) - 1 + len(cont)], cont)
+
+
 def _cache_of(output: Any) -> Any:
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
@@ -254,10 +279,22 @@ def _score_shared(model: Any, requests: Sequence[Request], groups: list[tuple[tu
     return left
 
 
+def scoring_path(model: Any) -> dict[str, Any]:
+    """How :func:`score_requests` scores requests on ``model`` by default, and why (stored with a run).
+
+    Returns:
+        ``{"path": "alone" | "shared", "reasons": [...]}``: ``alone`` is one unpadded forward per request
+        (lm-eval's own scoring at batch size 1, bit for bit); ``shared`` runs each shared context once.
+
+    """
+    reasons = split_blockers(model) if isinstance(model, nn.Module) else []
+    return {"path": "alone" if reasons else "shared", "reasons": reasons}
+
+
 @torch.no_grad()
 def score_requests(model: Any, requests: Sequence[Request], *, batch_size: int = 1,
                    split: bool | None = None) -> list[Score]:
-    """Score tokenized (context, continuation) requests, running each shared context once.
+    """Score tokenized (context, continuation) requests, running each shared context once where that is exact.
 
     Requests must fit the model: ``len(context) + len(continuation) - 1`` at most its maximum length
     (:func:`truncate` does what HFLM does).
@@ -267,8 +304,9 @@ def score_requests(model: Any, requests: Sequence[Request], *, batch_size: int =
         requests: (context ids, continuation ids) pairs, both non-empty.
         batch_size: Requests per forward when scored whole; distinct contexts per forward when shared
             (their continuations then run together in one more forward).
-        split: Score continuations on their context's cache (True), always in one forward per request
-            (False), or decide from the runtime quantizers installed on the model (None).
+        split: Score continuations on their context's cache (True), in one padded forward per request
+            (False), or decide from the runtime quantizers installed on the model (None, see
+            :func:`scoring_path`: each request alone when there is one, else shared contexts).
 
     Returns:
         ``(sum of the continuation's log-probabilities, whether it is the greedy continuation)`` per
@@ -277,18 +315,20 @@ def score_requests(model: Any, requests: Sequence[Request], *, batch_size: int =
     """
     if any(not ctx or not cont for ctx, cont in requests):
         raise ValueError("score_requests: every request needs a non-empty context and continuation")
+    out: list[Score | None] = [None] * len(requests)
     if split is None:
-        reasons = split_blockers(model) if isinstance(model, nn.Module) else []
-        split = not reasons
-        if reasons:
-            log.debug("contexts are not shared (one forward per request): %s", "; ".join(reasons))
+        how = scoring_path(model)
+        if how["path"] == "alone":
+            log.debug("each request is scored alone: %s", "; ".join(how["reasons"]))
+            _score_alone(model, requests, list(range(len(requests))), out)
+            return [s for s in out if s is not None]
+        split = True
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(requests):
         groups.setdefault(tuple(ctx), []).append(i)
     shared = [(ctx, idx) for ctx, idx in groups.items() if split and len(idx) > 1]
     whole = [i for idx in groups.values() if not (split and len(idx) > 1) for i in idx]
     params = set(inspect.signature(model.forward).parameters)
-    out: list[Score | None] = [None] * len(requests)
     whole += _score_shared(model, requests, shared, batch_size, params, out)
     pad = builds_masks(model) if isinstance(model, nn.Module) else True
     _score_full(model, requests, whole, batch_size, params, out, pad)

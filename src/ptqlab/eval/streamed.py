@@ -13,6 +13,7 @@ one window per divergence forward), so the numbers equal the resident path's (se
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -32,7 +33,7 @@ from ..models.shards import Checkpoint, outer_modules, resident
 from ..nn.capture import LayerCall, capture_inputs, layer_output
 from ..threads import fit_threads
 from . import divergence as dv
-from .lm import Request, Score, score_logits
+from .lm import SCORING_TEXT, Request, Score, score_logits, split_blockers
 from .perplexity import _exp, batch_nll
 from .plan import EvalPlan
 from .reference import Reference
@@ -222,6 +223,7 @@ def evaluate_streamed(
         ref.tasks = scores["fp"]
         record_tasks(result, plan, scores[last], scores["fp"])
         result.timings["lm_eval_s"] = time.perf_counter() - t0
+        result.texts[SCORING_TEXT] = json.dumps({"path": "layer-major", "reasons": split_blockers(model)})
     return StreamedResult(result, ref)
 
 
@@ -274,6 +276,8 @@ class StreamedScorer:
 
     def __call__(self, model: Any, requests: Sequence[Request], *, batch_size: int) -> list[Score]:
         """Score each request (context ids, continuation ids): the continuation's log-probability, greedy."""
+        if split_blockers(model):  # runtime roundings: each request alone, as lm-eval scores it
+            batch_size = 1
         by_length: dict[int, list[int]] = {}
         for i, (ctx, cont) in enumerate(requests):
             by_length.setdefault(len(ctx) + len(cont) - 1, []).append(i)

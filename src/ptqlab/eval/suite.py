@@ -38,6 +38,7 @@ from .dialogue import load_conversations, run_dialogue
 from .fewshot import shot_measure
 from .generation import greedy_sample
 from .judge import judge_conversations, judge_of
+from .lm import SCORING_TEXT, scoring_path
 from .perplexity import perplexity
 from .plan import EvalPlan
 from .reference import Reference
@@ -230,6 +231,7 @@ def _tasks(model: nn.Module, tokenizer: Any, plan: EvalPlan, ref: Reference, res
     t0 = time.perf_counter()
     shots = run_shots(model, tokenizer, plan.config.tasks, plan.shots, **plan.task_settings)
     result.timings["lm_eval_s"] = time.perf_counter() - t0
+    result.texts[SCORING_TEXT] = json.dumps(scoring_path(model))
     record_tasks(result, plan, shots, shots if ref.same_model else ref.tasks)
 
 

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..quant.core import fake_quantize
 from ..quant.size import SCALE_BITS
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
+from ..threads import single_thread
 from .base import WeightResult
 
 
@@ -70,7 +71,8 @@ class LoRC:
     def factors(self, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (possibly quantized) factors ``A`` (out, r) and ``B`` (r, in) of ``error``."""
         r = self.config.rank
-        U, S, Vh = torch.linalg.svd(error.float(), full_matrices=False)  # exact; randomized SVD misses on flat spectra
+        with single_thread():  # LAPACK's result would depend on the thread count
+            U, S, Vh = torch.linalg.svd(error.float(), full_matrices=False)  # exact; randomized SVD misses flat spectra
         root = S[:r].sqrt()
         A, B = U[:, :r] * root, root[:, None] * Vh[:r]
         if self.config.factor_bits != FULL_PRECISION_BITS:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from ..models.weights import set_weight_matrix, weight_matrix
 from ..nn.capture import LayerCall, capture_inputs
 from ..nn.runtime import RuntimeQuantization
 from ..quant.spec import QuantSpec
-from ..threads import fit_threads
+from ..threads import fit_threads, single_thread
 from .budget import hidden_spill, per_group_passes
 from .malloc import lean_malloc
 from .outliers import quantize_decomposed
@@ -112,17 +112,6 @@ class QuantizeReport:
                 grid.scale = divide_rows(grid.scale, rows, s)
                 if grid.spec.offset_zero:  # scale * code + zero: the offset scales with the row
                     grid.zero = divide_rows(grid.zero, rows, s)
-
-
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run small dense solves on one thread (2-thread Cholesky collapses when a core is busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def quantize_weights(
@@ -304,7 +293,7 @@ def _quantize_layer(
             return
         H = acc.H if s is None else scaled_hessian(acc.H, s)
         quantizer, fallback = _quantizer_for(plan.recipe.quantizer, acc.n)
-        with _single_thread():
+        with single_thread():
             for t in members[gi]:
                 t0 = time.perf_counter()
                 module = layer.get_submodule(t.relative)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..threads import single_thread
+
 
 def hadamard(n: int) -> torch.Tensor:
     """The Sylvester Hadamard matrix of order ``n`` (a power of two), entries +-1, float64."""
@@ -63,7 +65,8 @@ class Rotation:
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """A random orthogonal (n, n) matrix (QR of a Gaussian, signs fixed), float64."""
     G = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    Qm, R = torch.linalg.qr(G)
+    with single_thread():  # LAPACK's result would depend on the thread count
+        Qm, R = torch.linalg.qr(G)
     return (Qm * torch.sign(torch.diagonal(R))[None, :]).contiguous()
 
 

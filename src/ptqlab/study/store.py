@@ -10,8 +10,10 @@ time) is free again.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
+import signal
 import socket
 import sqlite3
 import time
@@ -25,6 +27,9 @@ from ..metrics import Metric
 from .store_schema import SCHEMA_VERSION, check_store, migrate
 
 __all__ = ["SCHEMA_VERSION", "Metric", "RunRecord", "Store", "SweepEntry", "check_store"]
+
+KILL_AT_ENV = "PTQLAB_TEST_KILL_AT"  # test-only: see _test_kill
+_SAVES = itertools.count(1)  # the runs this process has saved (numbers the saves for _test_kill)
 
 
 @dataclass
@@ -144,6 +149,7 @@ class Store:
 
     def save(self, run: RunRecord) -> None:
         """Write a run with everything measured in one transaction (replacing a failed one); free its lease."""
+        n = next(_SAVES)
         with self._connect() as con:
             con.execute("DELETE FROM runs WHERE id = ?", (run.id,))
             con.execute(
@@ -178,6 +184,8 @@ class Store:
             if run.adaptive is not None:
                 con.execute("INSERT INTO adaptive VALUES (?,?)", (run.id, json.dumps(run.adaptive, sort_keys=True)))
             con.execute("DELETE FROM leases WHERE run_id = ?", (run.id,))
+            _test_kill("inside", n)
+        _test_kill("after", n)
 
     def get(self, run_id: str) -> RunRecord | None:
         """Return the run whose id is ``run_id`` or starts with it (unique prefix), else None."""
@@ -377,6 +385,31 @@ def _alive(host: str, pid: int, expires: float, now: float) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _test_kill(stage: str, n: int) -> None:
+    """Test-only: SIGKILL this process at the point ``$PTQLAB_TEST_KILL_AT`` names; nothing when it is unset.
+
+    The resume tests kill a sweep at deterministic points rather than after a sleep. ``after:K`` kills the
+    process right after the K-th run it saved is committed; ``inside:K`` kills it inside that run's write
+    transaction, before the commit (K counts the saves of this process, from 1).
+
+    Args:
+        stage: ``"inside"`` (called before the commit) or ``"after"`` (after it).
+        n: Which save of this process this is.
+
+    Raises:
+        ValueError: The variable is set to something other than ``after:K`` or ``inside:K``.
+
+    """
+    spec = os.environ.get(KILL_AT_ENV)
+    if not spec:
+        return
+    where, _, k = spec.partition(":")
+    if where not in ("after", "inside") or not k.isdecimal():
+        raise ValueError(f"{KILL_AT_ENV} must be after:K or inside:K, got {spec!r}")
+    if where == stage and int(k) == n:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _select_in(con: sqlite3.Connection, query: str, ids: list[str]) -> list[Any]:
