@@ -49,8 +49,10 @@ def _consistent(db: Path) -> None:
 
 
 # Columns that legitimately differ between two stores of the same sweep: when and how fast (timings_json also
-# says whether a quantized model was reused from the cache), and the leases (owner, host, pid, expiry).
-_VOLATILE = {"runs": {"created_at", "timings_json"}, "layer_records": {"seconds"}, "exports": {"created_at"}}
+# says whether a quantized model was reused from the cache), on how many threads (fitted to the free cores:
+# the numbers do not depend on it), and the leases (owner, host, pid, expiry).
+_VOLATILE = {"runs": {"created_at", "timings_json", "threads"}, "layer_records": {"seconds"},
+             "exports": {"created_at"}}
 
 
 def _differences(db: Path, reference: Path) -> list[str]:

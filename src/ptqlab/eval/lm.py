@@ -43,9 +43,8 @@ import torch
 from lm_eval.api.model import TemplateLM
 from torch import nn
 
-from ..nn import attention as nn_attention
-from ..nn.activation import ActivationQuantizer
 from ..nn.kv_cache import cache_kwarg
+from ..nn.runtime import installed_runtime
 from ..nn.specs import KVSpec
 from ..threads import fit_threads
 from .perplexity import model_device
@@ -68,14 +67,6 @@ class Scorer(Protocol):
     def __call__(self, model: Any, requests: Sequence[Request], *, batch_size: int) -> list[Score]:
         """Score each request; the result is in the order of ``requests``."""
         ...
-
-
-def _closure_objects(fn: Any) -> Iterator[Any]:
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            yield cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
 
 
 def _kv_blockers(kv: KVSpec) -> list[str]:
@@ -111,10 +102,11 @@ RUNTIME_ROUNDING = "runtime quantizers round what the forward computes (another 
 def split_blockers(model: nn.Module) -> list[str]:
     """Why scoring requests other than alone, as lm-eval does, could change the numbers on ``model``.
 
-    The runtime quantizers ptqlab installs (activation pre-hooks, the KV cache hook, the attention
-    input setting) are read from the model. Any of them is a reason (:data:`RUNTIME_ROUNDING`: a shared
-    or batched forward has other float noise under its roundings); a quantizer whose range spans the
-    tokens of a forward call, or an attention implementation without masks, adds its own.
+    The runtime quantizers ptqlab installs (activations, the KV cache, the attention inputs) are read
+    from the model's registry (:func:`ptqlab.nn.runtime.installed_runtime`). Any of them is a reason
+    (:data:`RUNTIME_ROUNDING`: a shared or batched forward has other float noise under its roundings); a
+    quantizer whose range spans the tokens of a forward call, or an attention implementation without
+    masks, adds its own.
 
     Args:
         model: The causal LM, with or without runtime quantization.
@@ -127,21 +119,17 @@ def split_blockers(model: nn.Module) -> list[str]:
     if not builds_masks(model):
         impl = _attention_implementation(model)
         found.add(f"attention implementation {impl!r} gets no attention mask (a cached forward would be misaligned)")
-    for module in model.modules():
-        setting = getattr(module, nn_attention._ATTR, None)
-        if setting is not None:
-            found.add(RUNTIME_ROUNDING)
-            if setting.spec.granularity == "tensor":
-                found.add("attention inputs quantized per tensor (one range over the tokens of a call)")
-        hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-        for obj in (o for fn in hooks for o in _closure_objects(fn)):
-            if isinstance(obj, ActivationQuantizer):
-                found.add(RUNTIME_ROUNDING)
-                if obj.act.dynamic and obj.act.spec.granularity == "tensor":
-                    found.add("dynamic per-tensor activation ranges (one range over the tokens of a call)")
-            elif isinstance(obj, KVSpec) and obj.enabled:
-                found.add(RUNTIME_ROUNDING)
-                found.update(_kv_blockers(obj))
+    rt = installed_runtime(model)
+    if rt is None or not rt.installed:
+        return sorted(found)
+    found.add(RUNTIME_ROUNDING)
+    if rt.attention is not None and rt.attention.spec.granularity == "tensor":
+        found.add("attention inputs quantized per tensor (one range over the tokens of a call)")
+    quantizers = rt.activations.quantizers.values() if rt.activations is not None else ()
+    if any(q.act.dynamic and q.act.spec.granularity == "tensor" for q in quantizers):
+        found.add("dynamic per-tensor activation ranges (one range over the tokens of a call)")
+    if rt.kv is not None:
+        found.update(_kv_blockers(rt.kv.kv))
     return sorted(found)
 
 

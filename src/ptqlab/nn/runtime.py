@@ -28,6 +28,7 @@ class RuntimeQuantization:
     ctx: ForwardContext = field(default_factory=ForwardContext)
     activations: InstalledActivations | None = None
     kv: InstalledKV | None = None
+    attention: ActivationSpec | None = None  # the attention matmul inputs' spec, when they are quantized
     undo: list[Callable[[], None]] = field(default_factory=list)
 
     @property
@@ -45,6 +46,15 @@ class RuntimeQuantization:
             fn()
         self.undo.clear()
         self.ctx.remove()
+
+
+_REGISTRY = "_ptqlab_runtime"
+
+
+def installed_runtime(model: nn.Module) -> RuntimeQuantization | None:
+    """The runtime quantization :func:`install_runtime` installed on ``model`` (None when there is none)."""
+    rt = model.__dict__.get(_REGISTRY)
+    return rt if isinstance(rt, RuntimeQuantization) else None
 
 
 def check_runtime(
@@ -87,12 +97,15 @@ def install_runtime(
     rt = RuntimeQuantization()
     if not activation_targets and kv is None and attention is None:
         return rt
+    model.__dict__[_REGISTRY] = rt  # what installed_runtime() reads; not a submodule, not in the state dict
+    rt.undo.append(lambda: model.__dict__.pop(_REGISTRY, None))
     track_forward(model, rt.ctx)
     if activation_targets:
         sites = functools.partial(linear_input_site, model, adapter)
         rt.activations = install_activation_quantizers(model, activation_targets, rt.ctx, sites)
     if attention is not None and attention.attention:
         rt.undo.append(install_attention_quantization(model, adapter.attention_modules(model), attention.spec, rt.ctx))
+        rt.attention = attention
     if kv is not None:
         rt.kv = install_kv_quantization(model, adapter, kv, rt.ctx)
     log.info(
