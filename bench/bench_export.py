@@ -4,9 +4,13 @@ Each row's configuration is quantized by ptqlab's run path and exported; the rea
 (compressed-tensors: transformers' `CompressedTensorsConfig(dequantize=True)`, the library's decompressor;
 GGUF: transformers' GGUF loader, gguf-py's dequantizers), and both models' wikitext2 perplexity (2 windows
 of 2048) is measured with ptqlab's perplexity function. Every weight must be equal and the perplexities
-within 0.1 %. With `llama-cpp-python` importable, the GGUF file's perplexity is also measured by
-llama.cpp itself on the same windows (its own kernels: activations are quantized to Q8_0 in its matmuls).
+within 0.1 %. The GGUF file's perplexity is also measured by llama.cpp itself on the same windows (its own
+kernels: activations are quantized to Q8_0 in its matmuls), through llama-cpp-python's `Llama` API (no
+`llama-perplexity` binary). It needs the `llamacpp` extra, which `make bench-export` installs (llama-cpp-python
+builds llama.cpp from source with the machine's compiler and cmake: minutes, once); without it the bench stops
+before measuring anything.
 
+    pip install -e ".[llamacpp]"     # once
     python bench/bench_export.py     # table + bench/results/export-smollm2.json
 """
 
@@ -49,12 +53,25 @@ def _load_export(fmt: str, out: Path) -> Any:
                                                 dtype=torch.float32).eval()
 
 
-def _llama_cpp_ppl(path: Path, ids: torch.Tensor) -> float | None:
-    """Perplexity of the GGUF file by llama.cpp (llama-cpp-python) on the same windows, or None."""
+LLAMA_CPP_MISSING = (
+    "bench_export measures the GGUF export's perplexity with llama.cpp, through llama-cpp-python, which is not "
+    "installed ({error}). Install the `llamacpp` extra: `.venv/bin/python -m pip install -e \".[llamacpp]\"` "
+    "(`make bench-export` does; it builds llama.cpp from source, a few minutes once), then run the bench again.")
+
+
+def _require_llama_cpp() -> None:
+    """Stop with how to install llama-cpp-python when it cannot be imported."""
     try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(LLAMA_CPP_MISSING.format(error=f"{type(exc).__name__}: {exc}")) from exc
+
+
+def _llama_cpp_ppl(path: Path, ids: torch.Tensor) -> float:
+    """Perplexity of the GGUF file by llama.cpp (llama-cpp-python's `Llama` API) on the same windows."""
+    _require_llama_cpp()
+    from llama_cpp import Llama
+
     llm = Llama(model_path=str(path), n_ctx=ids.shape[1], logits_all=True, n_threads=2, verbose=False)
     nll, count = 0.0, 0
     for window in ids.tolist():
@@ -102,6 +119,7 @@ def measure(label: str, fmt: str, scheme: dict) -> dict:
 
 
 def main() -> None:
+    _require_llama_cpp()  # before the exports, not minutes into them
     torch.set_num_threads(2)
     rows = [measure(label, fmt, scheme) for label, fmt, scheme in ROWS]
     lines = ["| export | run | export s | file MB | weights differing | wikitext2 ppl, ptqlab | "

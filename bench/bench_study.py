@@ -4,9 +4,12 @@ Parts (each in subprocesses with its own fresh stores and $PTQLAB_CACHE folders 
 
 a. The study as one ``ptqlab sweep`` against the same configurations as separate ``ptqlab run`` calls (one
    process per run, one cache shared by them, as a user running them one by one has): wall time of each,
-   their ratio (goal: sweep <= 0.5x), where the time goes (summed from the stored runs' timings; start-up is
-   wall time minus the runs' total_s), and whether both stores hold the same run ids with bit-identical
-   metrics.
+   their ratio (goal: sweep <= 0.5x), where the time goes, and whether both stores hold the same run ids with
+   bit-identical metrics. The phases partition each side's wall time: the named ones are summed from the
+   stored runs' timings, "other in-run" is the rest of each run's own span, and start-up is wall time minus
+   the runs' spans. A run's span is its total_s, plus its load_s where ``ptqlab run`` loaded the model before
+   the run's clock started (it loads the model to compute the run id; a sweep's run loads it inside its
+   total_s). The bench asserts that no phase is counted twice (the named phases sum to at most the wall time).
 b. Adaptive against full evaluation: the sweep again with ``evaluate.adaptive={confidence: 0.95, target:
    class}`` into another store (sharing part a's cache, so quantized models are restored, not recomputed):
    windows evaluated (goal: at least 5x fewer) and whether each run's ZeroQuant-V2 class agrees with the
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from benchlib import RESULTS, open_results
+from benchlib import open_results
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "configs" / "studies" / "zeroquant-v2-quick.yaml"
@@ -42,8 +45,10 @@ RAY_RUNS = 8
 B_WINDOWS = 40  # windows per corpus in part b (the quick study has 8: adaptive evaluation starts from 8)
 B_PICK = slice(1, None, 4)  # part b: runs 1 and 5 of part a's 8 (their quantized weights are in a's cache)
 C_SET = "evaluate.max_windows=2"  # part c measures the executors: its runs evaluate 2 windows per corpus
-# Where a run's time goes: categories of the stored timings (capture_s is inside quantize_s).
+# Where a run's time goes: categories of the stored timings (capture_s is inside quantize_s), and the rest
+# of the run's span ("other in-run"); with start-up (outside the runs) they partition a side's wall time.
 SHARES = ("loading", "FP references", "calibration/data", "quantization", "evaluation", "other in-run")
+SLACK_S = 1e-3  # per run: float rounding of the stored seconds (sub-intervals of one interval)
 
 
 def fresh(path: Path) -> Path:
@@ -109,10 +114,15 @@ def records(store: Path) -> dict[str, Any]:
     return runs
 
 
-def shares(recs: list[Any]) -> dict[str, float]:
-    """Seconds per category summed over runs, plus the runs' total_s."""
+def shares(recs: list[Any], load_outside: bool = False) -> dict[str, float]:
+    """Seconds per category summed over runs, the runs' total_s, and their spans (``span_s``).
+
+    ``load_outside``: the runs' model loads (``load_s``) happened before their clocks started (``ptqlab run``
+    loads the model to compute the run id before the run starts timing), so each run's span is its total_s
+    plus its load_s; otherwise its span is its total_s. "other in-run" is the span minus the named categories.
+    """
     out = dict.fromkeys(SHARES, 0.0)
-    total = 0.0
+    total = span = 0.0
     for r in recs:
         t = r.timings
         cats = {
@@ -123,14 +133,31 @@ def shares(recs: list[Any]) -> dict[str, float]:
             "quantization": t.get("quantize_s", 0.0) - t.get("capture_s", 0.0) + t.get("qmodel_restore_s", 0.0),
             "evaluation": sum(v for k, v in t.items() if k.startswith(("eval.", "retrieval.")) and k.endswith("_s")
                               and not k.endswith("_tok_per_s"))
-            + sum(t.get(k, 0.0) for k in ("divergence_s", "lm_eval_s", "sensitivity_s")),
+            + sum(t.get(k, 0.0) for k in ("divergence_s", "lm_eval_s", "sensitivity_s", "dialogue_s", "judge_s")),
         }
-        cats["other in-run"] = t.get("total_s", 0.0) - sum(cats.values())
+        run_span = t.get("total_s", 0.0) + (t.get("load_s", 0.0) if load_outside else 0.0)
+        cats["other in-run"] = run_span - sum(cats.values())
+        assert cats["other in-run"] >= -SLACK_S, (
+            f"run {r.id}: its phases overlap: {sum(cats.values()) - cats['other in-run']:.3f} s of named phases in "
+            f"a span of {run_span:.3f} s (timings {t})")
         for k, v in cats.items():
             out[k] += v
         total += t.get("total_s", 0.0)
+        span += run_span
     out["total_s"] = total
+    out["span_s"] = span
     return out
+
+
+def check_partition(name: str, side: dict[str, Any]) -> None:
+    """The phases of one side must partition its wall time: the named ones sum to at most the wall time."""
+    named = side["startup_s"] + sum(side[k] for k in SHARES if k != "other in-run")
+    slack = SLACK_S * max(side["runs"], 1)
+    assert named <= side["wall_s"] + slack, (
+        f"{name}: the named phases sum to {named:.3f} s, more than the wall time {side['wall_s']:.3f} s "
+        f"({100 * named / side['wall_s']:.1f} %): a phase is counted twice")
+    assert side["startup_s"] >= -slack, (
+        f"{name}: the runs' spans ({side['span_s']:.3f} s) exceed the wall time {side['wall_s']:.3f} s")
 
 
 def part_a(work: Path, limit: int | None, keep_runs: list[float] | None = None) -> dict[str, Any]:
@@ -155,10 +182,13 @@ def part_a(work: Path, limit: int | None, keep_runs: list[float] | None = None) 
     metrics = {rid: {m.name: m.value for m in r.metrics} for rid, r in a.items()}
     same = set(a) == set(b) and all(metrics[rid] == {m.name: m.value for m in b[rid].metrics} for rid in a)
     sides = {}
-    for name, recs, wall in (("sweep", list(a.values()), sweep_wall), ("separate runs", list(b.values()), sum(walls))):
-        s = shares(recs)
+    # `ptqlab run` loads the model (to compute the run id) before the run's clock starts; a sweep's run inside it
+    for name, recs, wall, load_outside in (("sweep", list(a.values()), sweep_wall, False),
+                                           ("separate runs", list(b.values()), sum(walls), True)):
+        s = shares(recs, load_outside)
         sides[name] = {"runs": len(recs), "done": sum(r.status == "done" for r in recs), "wall_s": wall,
-                       "startup_s": wall - s["total_s"], **s}
+                       "startup_s": wall - s["span_s"], **s}
+        check_partition(name, sides[name])
     return {"sides": sides, "run_walls_s": walls, "ratio": sweep_wall / sum(walls), "same_ids": set(a) == set(b),
             "bit_identical": same}
 
@@ -243,6 +273,9 @@ def fmt_a(a: dict[str, Any]) -> str:
         cells = " | ".join(f"{s[k]:.0f} ({s[k] / s['wall_s'] * 100:.0f}%)" for k in SHARES)
         lines.append(f"| {name} | {s['done']}/{s['runs']} | {s['wall_s']:.0f} | {s['total_s']:.0f} | "
                      f"{s['startup_s']:.0f} ({s['startup_s'] / s['wall_s'] * 100:.0f}%) | {cells} |")
+    if all("span_s" in s for s in a["sides"].values()):  # results from before the phases partitioned the wall
+        lines.append("\nStart-up and the phases partition each side's wall time (start-up: wall time minus the "
+                     "runs' spans; a separate run's span includes its model load, done before its clock starts).")
     lines.append(f"\nSweep / separate runs: {a['ratio']:.2f}x (goal <= 0.5). Same run ids: {a['same_ids']}; "
                  f"bit-identical metrics: {a['bit_identical']}.")
     return "\n".join(lines)
@@ -278,7 +311,8 @@ def main() -> None:
     p.add_argument("--part", choices=("a", "b", "c", "all"), default="all")
     p.add_argument("--limit", type=int, default=None, help="N runs of the study, spread evenly over it")
     p.add_argument("--work", type=Path, default=Path("/tmp/ptqlab-bench-study"), help="stores and caches (large)")
-    p.add_argument("--out", default="study.json")
+    p.add_argument("--out", default="study.json", help="results file: a name under bench/results/, or a path "
+                   "(the .md table is written beside it)")
     p.add_argument("--redo-sweep", action="store_true", help="part a: measure the sweep again, keep the runs'")
     args = p.parse_args()
     out, meta, saved = open_results(args.out, "python bench/bench_study.py", study=str(STUDY.relative_to(ROOT)),
@@ -296,7 +330,7 @@ def main() -> None:
     fmts = {"a": fmt_a, "b": fmt_b, "c": fmt_c}
     text = "\n\n".join(f"{titles[k]}:\n\n{fmts[k](data[k])}" for k in ("a", "b", "c") if k in data)
     print(text)
-    (RESULTS / Path(args.out).with_suffix(".md").name).write_text(text + "\n")
+    out.with_suffix(".md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
