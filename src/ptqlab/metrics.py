@@ -2,7 +2,8 @@
 
 A name says its protocol and size (``ppl.wikitext2.s2048.w40``: 40 windows of 2048 wikitext2 tokens), so
 numbers measured under different protocols never share a name. Evaluation, size accounting and methods
-name what they measure through these functions; nothing else builds a metric name.
+name what they measure through these functions; nothing else builds a metric name, and
+:func:`parse_name` reads one back (the report reads names only through it).
 """
 
 from __future__ import annotations
@@ -73,3 +74,80 @@ def adaptive_name(measure: str) -> str:
     if measure not in ADAPTIVE_MEASURES:
         raise ValueError(f"unknown adaptive measure {measure!r}; known: {', '.join(ADAPTIVE_MEASURES)}")
     return f"adaptive.{measure}"
+
+
+SIZED_KINDS = ("ppl", *DIVERGENCE_KINDS)
+FEWSHOT_SUFFIX = ".fewshot"
+
+
+@dataclass(frozen=True)
+class MetricName:
+    """A metric name read back into the parts its builder put in (:func:`parse_name`); ``str()`` rebuilds it.
+
+    Attributes:
+        kind: The first part: ``ppl``, ``kl``, ``top1``, ``top5``, ``lm_eval``, ``retrieval``, ``adaptive``,
+            ``bits``, ``size``, ``dialogue`` or a method's name.
+        corpus: Perplexity and divergence: the corpus.
+        seqlen: Perplexity and divergence: the window length.
+        windows: Perplexity and divergence: the number of windows.
+        task: lm-eval: the task.
+        measure: lm-eval (without its few-shot suffix), adaptive, a method's or another kind's own measure.
+        shots: lm-eval on a few-shot curve: the count.
+        length: Retrieval: the prompt length.
+        pairs: Retrieval: the key-value pairs.
+        samples: Retrieval: the samples.
+
+    """
+
+    kind: str
+    corpus: str | None = None
+    seqlen: int | None = None
+    windows: int | None = None
+    task: str | None = None
+    measure: str | None = None
+    shots: int | None = None
+    length: int | None = None
+    pairs: int | None = None
+    samples: int | None = None
+
+    def __str__(self) -> str:
+        """The name again, through the builder of its kind."""
+        sized = self.corpus is not None and self.seqlen is not None and self.windows is not None
+        if self.kind in SIZED_KINDS and sized:
+            return sized_name(self.kind, str(self.corpus), int(self.seqlen or 0), int(self.windows or 0))
+        if self.kind == "lm_eval" and self.task is not None and self.measure is not None:
+            suffix = "" if self.shots is None else f"{FEWSHOT_SUFFIX}{self.shots}"
+            return task_name(self.task, self.measure + suffix)
+        if self.kind == "retrieval" and None not in (self.length, self.pairs, self.samples):
+            return retrieval_name(int(self.length or 0), int(self.pairs or 0), int(self.samples or 0))
+        return self.kind if self.measure is None else f"{self.kind}.{self.measure}"
+
+
+def _prefixed_int(part: str, prefix: str) -> int | None:
+    rest = part.removeprefix(prefix)
+    return int(rest) if part.startswith(prefix) and rest.isdigit() else None
+
+
+def parse_name(name: str) -> MetricName:
+    """Read a metric name back into its parts (the inverse of the builders above: ``str(parse_name(n)) == n``).
+
+    A name that no builder of its kind could have made (``ppl.wikitext2`` without its size) keeps its
+    kind and the rest as its measure.
+    """
+    kind, _, rest = name.partition(".")
+    parts = rest.split(".") if rest else []
+    if kind in SIZED_KINDS and len(parts) == 3:
+        seqlen, windows = _prefixed_int(parts[1], "s"), _prefixed_int(parts[2], "w")
+        if seqlen is not None and windows is not None:
+            return MetricName(kind, corpus=parts[0], seqlen=seqlen, windows=windows)
+    if kind == "lm_eval" and len(parts) >= 2:
+        measure, shots = ".".join(parts[1:]), None
+        head, sep, count = measure.rpartition(FEWSHOT_SUFFIX)
+        if sep and count.isdigit():
+            measure, shots = head, int(count)
+        return MetricName(kind, task=parts[0], measure=measure, shots=shots)
+    if kind == "retrieval" and len(parts) == 3:
+        length, pairs, samples = (_prefixed_int(p, x) for p, x in zip(parts, ("len", "p", "n"), strict=True))
+        if None not in (length, pairs, samples):
+            return MetricName(kind, length=length, pairs=pairs, samples=samples)
+    return MetricName(kind, measure=rest or None)

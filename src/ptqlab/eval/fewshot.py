@@ -14,13 +14,14 @@ import logging
 from typing import Any
 
 from ..errors import ConfigError
+from ..metrics import FEWSHOT_SUFFIX
 
 log = logging.getLogger(__name__)
 
 
 def shot_measure(measure: str, shots: int | None) -> str:
     """``<measure>.fewshot<k>``: a measure at one point of a few-shot curve (``shots`` None: the measure)."""
-    return measure if shots is None else f"{measure}.fewshot{shots}"
+    return measure if shots is None else f"{measure}{FEWSHOT_SUFFIX}{shots}"
 
 
 def fewshot_pool(task: Any) -> int:

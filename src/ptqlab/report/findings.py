@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from ..metrics import parse_name
 from .runs import Change, RunView, quality
 
 __all__ = ["HOLDS", "NOT_ENOUGH", "NOT_HOLDS", "PATTERN", "Finding", "check_findings", "loss_category"]
@@ -193,7 +194,7 @@ def _long_context_kv(views: list[RunView]) -> Finding:
         if v.target != "KV":
             continue
         names = sorted((n for n in v.metrics if n.startswith("retrieval.") and v.change(n)),
-                       key=lambda n: int(n.split(".")[1].removeprefix("len")))
+                       key=lambda n: parse_name(n).length or 0)
         q = quality(v)
         if not names or q is None:
             continue

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..metrics import BITS_ACTIVATION, BITS_KV, BITS_WEIGHT
+from ..metrics import BITS_ACTIVATION, BITS_KV, BITS_WEIGHT, parse_name
 from ..study.store import RunRecord
-from .runs import RunView, quality
+from .runs import RunView, is_task_accuracy, quality
 
 __all__ = ["Figure", "draw_figures", "pareto_front", "sensitivity_grid"]
 
@@ -125,7 +125,7 @@ def _loss_by_bits(plt: Any, views: list[RunView], out: Path) -> Figure | None:
 
 
 def _retrieval_length(name: str) -> int:
-    return int(name.split(".")[1].removeprefix("len"))
+    return parse_name(name).length or 0
 
 
 def _long_context(plt: Any, views: list[RunView], out: Path) -> Figure | None:
@@ -182,8 +182,8 @@ def _heatmap(plt: Any, record: RunRecord, label: str, out: Path) -> Figure | Non
 def _kl_vs_acc(plt: Any, views: list[RunView], out: Path) -> Figure | None:
     pts = []
     for v in views:
-        kls = sorted(n for n in v.metrics if n.startswith("kl."))
-        changes = [c.delta for n in v.metrics if n.startswith("lm_eval.") and n.endswith(".acc")
+        kls = sorted(n for n in v.metrics if parse_name(n).kind == "kl")
+        changes = [c.delta for n in v.metrics if is_task_accuracy(n)
                    if (c := v.change(n)) is not None]
         if kls and changes and v.target != "FP":
             pts.append((v.metrics[kls[0]], sum(changes) / len(changes), v))

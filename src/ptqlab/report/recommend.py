@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ReportError
-from .runs import Change, RunView, quality
+from ..metrics import parse_name, task_name
+from .runs import Change, RunView, is_task_accuracy, quality
 
 __all__ = ["Budget", "Evidence", "Recommendation", "recommend"]
 
@@ -134,8 +135,7 @@ def _evidence(name: str, c: Change, loss_sign: float, limit: float) -> Evidence:
 
 
 def _task_names(views: list[RunView]) -> list[str]:
-    names = {n for v in views for n in v.metrics if n.startswith("lm_eval.") and n.endswith(".acc")}
-    return sorted({n.split(".")[1] for n in names})
+    return sorted({str(parse_name(n).task) for v in views for n in v.metrics if is_task_accuracy(n)})
 
 
 def _judge(budget: Budget, views: list[RunView]) -> Callable[[RunView], list[Evidence] | None]:
@@ -157,15 +157,15 @@ def _judge(budget: Budget, views: list[RunView]) -> Callable[[RunView], list[Evi
         drop = budget.max_acc_drop
 
         def acc(v: RunView) -> list[Evidence] | None:
-            changes = [(t, v.change(f"lm_eval.{t}.acc")) for t in wanted]
+            changes = [(t, v.change(task_name(t, "acc"))) for t in wanted]
             if any(c is None for _, c in changes):
                 return None
-            return [_evidence(f"lm_eval.{t}.acc", c, -1.0, drop) for t, c in changes if c is not None]
+            return [_evidence(task_name(t, "acc"), c, -1.0, drop) for t, c in changes if c is not None]
         return acc
     kl_limit = float(budget.max_kl or 0)
 
     def kl(v: RunView) -> list[Evidence] | None:
-        names = sorted(n for n in v.metrics if n.startswith("kl."))
+        names = sorted(n for n in v.metrics if parse_name(n).kind == "kl")
         if not names:
             return None
         return [Evidence(names[0], v.metrics[names[0]], 0.0, v.metrics[names[0]],

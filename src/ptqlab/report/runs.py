@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..metrics import BITS_WEIGHT, SIZE_MODEL_BYTES
+from ..metrics import BITS_WEIGHT, SIZE_MODEL_BYTES, MetricName, parse_name, task_name
 from ..quant.spec import FIXED_BITS
 from ..study.store import RunRecord, Store
 
@@ -24,6 +24,12 @@ __all__ = ["Change", "RunView", "describe_scheme", "load_views", "part_label", "
 
 ZQ_CORPORA = ("wikitext2", "ptb_new", "c4local_new")
 
+
+
+def is_task_accuracy(name: str | MetricName) -> bool:
+    """Whether a metric is an lm-eval task's plain accuracy (``lm_eval.<task>.acc``, no few-shot count)."""
+    m = parse_name(name) if isinstance(name, str) else name
+    return m.kind == "lm_eval" and m.measure == "acc" and m.shots is None
 
 @dataclass(frozen=True)
 class Change:
@@ -187,9 +193,9 @@ class RunView:
         wanted = None if corpora is None else set(corpora)
         out: dict[str, str] = {}
         for name in sorted(self.metrics):
-            parts = name.split(".")
-            if parts[0] == "ppl" and len(parts) == 4 and (wanted is None or parts[1] in wanted):
-                out.setdefault(parts[1], name)
+            m = parse_name(name)
+            if m.kind == "ppl" and m.corpus is not None and (wanted is None or m.corpus in wanted):
+                out.setdefault(m.corpus, name)
         return out
 
     def quality(self, corpora: Iterable[str] = ZQ_CORPORA) -> Change | None:
@@ -258,10 +264,10 @@ def _task_paired(view: RunView, name: str) -> tuple[float, float | None] | None:
     ``gained - lost`` is the accuracy change over the items both answered (lm-eval's ``acc``); the number
     of items comes from lm-eval's standard error of the accuracy.
     """
-    parts = name.split(".")
-    if len(parts) != 3 or parts[0] != "lm_eval" or parts[2] != "acc":
+    m = parse_name(name)
+    if m.kind != "lm_eval" or m.task is None or m.measure != "acc" or m.shots is not None:
         return None
-    lost, gained = view.metrics.get(f"lm_eval.{parts[1]}.lost"), view.metrics.get(f"lm_eval.{parts[1]}.gained")
+    lost, gained = view.metrics.get(task_name(m.task, "lost")), view.metrics.get(task_name(m.task, "gained"))
     if lost is None or gained is None:
         return None
     acc, se = view.metrics[name], view.stderr.get(name)

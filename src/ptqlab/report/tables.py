@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .runs import ZQ_CORPORA, Change, RunView, quality, zq_class
+from ..metrics import MetricName, parse_name, task_name
+from .runs import ZQ_CORPORA, Change, RunView, is_task_accuracy, quality, zq_class
 
 __all__ = ["Table", "build_tables"]
 
@@ -111,9 +112,8 @@ def _qllm(views: list[RunView], key: str, title: str, measures: list[tuple[str, 
     return t
 
 
-def _names(views: list[RunView], prefix: str, suffix: str | None = None) -> list[str]:
-    found = {n for v in views for n in v.metrics if n.startswith(prefix) and (suffix is None or n.endswith(suffix))}
-    return sorted(found)
+def _names(views: list[RunView], keep: Callable[[MetricName], bool]) -> list[str]:
+    return sorted({n for v in views for n in v.metrics if keep(parse_name(n))})
 
 
 def _change(name: str, *, se: bool = False) -> Callable[[RunView], Cell]:
@@ -130,31 +130,31 @@ def _value(name: str) -> Callable[[RunView], Cell]:
 
 def _qllm_tables(views: list[RunView]) -> list[Table]:
     tables = []
-    ppl = [n for n in _names(views, "ppl.") if len(n.split(".")) == 4]  # one column per protocol
+    ppl = _names(views, lambda m: m.kind == "ppl" and m.corpus is not None)  # one column per protocol
     if ppl:
         measures: list[tuple[str, Callable[[RunView], Cell]]] = []
         for name in ppl:
-            measures += [(f"Δ {name}", _change(name)), (f"± {name.split('.')[1]}", _change(name, se=True))]
+            measures += [(f"Δ {name}", _change(name)), (f"± {parse_name(name).corpus}", _change(name, se=True))]
         tables.append(_qllm(views, "qllm-perplexity", "qllm-eval: perplexity change by target and bits", measures,
                             lambda v: any(n in v.metrics for n in ppl)))
-    accs = _names(views, "lm_eval.", ".acc")
+    accs = _names(views, is_task_accuracy)
     if accs:
         measures = []
         for name in accs:
-            task = name.split(".")[1]
+            task = str(parse_name(name).task)
             measures += [(f"Δ acc {task}", _change(name)), (f"± {task}", _change(name, se=True)),
-                         (f"agree {task}", _value(f"lm_eval.{task}.agree_fp"))]
+                         (f"agree {task}", _value(task_name(task, "agree_fp")))]
         tables.append(_qllm(views, "qllm-tasks", "qllm-eval: basic tasks (accuracy change, paired with FP)", measures,
                             lambda v: any(n in v.metrics for n in accs)))
-    kls = _names(views, "kl.") + _names(views, "top1.")
+    kls = _names(views, lambda m: m.kind == "kl") + _names(views, lambda m: m.kind == "top1")
     if kls:
         tables.append(_qllm(views, "qllm-divergence", "qllm-eval: divergence from FP",
                             [(n, _value(n)) for n in kls], lambda v: any(n in v.metrics for n in kls)))
-    ret = sorted(_names(views, "retrieval."), key=_retrieval_length)
+    ret = sorted(_names(views, lambda m: m.kind == "retrieval"), key=_retrieval_length)
     if ret:
         measures = []
         for n in ret:
-            length = n.split(".")[1]
+            length = f"len{parse_name(n).length}"
             measures += [(f"{length} acc", _value(n)), (f"± {length}", _binomial_se(n)), (f"Δ {length}", _change(n))]
         tables.append(_qllm(views, "qllm-long-context", "qllm-eval: long-context retrieval accuracy", measures,
                             lambda v: any(n in v.metrics for n in ret)))
@@ -163,7 +163,7 @@ def _qllm_tables(views: list[RunView]) -> list[Table]:
 
 def _binomial_se(name: str) -> Callable[[RunView], Cell]:
     """The standard error of a retrieval accuracy over its ``n<samples>`` samples (binomial)."""
-    samples = int(name.split(".")[-1].removeprefix("n"))
+    samples = parse_name(name).samples or 0
 
     def cell(v: RunView) -> Cell:
         p = v.metrics.get(name)
@@ -172,7 +172,7 @@ def _binomial_se(name: str) -> Callable[[RunView], Cell]:
 
 
 def _retrieval_length(name: str) -> int:
-    return int(name.split(".")[1].removeprefix("len"))
+    return parse_name(name).length or 0
 
 
 def build_tables(views: list[RunView]) -> list[Table]:
