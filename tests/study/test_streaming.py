@@ -251,3 +251,18 @@ def test_dry_run_says_the_run_streams(small: Path, tmp_path: Path, cache: Path,
     out = capsys.readouterr().out
     assert "streamed one decoder layer at a time" in out and str(tmp_path / "off") in out
     assert not (tmp_path / "off").exists() or not any((tmp_path / "off").iterdir())
+
+
+def test_force_reuses_the_kept_model_and_no_reuse_quantizes_again(small: Path, tmp_path: Path, cache: Path) -> None:
+    """``--force`` recomputes the run but reads the quantized model the first run left; ``--no-reuse`` does not."""
+    from ptqlab.cli import main
+
+    config = _config(small, tmp_path, [{"gptq": {}}], {"stream": "on", "offload_dir": str(tmp_path / "off")}, "f.yaml")
+    store = tmp_path / "f.db"
+    timings = []
+    for flags in ([], ["--force"], ["--no-reuse"]):
+        assert main(["run", str(config), "--store", str(store), "--quiet", *flags]) == 0
+        (record,) = Store(str(store)).list_runs()
+        timings.append(record.timings)
+    assert [t.get("qmodel_reused") for t in timings] == [None, 1.0, None]
+    assert "quantize_s" in timings[2] and "quantize_s" not in timings[1]

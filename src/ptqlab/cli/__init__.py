@@ -30,7 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="quantize, evaluate and store one configuration")
     run.add_argument("config", help="YAML configuration file")
     run.add_argument("--json", action="store_true", help="print the stored run as JSON")
-    run.add_argument("--force", action="store_true", help="recompute even if the run is stored")
+    run.add_argument("--force", action="store_true",
+                     help="recompute even if the run is stored (quantized weights kept by an earlier run with the "
+                          "same weights, such as a streamed run's offload directory, are still reused: add "
+                          "--no-reuse to quantize again, e.g. to time it)")
+    run.add_argument("--no-reuse", action="store_true",
+                     help="recompute, and quantize again even where quantized weights with the same key are kept "
+                          "(replacing them); implies --force")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--dry-run", action="store_true", help="show what the run computes and its estimated time")
     run.set_defaults(func=cmd_run)

@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_output(Path(cfg.export.out), cfg.export.overwrite)
     store = _store(args)
-    outcome = execute(cfg, store, force=args.force, progress=not args.quiet)
+    outcome = execute(cfg, store, force=args.force or args.no_reuse, progress=not args.quiet, reuse=not args.no_reuse)
     if args.json:
         json.dump(outcome.record.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

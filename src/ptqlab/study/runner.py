@@ -21,7 +21,8 @@ class RunOutcome:
 
 
 def execute(
-    cfg: RunConfig, store: Store, *, force: bool = False, progress: bool = True, worker: Worker | None = None
+    cfg: RunConfig, store: Store, *, force: bool = False, progress: bool = True, worker: Worker | None = None,
+    reuse: bool = True,
 ) -> RunOutcome:
     """Run a validated configuration and store the result.
 
@@ -37,12 +38,14 @@ def execute(
         force: Recompute even when the store has the run.
         progress: Show progress bars.
         worker: The worker to run it (one that keeps what runs share); default: a one-run worker.
+        reuse: With the default worker, restore quantized weights an earlier run with the same weights key
+            kept (a streamed run's offload directory) rather than quantizing again.
 
     Returns:
         The stored run record.
 
     """
-    worker = worker or Worker(progress=progress, share=False)
+    worker = worker or Worker(progress=progress, share=False, reuse=reuse)
     rid = worker.run_id(cfg)
     existing = store.get(rid)
     if existing is not None and existing.status == "done" and not force:

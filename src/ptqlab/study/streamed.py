@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,8 +125,11 @@ def offload_root(cfg: RunConfig) -> Path:
 
 
 def run_streamed(cfg: RunConfig, choice: StreamChoice, fingerprint: str, record: RunRecord,
-                 progress: bool = True) -> RunRecord:
+                 progress: bool = True, reuse: bool = True) -> RunRecord:
     """Quantize and evaluate ``cfg`` streamed, filling ``record`` (a failure while running is its error).
+
+    With ``reuse``, a quantized model that a run with the same weights key left in the offload directory is
+    read instead of quantizing again.
 
     Raises:
         ConfigError: The recipe, scheme or evaluation cannot be streamed (before any work).
@@ -144,7 +148,8 @@ def run_streamed(cfg: RunConfig, choice: StreamChoice, fingerprint: str, record:
     record.architecture, record.device = type(model).__name__, str(device)
     timings: dict[str, float] = {"streamed": 1.0}
     try:
-        q, records = _quantized(cfg, plan.quantization, model, fp, fingerprint, device, dtype, progress, timings)
+        q, records = _quantized(cfg, plan.quantization, model, fp, fingerprint, device, dtype, progress, timings,
+                                reuse)
         res = evaluate_streamed(model, plan.quantization.adapter, plan.evaluation, fp, q, tokenizer=tokenizer,
                                 device=device, dtype=dtype, progress=progress)
         timings.update(res.evaluation.timings)
@@ -163,14 +168,15 @@ def run_streamed(cfg: RunConfig, choice: StreamChoice, fingerprint: str, record:
 
 def _quantized(cfg: RunConfig, plan: QuantizationPlan, model: torch.nn.Module, fp: Checkpoint, fingerprint: str,
                device: torch.device, dtype: torch.dtype, progress: bool,
-               timings: dict[str, float]) -> tuple[Checkpoint | None, list[dict[str, Any]]]:
+               timings: dict[str, float], reuse: bool = True) -> tuple[Checkpoint | None, list[dict[str, Any]]]:
     """The quantized checkpoint: kept under the offload directory by weights key, or written now."""
     if not plan.changes_weights:
         return None, []
     out = offload_root(cfg) / f"{weights_key(cfg, fingerprint)}-{device.type}"
-    if (out / _RECORDS).is_file():
+    if reuse and (out / _RECORDS).is_file():
         timings["qmodel_reused"] = 1.0
         return Checkpoint(out), list(json.loads((out / _RECORDS).read_text()))
+    shutil.rmtree(out, ignore_errors=True)  # not reused: the model is written anew in its place
     report = quantize_streamed(model, plan, fp, out, device=device, dtype=dtype, progress=progress)
     records = [dataclasses.asdict(r) for r in report.records]
     (out / _RECORDS).write_text(json.dumps(records))  # written last: its presence marks a finished model

@@ -77,12 +77,16 @@ class Worker:
             quantized itself and dropped: one run, the least memory.
         qmodels: The cache of quantized models (default: ``$PTQLAB_CACHE/qmodels``; None with ``share``
             off keeps none).
+        reuse: Restore quantized weights that an earlier run with the same weights key kept (the cache
+            above, or a streamed run's offload directory); False quantizes again and replaces them.
 
     """
 
-    def __init__(self, *, progress: bool = True, share: bool = True, qmodels: QModelCache | None = None) -> None:
+    def __init__(self, *, progress: bool = True, share: bool = True, qmodels: QModelCache | None = None,
+                 reuse: bool = True) -> None:
         self.progress = progress
         self.share = share
+        self.reuse = reuse
         self.qmodels = qmodels if qmodels is not None else QModelCache()
         self.stats = WorkerStats()
         self._models: OrderedDict[tuple[str, str, bool], _FPModel] = OrderedDict()
@@ -138,7 +142,7 @@ class Worker:
             self._models.clear()  # a model kept resident would take the memory the stream saves
             fingerprint = self._fingerprint(cfg)
             return run_streamed(cfg, choice, fingerprint, _new_record(cfg, fingerprint, None, cfg.device),
-                                progress=self.progress)
+                                progress=self.progress, reuse=self.reuse)
         t_start = time.perf_counter()
         compiled = compile_config(cfg)
         device = resolve_device(cfg.device)
@@ -206,7 +210,7 @@ class Worker:
                    timings: dict[str, float]) -> QuantizeReport:
         """Quantize ``model``, or restore the quantized weights a run with the same weights key kept."""
         key = weights_key(cfg, fp.loaded.info.fingerprint)
-        kept = self.qmodels.load(key, device.type) if self.share else None
+        kept = self.qmodels.load(key, device.type) if self.share and self.reuse else None
         if kept is not None:
             t0 = time.perf_counter()
             weights, meta = kept
