@@ -12,7 +12,7 @@ import yaml
 from ptqlab.api import quantize
 from ptqlab.cli import main
 from ptqlab.eval import divergence as dv
-from ptqlab.models.tiny import tiny_model
+from ptqlab.testing import tiny_model
 
 IDS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 

@@ -17,7 +17,7 @@ from ptqlab.api import quantize
 from ptqlab.eval import tasks as T
 from ptqlab.eval.lm import RUNTIME_ROUNDING, PtqlabLM, score_requests, scoring_path, split_blockers, truncate
 from ptqlab.models.loading import load_model
-from ptqlab.models.tiny import tiny_model
+from ptqlab.testing import tiny_model
 
 TOL = 1e-4
 LONG = "Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog. " * 3

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ptqlab.errors import ConfigError
 from ptqlab.eval.perplexity import PerplexityResult, perplexity
-from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
+from ptqlab.testing import TINY_FAMILIES, tiny_model
 
 
 class Uniform(nn.Module):

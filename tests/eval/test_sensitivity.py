@@ -9,7 +9,7 @@ import torch
 from ptqlab.api import quantize
 from ptqlab.eval.sensitivity import compare, record_outputs
 from ptqlab.models.registry import get_adapter
-from ptqlab.models.tiny import tiny_model
+from ptqlab.testing import tiny_model
 
 IDS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 from ptqlab.errors import ConfigError
 from ptqlab.export.run import export_config
 from ptqlab.models.loading import load_model
-from ptqlab.models.tiny import tiny_model
 from ptqlab.study.config import parse_config
+from ptqlab.testing import tiny_model
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
 

@@ -104,7 +104,7 @@ def test_an_export_section_exports_when_the_run_is_done(tmp_path: Path) -> None:
 def test_an_explicit_scale_op_is_refused(tmp_path: Path) -> None:
     """SmoothQuant on GPT-2 divides fc2's input after the GELU in a module transformers would not rebuild."""
     from ptqlab.models.loading import load_model
-    from ptqlab.models.tiny import tiny_model
+    from ptqlab.testing import tiny_model
 
     gpt2 = tmp_path / "gpt2"
     tiny_model("gpt2").save_pretrained(gpt2)

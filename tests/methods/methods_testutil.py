@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ptqlab.models.tiny import tiny_model
+from ptqlab.testing import tiny_model
 
 
 def outlier_model(family: str, every: int = 7, factor: float = 8.0) -> torch.nn.Module:

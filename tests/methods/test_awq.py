@@ -12,10 +12,10 @@ from ptqlab.methods.awq import AWQClip, AWQConfig, AWQScale
 from ptqlab.methods.base import WeightResult, relative_output_error
 from ptqlab.methods.rtn import RTN
 from ptqlab.models.registry import get_adapter
-from ptqlab.models.tiny import TINY_FAMILIES
 from ptqlab.pipeline.plan import QuantizationPlan, plan_weights
 from ptqlab.pipeline.quantize import quantize as run_plan
 from ptqlab.quant import QuantSpec
+from ptqlab.testing import TINY_FAMILIES
 
 CAL = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(7))
 IDS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))

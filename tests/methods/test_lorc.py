@@ -10,8 +10,8 @@ from ptqlab.errors import ConfigError
 from ptqlab.methods import build_recipe
 from ptqlab.methods.lorc import LoRC, LoRCConfig
 from ptqlab.methods.rtn import RTN
-from ptqlab.models.tiny import tiny_model
 from ptqlab.quant import QuantSpec
+from ptqlab.testing import tiny_model
 
 SPEC = QuantSpec(bits=3, granularity="channel")
 

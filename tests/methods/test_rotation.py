@@ -9,7 +9,7 @@ from ptqlab.api import quantize
 from ptqlab.errors import ConfigError
 from ptqlab.methods import build_recipe
 from ptqlab.methods.rotation import hadamard, random_rotation
-from ptqlab.models.tiny import tiny_model
+from ptqlab.testing import tiny_model
 
 IDS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")

@@ -10,7 +10,7 @@ from ptqlab.api import quantize
 from ptqlab.errors import ConfigError
 from ptqlab.methods import build_recipe
 from ptqlab.methods.smoothquant import SmoothQuant, SmoothQuantConfig
-from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
+from ptqlab.testing import TINY_FAMILIES, tiny_model
 
 CAL = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(7))
 

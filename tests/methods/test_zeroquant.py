@@ -8,7 +8,7 @@ import torch
 from ptqlab.api import quantize
 from ptqlab.errors import ConfigError
 from ptqlab.methods import build_recipe
-from ptqlab.models.tiny import tiny_model
+from ptqlab.testing import tiny_model
 
 CAL = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(3))
 SCHEME = {"weight": {"bits": 3, "granularity": "group", "group_size": 16}}

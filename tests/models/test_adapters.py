@@ -31,7 +31,7 @@ from ptqlab.models import (
     weight_matrix,
 )
 from ptqlab.models.adapter import FusedQKV
-from ptqlab.models.tiny import (
+from ptqlab.testing import (
     TINY_FAMILIES,
     TINY_MOE_FAMILIES,
     TINY_SSM_FAMILIES,

@@ -17,8 +17,8 @@ from ptqlab.errors import ConfigError
 from ptqlab.methods.base import WeightResult
 from ptqlab.methods.rtn import RTN
 from ptqlab.models import get_adapter, input_site, register_input_hook, set_weight_matrix, weight_matrix
-from ptqlab.models.tiny import tiny_model
 from ptqlab.quant.spec import QuantSpec
+from ptqlab.testing import tiny_model
 
 ATTENTION_FAMILIES = ("glm", "glm4", "stablelm", "stablelm_qkv_bias", "stablelm_parallel")
 SSM_FAMILIES = ("mamba", "mamba2")

@@ -19,9 +19,9 @@ from ptqlab.methods.base import relative_output_error
 from ptqlab.methods.gptq import GPTQ, GPTQConfig
 from ptqlab.methods.rtn import RTN
 from ptqlab.models import ExpertLinear, get_adapter, weight_matrix, weight_parameter
-from ptqlab.models.tiny import EXPERTS, TINY_MOE_FAMILIES, tiny_config, tiny_model
 from ptqlab.quant.size import weight_storage_bits
 from ptqlab.quant.spec import QuantSpec
+from ptqlab.testing import EXPERTS, TINY_MOE_FAMILIES, tiny_config, tiny_model
 
 SEQ = 16
 CAL = torch.randint(3, 128, (4, SEQ), generator=torch.Generator().manual_seed(7))

@@ -8,10 +8,10 @@ import torch
 from ptqlab.api import plan_quantization, quantize, run_quantization
 from ptqlab.errors import ConfigError
 from ptqlab.models.registry import get_adapter
-from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
 from ptqlab.nn import kv_cache
 from ptqlab.nn.kv_cache import QuantizedKVCache
 from ptqlab.nn.specs import kv_specs
+from ptqlab.testing import TINY_FAMILIES, tiny_model
 
 ROPE_FAMILIES = ("llama", "qwen3", "gpt_neox", "gemma2", "phi3")
 
@@ -204,10 +204,10 @@ def test_padding_independence_for_every_family(family: str) -> None:
 @pytest.mark.parametrize("family", ["gemma2", "llama"])  # eager and sdpa attention
 def test_quantized_attention_inputs_keep_the_model_causal(family: str) -> None:
     """Future tokens never change earlier logits (transformers gets a mask function for ptqlab's attention)."""
-    from ptqlab.models.tiny import tiny_model
     from ptqlab.nn.attention import install_attention_quantization
     from ptqlab.nn.context import ForwardContext
     from ptqlab.quant.spec import QuantSpec
+    from ptqlab.testing import tiny_model
 
     model = tiny_model(family, seed=0)
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(0))

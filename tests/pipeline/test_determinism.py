@@ -14,9 +14,9 @@ import torch
 from ptqlab.api import quantize
 from ptqlab.methods.base import HessianAccumulator
 from ptqlab.models.registry import get_adapter
-from ptqlab.models.tiny import tiny_model
 from ptqlab.nn.capture import capture_inputs
 from ptqlab.pipeline.sequential import run_layer_pass
+from ptqlab.testing import tiny_model
 
 CAL = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(11))
 IDS = torch.randint(3, 128, (2, 32), generator=torch.Generator().manual_seed(12))
@@ -87,7 +87,7 @@ _SCRIPT = """
 import hashlib, json, sys, torch
 from ptqlab.api import quantize
 from ptqlab.eval.perplexity import perplexity
-from ptqlab.models.tiny import tiny_model
+from ptqlab.testing import tiny_model
 cal = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(11))
 ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(12))
 out = {}

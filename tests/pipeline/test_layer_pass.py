@@ -7,9 +7,9 @@ import torch
 
 from ptqlab.api import plan_quantization, run_quantization
 from ptqlab.models.registry import get_adapter
-from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
 from ptqlab.pipeline import budget
 from ptqlab.pipeline.sequential import run_group_passes
+from ptqlab.testing import TINY_FAMILIES, tiny_model
 
 CAL = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(5))
 SCHEME = {"weight": {"bits": 3, "granularity": "group", "group_size": 16}}

@@ -6,7 +6,7 @@ import pytest
 
 from ptqlab.api import plan_quantization
 from ptqlab.errors import ConfigError
-from ptqlab.models.tiny import tiny_model
+from ptqlab.testing import tiny_model
 
 SCHEME = {
     "weight": {"bits": 4, "granularity": "channel"},

@@ -8,10 +8,10 @@ import torch
 from ptqlab.api import plan_quantization, run_quantization
 from ptqlab.errors import ConfigError
 from ptqlab.models.registry import get_adapter
-from ptqlab.models.tiny import TINY_FAMILIES, tiny_model
 from ptqlab.models.weights import weight_matrix
 from ptqlab.nn.capture import capture_inputs, layer_output
 from ptqlab.quant import QuantSpec, fake_quantize
+from ptqlab.testing import TINY_FAMILIES, tiny_model
 
 
 def _calib(model, n=6, t=16, seed=0):

@@ -1,5 +1,8 @@
 """Tiny random models of every supported family, built from configs (no download), for tests.
 
+A helper for tests (ptqlab's and a user's own); nothing in the package imports it (an import contract in
+``pyproject.toml`` checks).
+
 Every tiny model has 2 layers, hidden size 64, 4 attention heads (2 key/value heads where the family
 has grouped-query attention), intermediate size 128 (BLOOM fixes it at 4 x hidden), vocabulary 128 and
 128 positions. The state-space models (Mamba, Mamba-2) have hidden size 64, expansion 2 (inner width
