@@ -7,19 +7,24 @@ and W4 (per channel; activations per token), with effective bits. Part `codebook
 wikitext2 perplexity over the first WINDOWS windows of 2048; calibration c4local 32 x 512. Part `emergent`:
 qllm-eval's in-context learning curve and self-calibration on arc_easy (first TASK_LIMIT items, 0, 1 and 5
 shots): accuracy and expected calibration error (10 bins) for FP, W8, W4, W3 (GPTQ per channel) and KV4
-(per head). Every finished row is appended to the results file, so a killed run resumes.
+(per head). Every finished row is written to the results file with a hash of its configuration, ptqlab's
+code and this script, so a killed run resumes, and a row measured by other code or another script version
+is measured again.
 
-    python bench/bench_coverage.py                   # all parts, bench/results/coverage.json
-    python bench/bench_coverage.py --only emergent --out coverage-emergent.json   # one part
+    python bench/bench_coverage.py                   # all parts: coverage.json (+ coverage-emergent.json)
+    python bench/bench_coverage.py --only codebooks  # one part
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,12 +76,14 @@ def run_row(worker: Any, label: str, scheme: dict[str, Any], recipe: list[dict[s
     """One configuration through the Worker: its perplexity (or task curve), effective bits and times."""
     from ptqlab.study.config import parse_config
 
-    record = worker.run(parse_config(_config(scheme, recipe, tasks)))
+    config = _config(scheme, recipe, tasks)
+    record = worker.run(parse_config(config))
     if record.status != "done":
         raise RuntimeError(f"{label}: {record.error}")
     metrics = {m.name: m.value for m in record.metrics}
-    row = {"label": label, "run_id": record.id, "bits.weight": metrics.get("bits.weight", 16.0),
-           "bits.activation": metrics.get("bits.activation"), "bits.kv": metrics.get("bits.kv"),
+    row = {"label": label, "run_id": record.id, "measured": _measured(config),
+           "bits.weight": metrics.get("bits.weight", 16.0), "bits.activation": metrics.get("bits.activation"),
+           "bits.kv": metrics.get("bits.kv"),
            "quantize_s": record.timings.get("quantize_s", 0.0)}
     if tasks:
         for k in SHOTS:
@@ -85,6 +92,17 @@ def run_row(worker: Any, label: str, scheme: dict[str, Any], recipe: list[dict[s
     else:
         row["ppl"] = metrics[f"ppl.wikitext2.s2048.w{WINDOWS}"]
     return row
+
+
+def _measured(config: dict[str, Any]) -> str:
+    """What a row was measured with: its configuration, ptqlab's code and this script (a row is reused only
+    when all three are the same; otherwise it is measured again)."""
+    from ptqlab.study.identity import code_fingerprint
+
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    h.update(code_fingerprint().encode())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def curve_table(rows: list[dict[str, Any]]) -> str:
@@ -110,22 +128,30 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=sorted(PARTS), help="one part")
-    p.add_argument("--out", default="coverage.json", help="results file under bench/results")
+    p.add_argument("--out", help="results file under bench/results (default: coverage.json, and "
+                   "coverage-emergent.json for the emergent part)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    path = RESULTS / args.out
-    saved = json.loads(path.read_text()) if path.is_file() else {"parts": {}}
     worker = Worker(progress=False)
+    command = " ".join(["python", "bench/bench_coverage.py", *sys.argv[1:]])
     for part, rows in PARTS.items():
         if args.only and part != args.only:
             continue
-        done = saved["parts"].setdefault(part, [])
+        path = RESULTS / (args.out or ("coverage-emergent.json" if part == "emergent" else "coverage.json"))
+        saved = json.loads(path.read_text()) if path.is_file() else {"parts": {}}
+        kept = {r["label"]: r for r in saved["parts"].get(part, [])}
+        labels = {label for label, _, _ in rows}
+        done: list[dict[str, Any]] = []
         for label, scheme, recipe in rows:
-            if any(r["label"] == label for r in done):
-                continue
-            done.append(run_row(worker, label, scheme, recipe, tasks=part == "emergent"))
+            old = kept.get(label)
+            tasks = part == "emergent"
+            if old is None or old.get("measured") != _measured(_config(scheme, recipe, tasks)):
+                old = run_row(worker, label, scheme, recipe, tasks=tasks)
+            done.append(old)
+            later = [r for lbl, r in kept.items() if lbl in labels and lbl not in {d["label"] for d in done}]
+            saved["parts"][part] = done + later  # a killed run keeps the rows it has not reached yet
             saved["meta"] = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, "
-                             f"{os.cpu_count()} cores", "command": "python bench/bench_coverage.py"}
+                             f"{os.cpu_count()} cores", "command": command}
             RESULTS.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(saved, indent=2))
         print(f"\n{part}\n\n{curve_table(done) if part == 'emergent' else table(done)}")
