@@ -10,7 +10,9 @@ no act-order) on the same model, calibration from c4local (seed 0):
   a block-structured source like SmolLM2's. Calibration 64 x 256; wikitext2 and c4local_new perplexity
   (32 windows of 256); KL(FP || Q) on wikitext2 (16 windows of 256).
 - ``smollm2``: SmolLM2-135M (its weights are dequantized from a Q4_1 GGUF). Calibration ``--samples`` x 512
-  (32); wikitext2 perplexity (first ``--windows`` windows of 2048, 4) and KL on wikitext2 (8 windows of 512).
+  (32); wikitext2 perplexity (first ``--windows`` windows of 2048, 4) and KL on wikitext2 (8 windows of 512);
+  ``smollm2-w40``: Q4_0 only, perplexity on the foundation's 40 windows of 2048 with the paired per-window
+  NLL difference (no FP reference: about ten minutes per model here).
 - ``layer``: GPTQ's objective per linear of one SmolLM2 decoder layer (``--layer``, 15): FP-model Hessians from
   the calibration tokens and from the wikitext2 evaluation windows; ``tr(E H E^T) / tr(W H W^T)`` of RTN's and
   of GPTQ's error (GPTQ solved with the calibration Hessian), each format (Q4_K on ``down_proj`` only, the one
@@ -232,7 +234,8 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ppl = sorted({k for r in sel for k in r if k.startswith("ppl.")})
         kl = sorted(k for k in {k for r in sel for k in r} if k.startswith("kl."))
         fp = next((r for r in sel if r["scheme"] == "FP"), {})
-        out.append(f"\n{part} (FP: " + ", ".join(f"{k} {fp[k]:.2f}" for k in ppl if k in fp) + ")\n")
+        out.append(f"\n{part} (FP: " + (", ".join(f"{k} {fp[k]:.2f}" for k in ppl if k in fp) or "not measured")
+                   + ")\n")
         windows = any("window_nll" in r for r in sel)
         out.append("| scheme | " + " | ".join(f"{k} RTN / GPTQ" for k in ppl + kl) +
                    (" | GPTQ's window NLL - RTN's: mean (windows GPTQ worse)" if windows else "") +
