@@ -97,7 +97,7 @@ def run_row(worker: Any, label: str, scheme: dict[str, Any], recipe: list[dict[s
 def _measured(config: dict[str, Any]) -> str:
     """What a row was measured with: its configuration, ptqlab's code and this script (a row is reused only
     when all three are the same; otherwise it is measured again)."""
-    from ptqlab.study.identity import code_fingerprint
+    from ptqlab.store import code_fingerprint
 
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     h.update(code_fingerprint().encode())

@@ -44,6 +44,7 @@ def job(layers: int, samples: int, layer_pass: str) -> dict:
     from ptqlab.data.calibration import calibration_windows
     from ptqlab.memory import return_freed
     from ptqlab.models.loading import load_model
+    from ptqlab.pipeline.plan import RunOptions
 
     torch.set_num_threads(2)
     loaded = load_model("smollm2-135m", "float32", "cpu")
@@ -54,12 +55,11 @@ def job(layers: int, samples: int, layer_pass: str) -> dict:
         p.data = p.data.clone()  # resident, not a file mapping
     cal = calibration_windows(loaded.tokenizer, "c4local", samples, 512, 0)
     plan = plan_quantization(model, SCHEME, [{"gptq": {}}], cal)
-    plan.layer_pass = layer_pass
     return_freed()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
     before = _resident_mb()
     t0 = time.perf_counter()
-    run_quantization(model, plan, progress=False)
+    run_quantization(model, plan, progress=False, options=RunOptions(layer_pass=layer_pass))
     seconds = time.perf_counter() - t0
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     return {"layers": layers, "samples": samples, "layer_pass": layer_pass, "seconds": seconds,

@@ -133,7 +133,7 @@ def run_job(config: Path, store: Path, cache: Path, baseline: bool = False) -> d
 
 
 def _metrics(store: Path) -> dict[str, float]:
-    from ptqlab.study.store import Store
+    from ptqlab.store import Store
 
     (record,) = Store(str(store)).list_runs()
     return {m.name: m.value for m in record.metrics} | {f"time.{k}": v for k, v in record.timings.items()}

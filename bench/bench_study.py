@@ -103,7 +103,7 @@ def sweep(folder: Path, cache: Path, sets: list[str], limit: int | None, *extra:
 
 def records(store: Path) -> dict[str, Any]:
     """The runs of a store by id, with their window NLLs (none when the store was never written)."""
-    from ptqlab.study.store import Store
+    from ptqlab.store import Store
 
     if not store.exists():
         return {}
@@ -209,7 +209,7 @@ def part_b(work: Path, limit: int | None) -> dict[str, Any]:
     """
     from ptqlab.models.loading import model_fingerprint
     from ptqlab.report.runs import zq_class
-    from ptqlab.study.identity import run_id
+    from ptqlab.store import run_id
 
     print("part b: adaptive against full evaluation", flush=True)
     cache = work / "a-sweep" / "cache"

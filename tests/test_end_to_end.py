@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ptqlab.cli import main
-from ptqlab.study.store import Store
+from ptqlab.store import Store
 from ptqlab.threads import thread_ceiling
 
 STORIES = {
@@ -137,12 +137,12 @@ def test_bad_input_one_clear_error_and_nothing_stored(tmp_path, capsys, label, m
 
 
 def test_failure_while_running_is_stored_with_reason(tmp_path, capsys, monkeypatch):
-    import ptqlab.study.worker as worker
+    import ptqlab.study.resident as resident
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("simulated crash in layer 3")
 
-    monkeypatch.setattr(worker, "quantize", boom)
+    monkeypatch.setattr(resident, "quantize_or_restore", boom)
     db = str(tmp_path / "s.db")
     code, out, _ = _cli(capsys, "--store", db, "run", _write(tmp_path, STORIES), "--json", "--quiet")
     run = json.loads(out)

@@ -22,19 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compile import compile_evaluate, compile_scheme
-from .compile import plan_quantization as _plan
+from .compile import compile_evaluate, compile_quantization, compile_scheme
 from .errors import ConfigError
 from .eval import EvalPlan, Evaluation, Reference, build_reference
 from .eval import evaluate as _evaluate
 from .eval.reference import self_reference
 from .pipeline.driver import QuantizeReport
-from .pipeline.plan import QuantizationPlan
+from .pipeline.plan import QuantizationPlan, RunOptions
 from .pipeline.quantize import is_quantized
 from .pipeline.quantize import quantize as _quantize
 from .schema import Calibration, Evaluate, Scheme
+from .store import Store
 from .study.executors import Executor, LocalExecutor, ProcessExecutor
-from .study.store import Store
 from .study.sweep import load_sweep
 from .study.sweeper import SweepSummary, plan_sweep, run_sweep
 
@@ -58,14 +57,19 @@ def plan_quantization(
         DataError: Calibration text missing, empty or too short.
 
     """
-    return _plan(model, compile_scheme(scheme, recipe), calibration, tokenizer)
+    return compile_quantization(model, compile_scheme(scheme, recipe), calibration, tokenizer)
 
 
 def run_quantization(
-    model: nn.Module, plan: QuantizationPlan, device: torch.device | str | None = None, progress: bool = True
+    model: nn.Module, plan: QuantizationPlan, device: torch.device | str | None = None, progress: bool = True,
+    *, options: RunOptions = RunOptions(),
 ) -> QuantizeReport:
-    """Quantize ``model`` in place according to a prepared plan (see :func:`ptqlab.pipeline.quantize.quantize`)."""
-    return _quantize(model, plan, device=device, progress=progress)
+    """Quantize ``model`` in place according to a prepared plan (see :func:`ptqlab.pipeline.quantize.quantize`).
+
+    ``options`` (:class:`ptqlab.pipeline.plan.RunOptions`) say how it runs: the calibration's layer pass and
+    memory budget, where spilled hidden states go, whether the report keeps each linear's grid.
+    """
+    return _quantize(model, plan, device=device, progress=progress, options=options)
 
 
 def quantize(

@@ -11,7 +11,7 @@ Compiling has two stages, each done once:
    as it is.
 
 The Python API compiles its ``scheme`` / ``recipe`` / ``calibration`` / ``evaluate`` arguments through
-the same functions (:func:`compile_scheme`, :func:`plan_quantization`).
+the same functions (:func:`compile_scheme`, :func:`compile_quantization`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .pipeline.plan import (
     LinearTarget,
     Override,
     QuantizationPlan,
+    RunOptions,
     check_recipe_shapes,
     plan_activations,
     plan_weights,
@@ -88,10 +89,18 @@ class CompiledConfig:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What a run executes (stage 2): the quantization and the evaluation, both checked against the model."""
+    """What a run executes (stage 2): the quantization and the evaluation, both checked against the model.
+
+    Attributes:
+        quantization: What is quantized, on what data.
+        evaluation: What is measured.
+        options: How the quantization runs (``runtime``'s layer pass, memory budget, offload directory).
+
+    """
 
     quantization: QuantizationPlan
     evaluation: EvalPlan
+    options: RunOptions = RunOptions()
 
 
 def compile_scheme(scheme: Scheme | Mapping[str, Any] | None, recipe: Sequence[Mapping[str, Any]] = ()) -> SchemeSpec:
@@ -147,7 +156,7 @@ def compile_config(cfg: RunConfig) -> CompiledConfig:
     return compiled
 
 
-def plan_quantization(
+def compile_quantization(
     model: nn.Module,
     scheme: SchemeSpec,
     calibration: torch.Tensor | Calibration | Mapping[str, Any] | None = None,
@@ -177,8 +186,8 @@ def plan_quantization(
     _check_codebooks(targets, scheme.recipe)
     for transform in scheme.recipe.model_transforms:
         transform.check(model, adapter)
-    plan = QuantizationPlan(adapter, targets, scheme.recipe, None, 8, activations, scheme.attention, scheme.kv,
-                            kv_tokens, outliers=scheme.outliers)
+    plan = QuantizationPlan(adapter=adapter, targets=targets, recipe=scheme.recipe, activations=activations,
+                            attention=scheme.attention, kv=scheme.kv, kv_tokens=kv_tokens, outliers=scheme.outliers)
     if not plan.needs_calibration:
         return plan
     if calibration is None:
@@ -186,14 +195,12 @@ def plan_quantization(
             "scheme.outliers needs" if plan.outliers is not None else "static activation ranges need")
         raise ConfigError(f"{what} calibration data, but none was given")
     if isinstance(calibration, torch.Tensor):
-        plan.calibration = calibration
-        return plan
+        return dataclasses.replace(plan, calibration=calibration)
     cal = coerce(Calibration, calibration, "calibration")
     if tokenizer is None:
         raise ConfigError("calibration given as a config needs the tokenizer")
-    plan.calibration = calibration_windows(tokenizer, cal.dataset, cal.samples, cal.seqlen, cal.seed, cal.path)
-    plan.batch_size = cal.batch_size
-    return plan
+    windows = calibration_windows(tokenizer, cal.dataset, cal.samples, cal.seqlen, cal.seed, cal.path)
+    return dataclasses.replace(plan, calibration=windows, batch_size=cal.batch_size)
 
 
 _CODEBOOK_STEPS = frozenset({"rtn", "gptq", "squeezellm", "lorc"})
@@ -213,18 +220,18 @@ def bind(compiled: CompiledConfig, model: nn.Module, tokenizer: Any) -> RunPlan:
     """Stage 2: check the compiled configuration against the loaded model and prepare its data.
 
     Raises:
-        ConfigError: See :func:`plan_quantization` and :func:`ptqlab.eval.plan.plan_evaluation`.
+        ConfigError: See :func:`compile_quantization` and :func:`ptqlab.eval.plan.plan_evaluation`.
         DataError: A calibration or evaluation text missing or too short.
 
     """
     cfg = compiled.config
-    quantization = plan_quantization(model, compiled.scheme, cfg.calibration, tokenizer, cfg.evaluate.seqlen)
-    quantization.layer_pass = cfg.runtime.layer_pass
-    quantization.max_memory = None if cfg.runtime.max_memory is None else parse_size(cfg.runtime.max_memory)
-    quantization.offload_dir = cfg.runtime.offload_dir
+    quantization = compile_quantization(model, compiled.scheme, cfg.calibration, tokenizer, cfg.evaluate.seqlen)
+    rt = cfg.runtime
+    max_memory = None if rt.max_memory is None else parse_size(rt.max_memory)
+    options = RunOptions(layer_pass=rt.layer_pass, max_memory=max_memory, offload_dir=rt.offload_dir)
     evaluation = plan_evaluation(cfg.evaluate, tokenizer, model)
     return_freed()  # the tokenizer's transient buffers (about 170 MB for wikitext2's test split)
-    return RunPlan(quantization, evaluation)
+    return RunPlan(quantization, evaluation, options)
 
 
 def compile_evaluate(evaluate: Evaluate | Mapping[str, Any] | None, tokenizer: Any, model: nn.Module) -> EvalPlan:

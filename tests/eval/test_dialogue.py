@@ -18,8 +18,8 @@ from ptqlab.compile import compile_config
 from ptqlab.errors import ConfigError, DataError
 from ptqlab.eval.dialogue import BUILTIN, load_conversations, run_dialogue
 from ptqlab.models.loading import load_model
+from ptqlab.store import Store
 from ptqlab.study.config import parse_config
-from ptqlab.study.store import Store
 from ptqlab.study.worker import Worker
 
 KEY = "sk-test-do-not-store-7f3a"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ptqlab.eval.calibration import bin_index, choice_confidence, reliability, task_reliability
+from ptqlab.eval.calibration_error import bin_index, choice_confidence, reliability, task_reliability
 
 
 def test_confidence_is_the_top_normalized_choice_probability() -> None:

@@ -16,12 +16,13 @@ from typing import Any
 import lm_eval
 import pytest
 import yaml
+from task_items import run_tasks
 
 import ptqlab
 from ptqlab.errors import ConfigError
 from ptqlab.eval import task_yaml
 from ptqlab.eval import tasks as T
-from ptqlab.eval.calibration import choice_confidence, reliability
+from ptqlab.eval.calibration_error import choice_confidence, reliability
 from ptqlab.models.loading import load_model
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
@@ -91,7 +92,7 @@ def test_gsm8k_exact_match_of_the_extracted_answer(stories, tmp_path: Path) -> N
     task_dir = _gsm8k_dir(tmp_path)
     with pytest.raises(ConfigError, match="5 examples per item for task 'gsm8k'.* holds 3"):
         T.check_tasks(["gsm8k"], task_dir, [None])  # gsm8k's own count is 5: past the local train split
-    res = T.run_tasks(stories.model, stories.tokenizer, ["gsm8k"], num_fewshot=2, tasks_dir=task_dir)
+    res = run_tasks(stories.model, stories.tokenizer, ["gsm8k"], num_fewshot=2, tasks_dir=task_dir)
     tm = TaskManager(include_path=str(task_dir), include_defaults=False)
     direct = simple_evaluate(model=HFLM(pretrained=stories.model, tokenizer=stories.tokenizer), tasks=["gsm8k"],
                              num_fewshot=2, task_manager=tm, log_samples=True, bootstrap_iters=0, random_seed=0,
@@ -106,7 +107,7 @@ def test_gsm8k_exact_match_of_the_extracted_answer(stories, tmp_path: Path) -> N
 
 def test_truthfulqa_mc1_and_mc2_with_self_calibration(stories, tmp_path: Path) -> None:
     """truthfulqa_mc1 is scored right or wrong (with an ECE); mc2 is the probability mass of the true answers."""
-    res = T.run_tasks(stories.model, stories.tokenizer, ["truthfulqa_mc1", "truthfulqa_mc2"],
+    res = run_tasks(stories.model, stories.tokenizer, ["truthfulqa_mc1", "truthfulqa_mc2"],
                       tasks_dir=_truthfulqa_dir(tmp_path))
     mc1, mc2 = res.loglik["truthfulqa_mc1"], res.loglik["truthfulqa_mc2"]
     assert [len(x) for x in mc1] == [3, 2, 3] and [len(x) for x in mc2] == [3, 3, 3]
@@ -179,7 +180,7 @@ def punkt_tab(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
 
 @pytest.mark.skipif(bool(IFEVAL_PACKAGES), reason=f"ifeval needs {', '.join(IFEVAL_PACKAGES)} (the dev extra has them)")
 def test_ifeval_instruction_following(stories, tmp_path: Path, punkt_tab: Path) -> None:
-    res = T.run_tasks(stories.model, stories.tokenizer, ["ifeval"], tasks_dir=_ifeval_dir(tmp_path))
+    res = run_tasks(stories.model, stories.tokenizer, ["ifeval"], tasks_dir=_ifeval_dir(tmp_path))
     metrics = res.metrics["ifeval"]
     assert {"prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc"} <= set(metrics)
     response = res.choice["ifeval"][0]

@@ -144,7 +144,7 @@ def test_fp_answers_are_cached_per_count(stories, tmp_path: Path) -> None:
 def test_quantized_run_stores_the_curve_and_reliability(tmp_path: Path, monkeypatch, capsys) -> None:
     """``ptqlab run`` with a list of counts: per-count metrics against the FP answers, reliability stored."""
     from ptqlab.cli import main
-    from ptqlab.study.store import Store
+    from ptqlab.store import Store
 
     monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))
     cfg = {"model": "stories260k", "scheme": {"weight": {"bits": 3, "granularity": "channel"}},

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from task_items import ITEMS
+from task_items import ITEMS, run_tasks
 
 from ptqlab.errors import ConfigError
 from ptqlab.eval import tasks as T
@@ -41,7 +41,7 @@ def test_user_task_matches_lm_eval_run_directly(stories, tmp_path: Path) -> None
     from lm_eval.tasks import TaskManager
 
     task_dir = _task_dir(tmp_path)
-    ours = T.run_tasks(stories.model, stories.tokenizer, ["mytask"], tasks_dir=task_dir)
+    ours = run_tasks(stories.model, stories.tokenizer, ["mytask"], tasks_dir=task_dir)
     direct = simple_evaluate(model=HFLM(pretrained=stories.model, tokenizer=stories.tokenizer), tasks=["mytask"],
                              task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
                              bootstrap_iters=1000)

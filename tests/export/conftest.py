@@ -27,7 +27,7 @@ def quantized_here() -> Callable[[dict], nn.Module]:
         cfg = parse_config(data)
         loaded = load_model(cfg.model, cfg.dtype, "cpu")
         plan = bind(compile_config(cfg), loaded.model, loaded.tokenizer)
-        quantize(loaded.model, plan.quantization, progress=False)
+        quantize(loaded.model, plan.quantization, progress=False, options=plan.options)
         return loaded.model.eval()
 
     return make

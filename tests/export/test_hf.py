@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from transformers import AutoModelForCausalLM
 from ptqlab.cli import main
 from ptqlab.errors import ConfigError
 from ptqlab.export.run import export_config
+from ptqlab.store import Store
 from ptqlab.study.config import parse_config
-from ptqlab.study.store import Store
 
 BASE = {"model": "stories260k", "device": "cpu",
         "scheme": {"weight": {"bits": 4, "granularity": "group", "group_size": 4, "symmetric": False}},
@@ -117,3 +118,37 @@ def test_an_explicit_scale_op_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="explicit scale op"):
             export_config(parse_config(cfg), fmt, tmp_path / fmt, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_a_run_with_an_export_section_quantizes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export reads the quantized model the run kept (with its grids): one quantization pass in all."""
+    import ptqlab.pipeline.quantize as pq
+
+    monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))
+    passes: list[int] = []
+    real = pq.quantize_weights
+
+    def counted(*args: object, **kwargs: object) -> None:
+        passes.append(1)
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pq, "quantize_weights", counted)
+    config, store = tmp_path / "run.yaml", tmp_path / "runs.db"
+    packed = tmp_path / "packed"
+    config.write_text(yaml.safe_dump(BASE | {"export": {"format": "compressed-tensors", "out": str(packed)}}))
+    assert main(["run", str(config), "--store", str(store), "--quiet"]) == 0
+    assert len(passes) == 1
+    (record,) = Store(str(store)).list_runs()
+    plain = tmp_path / "plain"
+    assert main(["export", record.id, "--format", "hf", "--out", str(plain), "--store", str(store), "--quiet"]) == 0
+    assert len(passes) == 1  # a stored run is exported from the store, not quantized again
+    assert main(["run", str(config), "--store", str(store), "--quiet", "--no-reuse"]) == 2  # out exists: no work
+    assert len(passes) == 1
+    shutil.rmtree(packed)
+    assert main(["run", str(config), "--store", str(store), "--quiet", "--no-reuse"]) == 0
+    assert len(passes) == 2  # --no-reuse quantizes again, and the export reads what that run kept
+    weights = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).state_dict()
+    ours = export_config(parse_config(BASE), "hf", tmp_path / "again", progress=False)
+    assert len(passes) == 2 and ours.run_id == record.id
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32).state_dict()
+    assert all(torch.equal(again[name], t) for name, t in weights.items())

@@ -26,6 +26,8 @@ class _KeepWeights:
 
     kind = "quantizer"
     needs_calibration = True
+    permutes_columns = False
+    min_tokens = 1
 
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         return WeightResult(W.float(), W.float(), RTN().quantize(W, spec).qparams)
@@ -40,7 +42,8 @@ def test_awq_scaling_keeps_the_fp_output(family: str) -> None:
     targets = plan_weights(model, adapter, {"bits": 3, "granularity": "channel"})
     recipe = Recipe(quantizer=_KeepWeights(), layer_transforms=(AWQScale(AWQConfig(grid=10)),), steps=["awq"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    run_plan(model, QuantizationPlan(adapter, targets, recipe, CAL), progress=False)
+    plan = QuantizationPlan(adapter=adapter, targets=targets, recipe=recipe, calibration=CAL)
+    run_plan(model, plan, progress=False)
     changed = [k for k, v in model.state_dict().items() if k not in before or not torch.equal(before[k], v)]
     assert changed, "no scale was folded"
     with torch.no_grad():

@@ -23,6 +23,8 @@ class HalfStepRTN:
 
     kind: ClassVar[str] = "quantizer"
     needs_calibration: ClassVar[bool] = False
+    permutes_columns: ClassVar[bool] = False  # the capabilities every quantizer declares
+    min_tokens: ClassVar[int] = 1
     calls: ClassVar[list[int]] = []
     shift: float = 0.0
 

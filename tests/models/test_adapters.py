@@ -13,24 +13,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from ptqlab.errors import UnsupportedModelError
-from ptqlab.models import (
-    ADAPTERS,
-    Adapter,
-    ExpertLinear,
-    LinearGroup,
-    fused_qkv_rows,
-    get_adapter,
-    in_features,
-    input_site,
-    out_features,
-    prev_rows_read,
-    register_input_hook,
-    set_weight_matrix,
-    stored_transposed,
-    supported_classes,
-    weight_matrix,
-)
-from ptqlab.models.adapter import FusedQKV
+from ptqlab.models.adapter import Adapter, FusedQKV, LinearGroup
+from ptqlab.models.experts import ExpertLinear
+from ptqlab.models.families import ADAPTERS
+from ptqlab.models.heads import fused_qkv_rows, prev_rows_read
+from ptqlab.models.inputs import input_site, register_input_hook
+from ptqlab.models.registry import get_adapter, supported_classes
+from ptqlab.models.weights import in_features, out_features, set_weight_matrix, stored_transposed, weight_matrix
 from ptqlab.testing import (
     TINY_FAMILIES,
     TINY_MOE_FAMILIES,

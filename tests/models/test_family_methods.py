@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -16,7 +17,9 @@ from ptqlab.api import plan_quantization, quantize, run_quantization
 from ptqlab.errors import ConfigError
 from ptqlab.methods.base import WeightResult
 from ptqlab.methods.rtn import RTN
-from ptqlab.models import get_adapter, input_site, register_input_hook, set_weight_matrix, weight_matrix
+from ptqlab.models.inputs import input_site, register_input_hook
+from ptqlab.models.registry import get_adapter
+from ptqlab.models.weights import set_weight_matrix, weight_matrix
 from ptqlab.quant.spec import QuantSpec
 from ptqlab.testing import tiny_model
 
@@ -56,7 +59,8 @@ def test_gptq_quantizes_every_linear_of_every_layer(family: str) -> None:
     ids = _ids()
     ref = _logits(model, ids)
     plan = plan_quantization(model, {"weight": {"bits": 4}}, [{"gptq": {}}], CAL)
-    plan.batch_size = 3  # two chunks (3 + 1): the sequential pass waits for both at every group
+    # two chunks (3 + 1): the sequential pass waits for both at every group
+    plan = dataclasses.replace(plan, batch_size=3)
     report = run_quantization(model, plan, progress=False)
     names = {f"{adapter.layers_path}.{li}.{rel}" for li in range(2) for rel in adapter.linear_names()}
     assert {r.module for r in report.records} == names
@@ -95,7 +99,11 @@ class _Recording:
 
     @property
     def min_tokens(self) -> int:
-        return int(getattr(self.inner, "min_tokens", 1))
+        return int(self.inner.min_tokens)
+
+    @property
+    def permutes_columns(self) -> bool:
+        return bool(self.inner.permutes_columns)
 
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         result = self.inner.quantize(W, spec, H)
@@ -186,6 +194,8 @@ class _KeepWeights:
 
     kind: ClassVar[str] = "quantizer"
     needs_calibration: ClassVar[bool] = True
+    permutes_columns: ClassVar[bool] = False
+    min_tokens: ClassVar[int] = 1
 
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         return WeightResult(W.float(), W.float(), RTN().quantize(W, spec).qparams)

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, XGLMConfig
 
 from ptqlab.data.corpora import TINYSTORIES_SAMPLE, asset_path
 from ptqlab.errors import ConfigError, ModelLoadError, UnsupportedModelError
-from ptqlab.models import fingerprint_files, get_adapter, load_model, resolve_device
 from ptqlab.models import loading as loading_mod
-from ptqlab.models.loading import stories260k_dir
+from ptqlab.models.loading import fingerprint_files, load_model, resolve_device, stories260k_dir
+from ptqlab.models.registry import get_adapter
 from ptqlab.testing import tiny_model
 
 STORIES_FINGERPRINT = "1044992-407a7c581bdd66972383ce9ad24857713fb98786d06ea564a2fe9b34ebe77dfd"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,10 @@ from ptqlab.errors import ConfigError, DataError, UnsupportedModelError
 from ptqlab.methods.base import relative_output_error
 from ptqlab.methods.gptq import GPTQ, GPTQConfig
 from ptqlab.methods.rtn import RTN
-from ptqlab.models import ExpertLinear, get_adapter, weight_matrix, weight_parameter
+from ptqlab.models.experts import ExpertLinear
+from ptqlab.models.registry import get_adapter
+from ptqlab.models.weights import weight_matrix, weight_parameter
+from ptqlab.pipeline.plan import RunOptions
 from ptqlab.quant.size import weight_storage_bits
 from ptqlab.quant.spec import QuantSpec
 from ptqlab.testing import EXPERTS, TINY_MOE_FAMILIES, tiny_config, tiny_model
@@ -153,6 +157,10 @@ class _Recording:
     def min_tokens(self) -> int:
         return self.inner.min_tokens
 
+    @property
+    def permutes_columns(self) -> bool:
+        return self.inner.permutes_columns
+
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> Any:
         assert H is not None
         self.hessians.append(H.clone())
@@ -189,7 +197,7 @@ def test_gptq_hessians_come_from_the_routed_tokens_only(
     model = tiny_model(family)
     plan = plan_quantization(model, {"weight": {"bits": 4}, "overrides": ONLY_LAYER0_EXPERTS},
                              [{"gptq": {"min_tokens": min_tokens}}], CAL)
-    plan.batch_size = 3  # two chunks: 3 windows, then 1
+    plan = dataclasses.replace(plan, batch_size=3)  # two chunks: 3 windows, then 1
     recorder = _Recording(GPTQ(GPTQConfig(min_tokens=min_tokens)))
     plan.recipe.quantizer = recorder
     spec = plan.targets[0].spec
@@ -293,10 +301,9 @@ def test_per_group_passes_give_the_one_pass_weights_with_an_expert_no_token_reac
     for layer_pass in ("one", "per_group"):
         model = tiny_model("mixtral")
         plan = plan_quantization(model, {"weight": {"bits": 3}}, [{"gptq": {}}], CAL)
-        plan.batch_size = 3
-        plan.layer_pass = layer_pass
+        plan = dataclasses.replace(plan, batch_size=3)
         with _forced_routing(model):
-            report = run_quantization(model, plan, progress=False)
+            report = run_quantization(model, plan, progress=False, options=RunOptions(layer_pass=layer_pass))
         assert {r.module for r in report.records if r.fallback} == {
             f"model.layers.{li}.mlp.experts.3.{m}" for li in range(2) for m in ("gate_up_proj", "down_proj")}
         states.append(model.state_dict())
@@ -361,7 +368,8 @@ def test_static_ranges_need_a_calibration_token_at_every_expert() -> None:
     scheme = {"activation": {"bits": 8, "granularity": "tensor", "dynamic": False}, "outliers": {"fraction": 0.05}}
     model = tiny_model("mixtral")
     plan = plan_quantization(model, scheme, [], CAL)
-    plan.batch_size = 1  # 4 chunks a pass: expert 3 gets tokens in the first only, expert 1 in the others only
+    # 4 chunks a pass: expert 3 gets tokens in the first only, expert 1 in the others only
+    plan = dataclasses.replace(plan, batch_size=1)
     with _forced_routing(model, reach_3_every=4):
         report = run_quantization(model, plan, progress=False)
     assert report.runtime is not None and report.runtime.activations is not None
@@ -386,11 +394,11 @@ def test_a_dense_layer_among_sparse_ones_is_refused() -> None:
 
 def test_streaming_and_compressed_tensors_export_refuse_fused_experts() -> None:
     from ptqlab.export.compressed import check_compressed
-    from ptqlab.pipeline.stream import check_streamable
+    from ptqlab.pipeline.stream import check_quantization_streamable
 
     model = tiny_model("mixtral")
     plan = plan_quantization(model, {"weight": {"bits": 4, "granularity": "channel"}})
     with pytest.raises(ConfigError, match="runtime.stream: family mixtral"):
-        check_streamable(plan)
+        check_quantization_streamable(plan)
     with pytest.raises(ConfigError, match="compressed-tensors export of fused mixture-of-experts"):
         check_compressed(plan)

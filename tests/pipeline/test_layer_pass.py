@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from ptqlab.api import plan_quantization, run_quantization
 from ptqlab.models.registry import get_adapter
 from ptqlab.pipeline import budget
+from ptqlab.pipeline.plan import RunOptions
 from ptqlab.pipeline.sequential import run_group_passes
 from ptqlab.testing import TINY_FAMILIES, tiny_model
 
@@ -17,10 +20,8 @@ SCHEME = {"weight": {"bits": 3, "granularity": "group", "group_size": 16}}
 
 def _quantized(family: str, recipe: list[dict], layer_pass: str) -> tuple[dict[str, torch.Tensor], list]:
     model = tiny_model(family).eval()
-    plan = plan_quantization(model, SCHEME, recipe, CAL)
-    plan.batch_size = 2  # three chunks
-    plan.layer_pass = layer_pass
-    report = run_quantization(model, plan, progress=False)
+    plan = dataclasses.replace(plan_quantization(model, SCHEME, recipe, CAL), batch_size=2)  # three chunks
+    report = run_quantization(model, plan, progress=False, options=RunOptions(layer_pass=layer_pass))
     return {k: v.clone() for k, v in model.state_dict().items()}, [r.rel_error for r in report.records]
 
 
@@ -74,19 +75,18 @@ def test_per_group_passes_stop_each_chunk_and_apply_groups_in_forward_order() ->
 
 def test_auto_takes_a_pass_per_group_when_the_held_chunks_would_not_fit(monkeypatch) -> None:
     model = tiny_model("llama").eval()
-    plan = plan_quantization(model, SCHEME, [{"gptq": {}}], CAL)
     layer = get_adapter(model).layers(model)[0]
     hidden = [torch.zeros(2, 24, model.config.hidden_size) for _ in range(3)]
     held = budget.held_bytes(layer, hidden)
     widest = max(model.config.intermediate_size, model.config.hidden_size)
     assert held == 6 * 24 * (widest + 4 * model.config.hidden_size) * 4
     monkeypatch.setattr(budget, "resident_bytes", lambda: 1000)
-    plan.max_memory = 1000 + 2 * held + 2
-    assert budget.per_group_passes(plan, layer, hidden) is False
-    plan.max_memory = 1000 + 2 * held - 2
-    assert budget.per_group_passes(plan, layer, hidden) is True
-    plan.layer_pass = "one"
-    assert budget.per_group_passes(plan, layer, hidden) is False
+    options = RunOptions(max_memory=1000 + 2 * held + 2)
+    assert budget.per_group_passes(options, layer, hidden) is False
+    options = dataclasses.replace(options, max_memory=1000 + 2 * held - 2)
+    assert budget.per_group_passes(options, layer, hidden) is True
+    options = dataclasses.replace(options, layer_pass="one")
+    assert budget.per_group_passes(options, layer, hidden) is False
 
 
 def test_hidden_states_past_the_budget_are_memory_mapped(monkeypatch, tmp_path, caplog) -> None:
@@ -96,8 +96,8 @@ def test_hidden_states_past_the_budget_are_memory_mapped(monkeypatch, tmp_path, 
     one, _ = _quantized("llama", [{"gptq": {}}], "one")
     monkeypatch.setattr(budget, "resident_bytes", lambda: 1000)
     model = tiny_model("llama").eval()
-    plan = plan_quantization(model, SCHEME, [{"gptq": {}}], CAL)
-    plan.batch_size, plan.layer_pass, plan.max_memory, plan.offload_dir = 2, "auto", 1001, str(tmp_path)
+    plan = dataclasses.replace(plan_quantization(model, SCHEME, [{"gptq": {}}], CAL), batch_size=2)
+    options = RunOptions(layer_pass="auto", max_memory=1001, offload_dir=str(tmp_path))
     kept: list[int] = []
     real = budget.HiddenSpill.keep
 
@@ -109,7 +109,7 @@ def test_hidden_states_past_the_budget_are_memory_mapped(monkeypatch, tmp_path, 
 
     monkeypatch.setattr(budget.HiddenSpill, "keep", keep)
     with caplog.at_level(logging.INFO, logger="ptqlab.pipeline.budget"):
-        run_quantization(model, plan, progress=False)
+        run_quantization(model, plan, progress=False, options=options)
     assert "memory-mapped files" in caplog.text and "a pass per linear group" in caplog.text
     assert kept == [3] * (1 + len(get_adapter(model).layers(model)))  # the captured inputs, then each layer's
     assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,7 @@ from ptqlab.methods.rtn import RTN
 from ptqlab.models.loading import load_model
 from ptqlab.pipeline.outliers import quantize_decomposed
 from ptqlab.pipeline.quantize import quantize
-from ptqlab.pipeline.stream import check_streamable
+from ptqlab.pipeline.stream import check_quantization_streamable
 from ptqlab.quant.outliers import INDEX_BITS, OutlierRule
 from ptqlab.quant.size import bits_per_element
 from ptqlab.quant.spec import QuantSpec
@@ -134,4 +134,4 @@ def test_a_reused_quantized_model_gets_its_fp16_columns_back(tmp_path: Path, mon
 def test_streaming_refuses_the_whole_model_pass() -> None:
     _, _, plan = _planted()
     with pytest.raises(ConfigError, match="scheme.outliers"):
-        check_streamable(plan.quantization)
+        check_quantization_streamable(plan.quantization)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ def test_gptq_pass_outputs_match_a_plain_forward_of_the_quantized_model(family):
     adapter = get_adapter(model)
     ids = _calib(model)
     plan = plan_quantization(model, {"weight": {"bits": 4}}, [{"gptq": {}}], ids)
-    plan.batch_size = 4  # two chunks of different size: 4 + 2
+    plan = dataclasses.replace(plan, batch_size=4)  # two chunks of different size: 4 + 2
     report = run_quantization(model, plan, progress=False)
     n_lin = len(adapter.linear_names()) * len(adapter.layers(model))
     assert len(report.records) == n_lin
@@ -51,7 +53,7 @@ def test_sequential_pass_feeds_quantized_outputs_forward():
     layers = adapter.layers(model)
     ids = _calib(model, n=4)
     plan = plan_quantization(model, {"weight": {"bits": 3}}, [{"gptq": {}}], ids)
-    plan.batch_size = 2
+    plan = dataclasses.replace(plan, batch_size=2)
     from ptqlab.pipeline import sequential
 
     seen = []

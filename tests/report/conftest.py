@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from report_testutil import build_store
 
-from ptqlab.study.store import Store
+from ptqlab.store import Store
 
 
 @pytest.fixture

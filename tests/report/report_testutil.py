@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ptqlab.metrics import Metric
-from ptqlab.study.store import RunRecord, Store
+from ptqlab.store import RunRecord, Store
 
 FP_PPL = {"wikitext2": 20.0, "ptb_new": 30.0, "c4local_new": 25.0}
 FP_NOISE = (-0.02, 0.01, 0.0, 0.01)  # FP window NLLs around log(ppl)

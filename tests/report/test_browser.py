@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from ptqlab.report import write_report
-from ptqlab.study.store import Store
+from ptqlab.store import Store
 
 PACKAGES = ["chromium", "chromium-driver"]  # Debian's browser and its WebDriver
 

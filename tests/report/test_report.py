@@ -21,7 +21,7 @@ from ptqlab.report.plots import pareto_front, sensitivity_grid
 from ptqlab.report.render import to_csv, to_latex
 from ptqlab.report.select import apply_filter, parse_filter
 from ptqlab.report.tables import build_tables
-from ptqlab.study.store import Store
+from ptqlab.store import Store
 
 D = {r["rid"]: r.get("d", 0.0) for r in RUNS}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from ptqlab.errors import ConfigError
+from ptqlab.store import qmodel_key, run_id
 from ptqlab.study.config import load_config, parse_config
-from ptqlab.study.identity import qmodel_key, run_id
 
 BASE = {"model": "stories260k", "scheme": {"weight": {"bits": 4}}, "recipe": [{"gptq": {"damp": 0.01}}]}
 
@@ -91,7 +91,7 @@ def test_a_config_is_compiled_once(monkeypatch):
 
 def test_kept_quantized_weights_are_keyed_by_the_code_that_made_them(monkeypatch, tmp_path):
     """A change to ptqlab's code (a method fixed) must not reuse weights the old code quantized."""
-    from ptqlab.study import identity
+    from ptqlab.store import identity
 
     base = {"model": "stories260k", "scheme": {"weight": {"bits": 4}}}
     w4, w4a8 = parse_config(base), parse_config({**base, "scheme": {"weight": {"bits": 4}, "activation": {"bits": 8}}})

@@ -14,9 +14,9 @@ import pytest
 
 from ptqlab.errors import ConfigError
 from ptqlab.models.loading import model_fingerprint
+from ptqlab.store import run_id
 from ptqlab.study.config import parse_config
 from ptqlab.study.executors import LocalExecutor, Task, TaskResult
-from ptqlab.study.identity import run_id
 from ptqlab.study.ray_executor import RayExecutor, _host_port  # imports ray only when an executor is made
 
 # Only the tests that start or join a cluster need ray; the address parsing and the error without ray do not.

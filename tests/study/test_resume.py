@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from ptqlab.cli import main
+from ptqlab.store import KILL_AT_ENV, Store
 from ptqlab.study.config import parse_config
 from ptqlab.study.executors import LocalExecutor
-from ptqlab.study.store import KILL_AT_ENV, Store
 from ptqlab.study.sweep import load_sweep
 from ptqlab.study.sweeper import plan_sweep, run_sweep
 from ptqlab.study.worker import Worker

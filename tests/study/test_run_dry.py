@@ -10,9 +10,9 @@ import yaml
 
 from ptqlab.cli import main
 from ptqlab.errors import ConfigError
-from ptqlab.eval import reference, suite
+from ptqlab.eval import access, reference
 from ptqlab.schema import DEFAULT_EVALUATIONS, parse_config
-from ptqlab.study.store import Store
+from ptqlab.store import Store
 
 QUESTIONS = [
     {"text": "The cat sat on the", "options": ["mat", "seven"], "answer": 0},
@@ -52,7 +52,7 @@ def counted(monkeypatch) -> list[int]:
             return fn(*args, **kwargs)
         return inner
 
-    monkeypatch.setattr(suite, "perplexity", wrap(suite.perplexity))
+    monkeypatch.setattr(access, "perplexity", wrap(access.perplexity))
     monkeypatch.setattr(reference, "perplexity", wrap(reference.perplexity))
     return calls
 

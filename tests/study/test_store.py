@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from ptqlab.study.store import Metric, RunRecord, Store
+from ptqlab.store import Metric, RunRecord, Store
 
 
 def _run(rid="abc123", status="done"):

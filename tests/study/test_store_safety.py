@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ptqlab.errors import StoreError
-from ptqlab.study.store import SCHEMA_VERSION, Metric, RunRecord, Store
+from ptqlab.store import SCHEMA_VERSION, Metric, RunRecord, Store
 
 
 def _run(rid: str = "r1") -> RunRecord:

@@ -19,8 +19,7 @@ from ptqlab.errors import ConfigError, ModelLoadError
 from ptqlab.models.loading import stories260k_dir
 from ptqlab.models.shards import Checkpoint
 from ptqlab.schema import parse_config
-from ptqlab.study.identity import run_id
-from ptqlab.study.store import Store
+from ptqlab.store import Store, run_id
 from ptqlab.study.streamed import choose_stream
 
 HERE = Path(__file__).resolve().parent
@@ -266,3 +265,40 @@ def test_force_reuses_the_kept_model_and_no_reuse_quantizes_again(small: Path, t
         timings.append(record.timings)
     assert [t.get("qmodel_reused") for t in timings] == [None, 1.0, None]
     assert "quantize_s" in timings[2] and "quantize_s" not in timings[1]
+
+
+def test_a_streamed_run_is_exported_from_its_checkpoint(small: Path, tmp_path: Path, cache: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export:` of a streamed run copies its quantized checkpoint: never loaded whole, never quantized again."""
+    from safetensors.torch import load_file
+
+    import ptqlab.export.run as export_run
+    import ptqlab.study.streamed as streamed
+    from ptqlab.cli import main
+    from ptqlab.export.run import export_config
+
+    passes: list[int] = []
+    real = streamed.quantize_streamed
+
+    def counted(*args: object, **kwargs: object) -> object:
+        passes.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(streamed, "quantize_streamed", counted)
+    monkeypatch.setattr(export_run, "load_model", lambda *a, **k: pytest.fail("the streamed model was loaded whole"))
+    cfg = _config(small, tmp_path, [{"gptq": {}}], {"stream": "on", "offload_dir": str(tmp_path / "off")}, "on.yaml")
+    out = tmp_path / "hf"
+    cfg.write_text(yaml.safe_dump(yaml.safe_load(cfg.read_text()) | {"export": {"format": "hf", "out": str(out)}}))
+    assert main(["run", str(cfg), "--store", str(tmp_path / "runs.db"), "--quiet"]) == 0
+    assert len(passes) == 1
+    (written,) = (tmp_path / "off").iterdir()
+    ckpt = Checkpoint(written)
+    exported = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert set(exported) == set(ckpt.names())
+    for name, tensor in ckpt.load(sorted(exported)).items():
+        assert torch.equal(exported[name], tensor), name
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert torch.equal(loaded.model.layers[1].mlp.down_proj.weight, exported["model.layers.1.mlp.down_proj.weight"])
+    with pytest.raises(ConfigError, match="--format gguf writes from a model in memory.*runtime.stream"):
+        export_config(parse_config(yaml.safe_load(cfg.read_text())), "gguf", tmp_path / "gguf", progress=False)
+    assert len(passes) == 1 and not (tmp_path / "gguf").exists()

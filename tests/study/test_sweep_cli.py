@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ptqlab.cli import main
-from ptqlab.study.store import SCHEMA_VERSION, Store
+from ptqlab.store import SCHEMA_VERSION, Store
 
 BASE = {
     "name": "cli",

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError
-from ..study.store import Store
+from ..store import Store
 from .runs import store_path
 
 

@@ -12,7 +12,7 @@ from typing import TextIO
 
 from ..report import describe_scheme
 from ..schema import RunConfig
-from ..study.store import RunRecord, Store
+from ..store import RunRecord, Store
 
 DEFAULT_STORE = "ptqlab.db"
 

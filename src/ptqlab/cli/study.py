@@ -11,9 +11,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import ConfigError
-from ..study import cache
+from ..store import Store, cache, check_store
 from ..study.executors import Executor
-from ..study.store import Store, check_store
 from ..study.sweeper import PlannedRun, SweepPlan
 from .runs import duration as _duration
 from .runs import store_path

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..metrics import Metric, adaptive_name
 from ..schema import AdaptiveConfig
-from .perplexity import _exp, perplexity
+from .perplexity import perplexity, perplexity_of
 
 log = logging.getLogger(__name__)
 
@@ -252,11 +252,11 @@ def corpus_estimate(fp: Sequence[float], nll: Sequence[float | None]) -> float:
     same floats summed in window order), so it equals the full evaluation's value to the bit.
     """
     if all(v is not None for v in nll):
-        return _exp(sum(v for v in nll if v is not None) / len(nll))
+        return perplexity_of(sum(v for v in nll if v is not None) / len(nll))
     d = [v - f for v, f in zip(nll, fp, strict=True) if v is not None]
     if not d:
         return math.nan
-    return _exp(math.fsum(fp) / len(fp) + math.fsum(d) / len(d))
+    return perplexity_of(math.fsum(fp) / len(fp) + math.fsum(d) / len(d))
 
 
 def corpus_band(fp: Sequence[float], nll: Sequence[float | None], confidence: float) -> Band:
@@ -278,7 +278,7 @@ def corpus_band(fp: Sequence[float], nll: Sequence[float | None], confidence: fl
     d = [v - f for v, f in zip(nll, fp, strict=True) if v is not None]
     mean_fp = math.fsum(fp) / len(fp)
     lo, hi = interval(d, len(fp), confidence)
-    return _exp(mean_fp + lo), estimate, _exp(mean_fp + hi)
+    return perplexity_of(mean_fp + lo), estimate, perplexity_of(mean_fp + hi)
 
 
 def bonferroni(confidence: float, parts: int) -> float:
@@ -351,7 +351,7 @@ def outcome(corpora: Sequence[CorpusRun], config: AdaptiveConfig) -> AdaptiveOut
     """What the windows evaluated so far settle (the interval at ``config.confidence`` over all corpora)."""
     each = bonferroni(config.confidence, len(corpora))
     bands = [corpus_band(c.fp, c.nll, each) for c in corpora]
-    fp_ppl = [_exp(sum(c.fp) / c.total) for c in corpora]
+    fp_ppl = [perplexity_of(sum(c.fp) / c.total) for c in corpora]
     lo, estimate, hi = delta_interval(bands, fp_ppl)
     cls = zq_class(lo)
     return AdaptiveOutcome(

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..memory import return_freed
+from ..metrics import DIVERGENCE_KINDS
 from ..paths import cache_root
 from ..threads import fit_threads
 from .cache import entry, load_or_compute
@@ -55,6 +56,11 @@ class Divergence:
     top1: float
     top5: float
     tokens: int
+
+    def by_kind(self) -> dict[str, float]:
+        """The three measures by their kind in :data:`ptqlab.metrics.DIVERGENCE_KINDS`."""
+        values = {"kl": self.kl, "top1": self.top1, "top5": self.top5}
+        return {kind: values[kind] for kind in DIVERGENCE_KINDS}
 
 
 CHUNK = 256

@@ -45,10 +45,14 @@ class PerplexityResult:
     tokens_per_second: float
 
 
-def _exp(value: float) -> float:
-    """``math.exp`` that returns inf instead of raising on overflow (nan stays nan)."""
+def perplexity_of(mean_nll: float) -> float:
+    """The perplexity of a mean negative log-likelihood (nats per token): ``exp(mean_nll)``.
+
+    Unlike ``math.exp`` it returns inf instead of raising on overflow (a diverged model's perplexity);
+    nan stays nan.
+    """
     try:
-        return math.exp(value)
+        return math.exp(mean_nll)
     except OverflowError:
         return math.inf
 
@@ -205,11 +209,11 @@ def perplexity(
                 batch = input_ids[first : first + batch_size].to(dev, dtype=torch.int64)
                 nll.extend(batch_nll(model, batch, chunk))
                 bar.update(batch.shape[0])
-                bar.set_postfix(ppl=f"{_exp(sum(nll) / len(nll)):.4g}")
+                bar.set_postfix(ppl=f"{perplexity_of(sum(nll) / len(nll)):.4g}")
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
     tokens = n * seqlen
-    ppl = _exp(sum(nll) / n)
+    ppl = perplexity_of(sum(nll) / n)
     log.debug("%s: ppl %.4f over %d windows of %d (%.1f s)", desc, ppl, n, seqlen, seconds)
     return PerplexityResult(ppl, nll, tokens, seconds, tokens / seconds if seconds > 0 else math.inf)

@@ -13,7 +13,6 @@ one window per divergence forward), so the numbers equal the resident path's (se
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -25,42 +24,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
 from ..memory import return_freed
-from ..metrics import Metric, divergence_name, perplexity_name
 from ..models.adapter import Adapter
 from ..models.shards import Checkpoint, outer_modules, resident
 from ..nn.capture import LayerCall, capture_inputs, layer_output
 from ..threads import fit_threads
 from . import divergence as dv
-from .lm import SCORING_TEXT, Request, Score, score_logits, split_blockers
-from .perplexity import _exp, batch_nll
+from .access import TaskRun, WindowRun
+from .lm import Request, Score, score_logits, split_blockers
+from .perplexity import batch_nll, perplexity_of
 from .plan import EvalPlan
 from .reference import Reference
-from .suite import Evaluation, WindowNLL, record_tasks
+from .result import Evaluation
+from .suite import evaluate
 from .tasks import run_shots
 
 log = logging.getLogger(__name__)
-
-_NOT_STREAMED = ("long_context", "sample", "sensitivity", "adaptive", "dialogue")
-
-
-def check_streamable(plan: EvalPlan) -> None:
-    """Raise when the plan asks for an evaluation the layer-major path does not run.
-
-    Raises:
-        ConfigError: Naming the evaluations (perplexity, divergence and tasks are streamed).
-
-    """
-    ev = plan.config
-    asked = [k for k in _NOT_STREAMED if getattr(ev, k) not in (None, [], False)]
-    if ev.defaulted:  # the defaults' sample and sensitivity are left out, not an error
-        log.info("runtime.stream: the default sample and sensitivity are not run on a streamed model")
-        asked = [k for k in asked if k not in ("sample", "sensitivity")]
-    if asked:
-        raise ConfigError(f"runtime.stream: evaluate.{asked[0]} is not run on a streamed model yet (perplexity, "
-                          f"divergence and tasks are); asked: {', '.join(asked)}")
-
 
 @dataclass
 class _Set:
@@ -153,6 +132,81 @@ class LayerMajor:
         return _handing_over(self.layers, final, self.as_tuple)
 
 
+class LayerMajorModel:
+    """A model on disk, evaluated layer-major against its FP checkpoint (a :class:`~.access.ModelAccess`).
+
+    The perplexity and divergence windows run in one pass (each layer of each checkpoint read once for all
+    of them), the FP checkpoint beside the quantized one, and the pass fills the FP side of the reference.
+
+    Args:
+        model: The skeleton of the model (its parameters on the meta device).
+        adapter: Its family adapter.
+        fp: The FP checkpoint.
+        q: The quantized checkpoint (None: the FP model is evaluated as itself).
+        device: Where layers run.
+        dtype: The compute dtype.
+        progress: Show a progress bar over the layers.
+
+    """
+
+    layer_major = True
+
+    def __init__(self, model: nn.Module, adapter: Adapter, fp: Checkpoint, q: Checkpoint | None, *,
+                 device: torch.device, dtype: torch.dtype, progress: bool = True) -> None:
+        self.skeleton, self.adapter = model, adapter
+        self.sources = {"fp": fp} if q is None else {"fp": fp, "q": q}
+        self.last = "q" if q is not None else "fp"
+        self.device, self.dtype, self.progress = device, dtype, progress
+        self.timings: dict[str, float] = {}
+        self._nll: dict[str, list[float]] | None = None
+        self._div: dv.Divergence | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The skeleton (parameters on the meta device)."""
+        return self.skeleton
+
+    def check(self, plan: EvalPlan, ref: Reference) -> None:
+        """Nothing to check: the pass measures the FP side itself."""
+
+    def window_nll(self, plan: EvalPlan, ref: Reference, progress: bool) -> dict[str, WindowRun]:
+        """Each corpus's windows, from the one layer-major pass (which fills ``ref.nll``)."""
+        nll = self._pass(plan, ref)
+        return {c: WindowRun(perplexity_of(sum(nll[c]) / len(nll[c])), nll[c]) for c in plan.windows}
+
+    def divergence(self, plan: EvalPlan, ref: Reference) -> dv.Divergence:
+        """From the one layer-major pass (which fills ``ref.topk``)."""
+        self._pass(plan, ref)
+        assert self._div is not None  # the pass ran the divergence windows the plan asks for
+        return self._div
+
+    def tasks(self, tokenizer: Any, plan: EvalPlan, ref: Reference) -> TaskRun:
+        """Each checkpoint's answers, every request scored layer-major (:class:`StreamedScorer`)."""
+        scores = {name: run_shots(self.skeleton, tokenizer, plan.config.tasks, plan.shots, **plan.task_settings,
+                                  scorer=StreamedScorer(self.adapter, ckpt, self.device, self.dtype, self.progress))
+                  for name, ckpt in self.sources.items()}
+        ref.tasks = scores["fp"]
+        return TaskRun(scores[self.last], scores["fp"],
+                       {"path": "layer-major", "reasons": split_blockers(self.skeleton)})
+
+    def _pass(self, plan: EvalPlan, ref: Reference) -> dict[str, list[float]]:
+        """Run the perplexity and divergence windows of ``plan`` through every checkpoint (once)."""
+        if self._nll is not None:
+            return self._nll
+        t0 = time.perf_counter()
+        runner = LayerMajor(self.skeleton, self.adapter, self.sources, self.device, self.dtype)
+        sets = {c: _Set(ids, plan.config.batch_size) for c, ids in plan.windows.items()}
+        div = plan.config.divergence_config()
+        div_set = _Set(plan.divergence, 1) if div is not None and plan.divergence is not None else None
+        runner.run([*sets.values(), *([div_set] if div_set is not None else [])], self.progress)
+        ref.nll = {c: _nll_of(runner, s, "fp") for c, s in sets.items()}
+        self._nll = ref.nll if self.last == "fp" else {c: _nll_of(runner, s, self.last) for c, s in sets.items()}
+        if div_set is not None and div is not None:
+            self._div = _tail_divergence(runner, div_set, self.last, div.top_k, ref)
+        self.timings["eval.streamed_s"] = time.perf_counter() - t0
+        return self._nll
+
+
 @dataclass
 class StreamedResult:
     """What the layer-major pass measured: the quantized model's evaluation and the FP reference."""
@@ -173,12 +227,12 @@ def evaluate_streamed(
     dtype: torch.dtype,
     progress: bool = True,
 ) -> StreamedResult:
-    """Perplexity, divergence and tasks of the model in ``q`` against the FP model in ``fp``, both streamed.
+    """:func:`~.suite.evaluate` of the model in ``q`` against the FP model in ``fp``, both read layer-major.
 
     Args:
         model: The skeleton of the model (its parameters on the meta device).
         adapter: Its family adapter.
-        plan: The evaluation (see :func:`check_streamable`).
+        plan: The evaluation (see :func:`~.measures.check_layer_major`).
         fp: The FP checkpoint.
         q: The quantized checkpoint (None: the FP model is evaluated as itself).
         tokenizer: The model's tokenizer (needed for tasks).
@@ -188,43 +242,12 @@ def evaluate_streamed(
 
     Returns:
         The evaluation (metrics named as the resident path names them, window NLLs beside the FP ones) and
-        the FP reference (window NLLs, top-k log-probabilities).
+        the FP reference (window NLLs, top-k log-probabilities, task answers).
 
     """
-    check_streamable(plan)
-    t0 = time.perf_counter()
-    sources = {"fp": fp} if q is None else {"fp": fp, "q": q}
-    runner = LayerMajor(model, adapter, sources, device, dtype)
-    sets = {f"ppl:{c}": _Set(ids, plan.config.batch_size) for c, ids in plan.windows.items()}
-    div = plan.config.divergence_config()
-    if div is not None and plan.divergence is not None:
-        sets["div"] = _Set(plan.divergence, 1)
-    runner.run(list(sets.values()), progress)
-    nll = {(name, src): _nll_of(runner, s, src) for src in sources for name, s in sets.items() if name != "div"}
-    ref = Reference(nll={c: nll[(f"ppl:{c}", "fp")] for c in plan.windows})
-    result = Evaluation()
-    last = "q" if q is not None else "fp"
-    for corpus, ids in plan.windows.items():
-        name = perplexity_name(corpus, ids.shape[1], ids.shape[0])
-        own = nll[(f"ppl:{corpus}", last)]
-        result.metrics.append(Metric(name, _exp(sum(own) / len(own))))
-        result.windows[name] = WindowNLL(list(own), ref.nll[corpus])
-    if "div" in sets and div is not None:
-        d = _tail_divergence(runner, sets["div"], last, div.top_k, ref)
-        n_win, seqlen = sets["div"].ids.shape
-        for kind, value in (("kl", d.kl), ("top1", d.top1), ("top5", d.top5)):
-            result.metrics.append(Metric(divergence_name(kind, div.corpus, seqlen, n_win), value))
-    result.timings["eval.streamed_s"] = time.perf_counter() - t0
-    if plan.config.tasks:
-        t0 = time.perf_counter()
-        scores = {name: run_shots(model, tokenizer, plan.config.tasks, plan.shots, **plan.task_settings,
-                                  scorer=StreamedScorer(adapter, ckpt, device, dtype, progress))
-                  for name, ckpt in sources.items()}
-        ref.tasks = scores["fp"]
-        record_tasks(result, plan, scores[last], scores["fp"])
-        result.timings["lm_eval_s"] = time.perf_counter() - t0
-        result.texts[SCORING_TEXT] = json.dumps({"path": "layer-major", "reasons": split_blockers(model)})
-    return StreamedResult(result, ref)
+    ref = Reference()
+    access = LayerMajorModel(model, adapter, fp, q, device=device, dtype=dtype, progress=progress)
+    return StreamedResult(evaluate(access, tokenizer, plan, ref, progress=progress), ref)
 
 
 def _nll_of(runner: LayerMajor, s: _Set, source: str, chunk: int = 256) -> list[float]:

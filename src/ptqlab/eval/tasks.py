@@ -389,29 +389,6 @@ def run_shots(
     return results
 
 
-def run_tasks(
-    model: nn.Module,
-    tokenizer: Any,
-    tasks: Sequence[str],
-    *,
-    limit: int | None = None,
-    batch_size: int = 1,
-    num_fewshot: int | None = None,
-    seed: int = 0,
-    tasks_dir: str | Path | None = None,
-    scorer: Scorer | None = None,
-) -> TaskResults:
-    """Run lm-eval tasks on ``model`` as it is in memory at one few-shot count (see :func:`run_shots`).
-
-    Returns:
-        Metrics with their standard errors, each item's correctness and answer (for paired comparisons),
-        and the choices' log-likelihoods of multiple-choice tasks.
-
-    """
-    return run_shots(model, tokenizer, tasks, [num_fewshot], limit=limit, batch_size=batch_size, seed=seed,
-                     tasks_dir=tasks_dir, scorer=scorer)[num_fewshot]
-
-
 def _collect(out: dict[str, Any], tasks: Sequence[str]) -> TaskResults:
     res = TaskResults()
     for task in tasks:

@@ -1,4 +1,4 @@
-"""What every export format shares: the recipe checks, and writing the model's own files."""
+"""What every export format shares: the refusals, the recipe checks, and writing the model's own files."""
 
 from __future__ import annotations
 
@@ -10,6 +10,27 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..pipeline.plan import QuantizationPlan
+
+
+def refuse_runtime_quantizers(plan: QuantizationPlan, holder: str, activation_hint: str, kv_hint: str) -> None:
+    """Refuse the quantizers that run at inference time, which a file of weights (``holder``) cannot hold.
+
+    Args:
+        plan: The run's quantization plan.
+        holder: What would have to hold them (``a plain HF checkpoint``).
+        activation_hint: What to do about ``scheme.activation`` (or attention inputs).
+        kv_hint: What to do about ``scheme.kv_cache``.
+
+    Raises:
+        ConfigError: Activation or attention-input quantization, or KV-cache quantization.
+
+    """
+    if plan.activations or plan.attention is not None:
+        raise ConfigError(f"scheme.activation quantizes activations at run time, which {holder} cannot hold; "
+                          f"{activation_hint}")
+    if plan.kv is not None:
+        raise ConfigError(f"scheme.kv_cache quantizes the KV cache at run time, which {holder} cannot hold; "
+                          f"{kv_hint}")
 
 
 def refuse_runtime_ops(plan: QuantizationPlan, runtime: str) -> None:
@@ -24,7 +45,7 @@ def refuse_runtime_ops(plan: QuantizationPlan, runtime: str) -> None:
 
     """
     for transform in plan.recipe.model_transforms:
-        if getattr(getattr(transform, "config", None), "online_down", False):
+        if transform.runtime_hooks:
             raise ConfigError(f"recipe rotation with online_down: true rotates down_proj's input in a forward "
                               f"hook that {runtime} does not run; set online_down: false to export")
     if plan.recipe.layer_transforms and any(g.fold == "scale" for g in plan.adapter.groups):
@@ -46,7 +67,7 @@ def refuse_off_grid_recipe(plan: QuantizationPlan, fmt: str, runtime: str) -> No
     if plan.outliers is not None:
         raise ConfigError(f"scheme.outliers keeps input columns in FP16 beside the codes, and {fmt} has no place "
                           "for them; use --format hf for the weights, or drop the outliers section")
-    if getattr(getattr(plan.recipe.quantizer, "config", None), "act_order", False):
+    if plan.recipe.quantizer.permutes_columns:
         raise ConfigError(f"gptq act_order: true gives each column its own group order, and {fmt} has no group "
                           "index (g_idx); export a run with act_order: false")
     if plan.recipe.compensators:

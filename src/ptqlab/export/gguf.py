@@ -30,7 +30,7 @@ from ..pipeline.driver import WeightGrid
 from ..pipeline.plan import QuantizationPlan
 from ..quant.gguf import BLOCK, BLOCK_TYPES, block_codes
 from ..quant.spec import QuantSpec
-from .common import refuse_off_grid_recipe
+from .common import refuse_off_grid_recipe, refuse_runtime_quantizers
 from .gguf_blocks import pack
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,10 @@ def check_gguf(plan: QuantizationPlan, config: Any) -> None:
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope != "default":
         raise ConfigError(f"rope_type {rope!r}: the GGUF writer handles plain RoPE only; use --format hf")
-    if plan.activations or plan.attention is not None:
-        raise ConfigError("scheme.activation: a GGUF file holds weights; llama.cpp quantizes activations by its "
-                          "own kernels. Remove the activation section to export (or use --format compressed-tensors)")
-    if plan.kv is not None:
-        raise ConfigError("scheme.kv_cache: llama.cpp's KV cache type is a run option (--cache-type-k / "
-                          "--cache-type-v), not part of a GGUF file; remove kv_cache to export and pass the option")
+    refuse_runtime_quantizers(plan, "a GGUF file", "llama.cpp quantizes activations by its own kernels; remove "
+                              "the activation section to export (or use --format compressed-tensors)",
+                              "llama.cpp's KV cache type is a run option (--cache-type-k / --cache-type-v): remove "
+                              "kv_cache to export and pass the option")
     refuse_off_grid_recipe(plan, "GGUF", "llama.cpp")
     for t in plan.targets:
         if t.spec.enabled and t.spec.format not in BLOCK_TYPES:

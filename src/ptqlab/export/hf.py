@@ -14,11 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import ConfigError
 from ..pipeline.plan import QuantizationPlan
 from ..schema import RunConfig
-from ..study.store import RunRecord
-from .common import refuse_runtime_ops
+from ..store import RunRecord
+from .common import refuse_runtime_ops, refuse_runtime_quantizers
 
 
 def check_hf(plan: QuantizationPlan) -> None:
@@ -28,12 +27,8 @@ def check_hf(plan: QuantizationPlan) -> None:
         ConfigError: Runtime quantizers (``scheme.activation``, ``scheme.kv_cache``) or an online rotation.
 
     """
-    if plan.activations or plan.attention is not None:
-        raise ConfigError("scheme.activation quantizes activations at run time, which a plain HF checkpoint "
-                          "cannot hold; export the weights with the activation section removed")
-    if plan.kv is not None:
-        raise ConfigError("scheme.kv_cache quantizes the KV cache at run time, which a plain HF checkpoint "
-                          "cannot hold; export the weights with the kv_cache section removed")
+    refuse_runtime_quantizers(plan, "a plain HF checkpoint", "export the weights with the activation section "
+                              "removed", "export the weights with the kv_cache section removed")
     refuse_runtime_ops(plan, "transformers")
 
 

@@ -1,9 +1,11 @@
 """Export what a run measured: the configuration's quantized model written in a format other tools load.
 
-The model is quantized by the same path as the run (:func:`ptqlab.pipeline.quantize.quantize` on the plan
-:func:`ptqlab.compile.bind` makes), so the weights written are the weights the study evaluated, bit for bit.
-Everything that can be checked is checked before any weight changes and before anything is written; the
-output directory appears complete (written beside it, then renamed) or not at all.
+The quantized model comes from the store of quantized models (:mod:`ptqlab.study.qmodels`) by the run's
+weights key: the weights the run evaluated, bit for bit, with their grids; only when no run kept them is
+the model quantized, by the run's own path, and kept for the next. A streamed configuration
+(``runtime.stream``) is exported from its quantized checkpoint on disk, never loaded whole. Everything that
+can be checked is checked before any weight changes and before anything is written; the output directory
+appears complete (written beside it, then renamed) or not at all.
 """
 
 from __future__ import annotations
@@ -13,26 +15,24 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..compile import RunPlan, bind, compile_config
+from ..compile import bind, compile_config
 from ..errors import ConfigError
-from ..models.loading import load_model
-from ..pipeline.quantize import quantize
+from ..models.loading import load_model, model_fingerprint, resolve_device
 from ..schema import RunConfig
-from ..study.identity import run_id
-from ..study.store import RunRecord, Store
-from .common import save_checkpoint
-from .compressed import check_compressed, write_compressed
-from .gguf import check_gguf, write_gguf
-from .hf import check_hf, model_card
+from ..store import RunRecord, Store, run_id, weights_key
+from ..store.qmodels import QuantizedModels
+from ..study.resident import quantize_or_restore
+from ..study.streamed import StreamChoice, choose_stream, prepare_streamed
+from .formats import EXPORTERS, Exporter, Written, exporter_for
+from .hf import model_card
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hf", "compressed-tensors", "gguf")
-GGUF_FILE = "model.gguf"
+FORMATS = tuple(EXPORTERS)
 EXPORT_FILE = "ptqlab-export.json"
 
 
@@ -65,13 +65,13 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool = False,
                   store: Store | None = None, progress: bool = True) -> ExportResult:
-    """Quantize ``cfg``'s model as the run does and write it to ``out`` in format ``fmt``.
+    """Write ``cfg``'s quantized model (the run's own, from the store of quantized models) to ``out`` as ``fmt``.
 
     Args:
         cfg: The run's configuration.
-        fmt: ``hf`` (fake-quantized safetensors any transformers user loads with ``from_pretrained``),
-            ``compressed-tensors`` (``pack-quantized`` INT weights, the format vLLM loads) or ``gguf``
-            (llama.cpp's block types, ``model.gguf`` in ``out``).
+        fmt: A registered format (:mod:`ptqlab.export.formats`): ``hf`` (fake-quantized safetensors any
+            transformers user loads with ``from_pretrained``), ``compressed-tensors`` (``pack-quantized`` INT
+            weights, the format vLLM loads) or ``gguf`` (llama.cpp's block types, ``model.gguf`` in ``out``).
         out: The directory to create.
         overwrite: Replace ``out`` when it exists.
         store: Where the run of ``cfg`` may be stored: its metrics go into the model card, and the export is
@@ -86,30 +86,24 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
             cannot hold (each named, before any weight changes).
 
     """
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r} is not an export format; use one of {', '.join(FORMATS)}")
+    exporter = exporter_for(fmt)
     target = Path(out)
     check_output(target, overwrite)
     t0 = time.perf_counter()
-    compiled = compile_config(cfg)
-    loaded = load_model(cfg.model, cfg.dtype, "cpu", cfg.trust_remote_code)
-    rid = run_id(cfg, loaded.info.fingerprint)
+    choice = choose_stream(cfg)
+    fingerprint, written = (_streamed(cfg, choice, exporter, progress) if choice.stream
+                            else _resident(cfg, exporter, progress))
+    rid = run_id(cfg, fingerprint)
     record = store.get(rid) if store is not None else None
     record = record if record is not None and record.id == rid and record.status == "done" else None
-    plan = bind(compiled, loaded.model, loaded.tokenizer)
-    layout = _check(fmt, plan, loaded.model.config)
-    plan.quantization.keep_grids = fmt != "hf"  # the codes' grids are what a packed format writes
-    report = quantize(loaded.model, plan.quantization, progress=progress)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if fmt == "hf":
-            save_checkpoint(loaded.model, loaded.tokenizer, tmp)
-        elif fmt == "gguf":
-            tmp.mkdir(parents=True)
-            write_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_FILE, report.grids, loaded.info.source)
+        if written.model is None:
+            assert exporter.write_checkpoint is not None  # _streamed refused the format otherwise
+            exporter.write_checkpoint(replace(written, out=tmp))
         else:
-            write_compressed(loaded.model, loaded.tokenizer, tmp, report.grids, layout)
+            exporter.write(replace(written, out=tmp))
         (tmp / "README.md").write_text(model_card(cfg, rid, record, fmt))
         (tmp / EXPORT_FILE).write_text(json.dumps(_manifest(cfg, fmt, rid, record), indent=2) + "\n")
         if target.exists():
@@ -124,15 +118,35 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
     return ExportResult(target, rid, fmt, seconds)
 
 
-def _check(fmt: str, plan: RunPlan, config: Any) -> str:
-    """Check ``plan`` against ``fmt``; the format's layout (compressed-tensors' own format name)."""
-    if fmt == "hf":
-        check_hf(plan.quantization)
-        return fmt
-    if fmt == "gguf":
-        check_gguf(plan.quantization, config)
-        return fmt
-    return check_compressed(plan.quantization)
+def _resident(cfg: RunConfig, exporter: Exporter, progress: bool) -> tuple[str, Written]:
+    """The model loaded, checked against the format, and made the run's quantized model."""
+    compiled = compile_config(cfg)
+    loaded = load_model(cfg.model, cfg.dtype, "cpu", cfg.trust_remote_code)
+    plan = bind(compiled, loaded.model, loaded.tokenizer)
+    layout = exporter.check(plan.quantization, loaded.model.config)
+    key = weights_key(cfg, loaded.info.fingerprint)
+    report, _ = quantize_or_restore(loaded.model, plan.quantization, QuantizedModels(), key,
+                                    resolve_device(cfg.device).type, progress=progress, options=plan.options)
+    return loaded.info.fingerprint, Written(loaded.model, loaded.tokenizer, Path(), report.grids, layout,
+                                            loaded.info.source)
+
+
+def _streamed(cfg: RunConfig, choice: StreamChoice, exporter: Exporter, progress: bool) -> tuple[str, Written]:
+    """The streamed run's quantized checkpoint (read from its offload directory, or written now).
+
+    Raises:
+        ConfigError: The format is not written from a checkpoint on disk yet.
+
+    """
+    if exporter.write_checkpoint is None:
+        raise ConfigError(f"--format {exporter.name} writes from a model in memory, and runtime.stream streams "
+                          f"{cfg.model}; export it with --format hf, or with runtime.stream: off if it fits")
+    fingerprint = model_fingerprint(cfg.model)
+    run = prepare_streamed(cfg, choice, fingerprint, progress=progress)
+    layout = exporter.check(run.plan.quantization, run.model.config)
+    report = run.quantize()
+    checkpoint = run.q.directory if run.q is not None else run.fp.directory
+    return fingerprint, Written(None, run.tokenizer, Path(), report.grids, layout, checkpoint=checkpoint)
 
 
 def _manifest(cfg: RunConfig, fmt: str, rid: str, record: RunRecord | None) -> dict[str, Any]:

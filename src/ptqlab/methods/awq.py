@@ -114,6 +114,8 @@ class AWQClip:
 
     kind: ClassVar[str] = "quantizer"
     needs_calibration: ClassVar[bool] = True
+    permutes_columns: ClassVar[bool] = False
+    min_tokens: ClassVar[int] = 1
 
     def __init__(self, config: AWQConfig | None = None) -> None:
         """Create the quantizer with ``config``."""

@@ -68,6 +68,11 @@ class GPTQ:
         self.config = config or GPTQConfig()
 
     @property
+    def permutes_columns(self) -> bool:
+        """Whether columns are quantized in order of decreasing Hessian diagonal (``act_order: true``)."""
+        return self.config.act_order
+
+    @property
     def min_tokens(self) -> int:
         """Fewest calibration tokens a Hessian must come from (the driver rounds to nearest below it)."""
         return self.config.min_tokens

@@ -10,13 +10,18 @@ dispatches on the kind alone:
 4. ``layer_refiner`` / ``model_refiner``: trains the quantized weights of a layer (after it is quantized)
    or of the whole model (after the loop) against the FP model (ZeroQuant-Local / -Global);
 5. ``compensator``: corrects a quantized weight once nothing will change it any more (LoRC).
+
+Besides its verbs, a kind's protocol lists the capabilities its methods declare, which the pipeline and the
+exporters read instead of probing a method's options: a model transform's ``runtime_hooks`` and
+``rotates_cached_keys``, a quantizer's ``permutes_columns`` and ``min_tokens``. A method declares each one,
+as a ``ClassVar`` when it is fixed or a property when its options decide it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeAlias
 
 import torch
 from torch import nn
@@ -77,6 +82,11 @@ class ModelTransform(Step, Protocol):
         """Whether the KV cache's keys are to be quantized in a rotated basis."""
         ...
 
+    @property
+    def runtime_hooks(self) -> bool:
+        """Whether :meth:`apply` installs forward hooks (an online rotation), which a checkpoint cannot carry."""
+        ...
+
     def check(self, model: nn.Module, adapter: Adapter) -> None:
         """Raise ConfigError, before any work, when the transform cannot be applied exactly to the model."""
         ...
@@ -88,6 +98,22 @@ class ModelTransform(Step, Protocol):
 
 class Quantizer(Step, Protocol):
     """Chooses the quantized value of each weight (``kind = "quantizer"``)."""
+
+    @property
+    def permutes_columns(self) -> bool:
+        """Whether the weight's columns are quantized in an order of their own (GPTQ's act-order).
+
+        The groups then follow that order, so a format without a group index (g_idx) cannot hold the result.
+        """
+        ...
+
+    @property
+    def min_tokens(self) -> int:
+        """Fewest calibration tokens a linear's Hessian must come from; below, the pipeline rounds to nearest.
+
+        At least 1 (never quantize from a zero Hessian); data-free quantizers declare 1.
+        """
+        ...
 
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         """Quantize ``W`` (out, in); calibrated quantizers receive the input Hessian ``H``."""
@@ -152,3 +178,31 @@ class Compensator(Step, Protocol):
     def compensate(self, W: torch.Tensor, result: WeightResult) -> WeightResult:
         """The result corrected toward the weight ``W`` it quantized."""
         ...
+
+
+Method: TypeAlias = ModelTransform | LayerTransform | Quantizer | LayerRefiner | ModelRefiner | Compensator
+"""A step of any kind: what ``register_method`` takes (mypy checks a registered class against its kind)."""
+
+PROTOCOLS: dict[str, type[Any]] = {
+    "model_transform": ModelTransform, "layer_transform": LayerTransform, "quantizer": Quantizer,
+    "layer_refiner": LayerRefiner, "model_refiner": ModelRefiner, "compensator": Compensator,
+}
+
+
+def protocol_members(kind: str) -> tuple[str, ...]:
+    """What a method of ``kind`` declares: its protocol's attributes, capabilities and methods, sorted.
+
+    Args:
+        kind: One of :data:`KINDS`.
+
+    Returns:
+        The member names of the kind's protocol and of :class:`Step`, e.g. ``kind``, ``min_tokens``,
+        ``needs_calibration``, ``permutes_columns``, ``quantize`` for a quantizer.
+
+    """
+    names: set[str] = set()
+    for proto in PROTOCOLS[kind].__mro__:
+        if Step in proto.__mro__:
+            names.update(proto.__dict__.get("__annotations__", {}))
+            names.update(n for n in vars(proto) if not n.startswith("_"))
+    return tuple(sorted(names))

@@ -22,9 +22,11 @@ from .kinds import (
     Compensator,
     LayerRefiner,
     LayerTransform,
+    Method,
     ModelRefiner,
     ModelTransform,
     Quantizer,
+    protocol_members,
 )
 from .rtn import RTN
 
@@ -40,23 +42,28 @@ class Registered:
 _METHODS: dict[str, Registered] = {}
 
 
-def register_method(name: str, cls: type[Any], options: type[Any] | None = None) -> None:
+def register_method(name: str, cls: type[Method], options: type[Any] | None = None) -> None:
     """Make ``name`` usable in recipes.
 
     Args:
         name: The key of the step in a recipe, e.g. ``gptq``.
         cls: The method's class; it declares ``kind`` (one of :data:`~ptqlab.methods.kinds.KINDS`) and
-            ``needs_calibration``, and implements that kind's protocol.
+            ``needs_calibration``, and implements that kind's protocol, its capabilities included
+            (a quantizer's ``permutes_columns`` and ``min_tokens``, a model transform's ``runtime_hooks``).
         options: The frozen dataclass of its options, passed to ``cls(options(**given))``; None when
             ``cls`` is itself a dataclass of its options (``cls(**given)``).
 
     Raises:
-        ValueError: The class declares no known kind.
+        ValueError: The class declares no known kind, or lacks a member of its kind's protocol.
 
     """
-    kind = getattr(cls, "kind", None)
+    kind = getattr(cls, "kind", None)  # cls may come from untyped code: checked, not trusted
     if kind not in KINDS:
         raise ValueError(f"method {name!r}: {cls.__name__}.kind={kind!r} is not one of {', '.join(KINDS)}")
+    missing = [m for m in protocol_members(kind) if not hasattr(cls, m)]
+    if missing:
+        raise ValueError(f"method {name!r}: {cls.__name__} (kind {kind}) does not declare {', '.join(missing)} "
+                         f"of its kind's protocol (ptqlab.methods.kinds)")
     _METHODS[name] = Registered(cls, options)
 
 

@@ -72,6 +72,11 @@ class ResidualRotation:
         """Whether cached keys are quantized in a per-head Hadamard basis (``kv: true``)."""
         return self.config.kv
 
+    @property
+    def runtime_hooks(self) -> bool:
+        """Whether :meth:`apply` installs the online rotation of ``down_proj``'s input (``online_down: true``)."""
+        return self.config.online_down
+
     def check(self, model: nn.Module, adapter: Adapter) -> None:
         """Raise ConfigError when the rotation cannot be folded exactly into this family."""
         reason = adapter.rotation_refusal()

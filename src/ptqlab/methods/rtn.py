@@ -23,6 +23,8 @@ class RTN:
 
     kind: ClassVar[str] = "quantizer"
     needs_calibration: ClassVar[bool] = False
+    permutes_columns: ClassVar[bool] = False
+    min_tokens: ClassVar[int] = 1
 
     def __init__(self, config: RTNConfig | None = None) -> None:
         self.config = config or RTNConfig()

@@ -31,6 +31,8 @@ class SqueezeLLM:
 
     kind: ClassVar[str] = "quantizer"
     needs_calibration: ClassVar[bool] = True
+    permutes_columns: ClassVar[bool] = False
+    min_tokens: ClassVar[int] = 1
 
     def __init__(self, config: SqueezeLLMConfig | None = None) -> None:
         self.config = config or SqueezeLLMConfig()

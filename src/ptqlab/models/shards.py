@@ -35,7 +35,26 @@ from ptqlab.models.registry import get_adapter
 
 log = logging.getLogger(__name__)
 
-_INDEX = "model.safetensors.index.json"
+INDEX = "model.safetensors.index.json"
+"""The file that lists a sharded checkpoint's tensors and the shard holding each."""
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name.
+
+    Raises:
+        ModelLoadError: The file cannot be read, is not JSON, or has no ``weight_map`` of names to file names.
+
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"corrupt safetensors index {index}: {exc}") from exc
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ModelLoadError(f"corrupt safetensors index {index}: its weight_map is not tensor names -> file names")
+    return weight_map
 
 
 def _header(path: Path) -> dict[str, Any]:
@@ -71,9 +90,9 @@ class Checkpoint:
         self.directory = Path(directory)
         self.where: dict[str, Path] = {}
         self.numel: dict[str, int] = {}
-        index = self.directory / _INDEX
+        index = self.directory / INDEX
         if index.is_file():
-            listed = self._read_index(index)
+            listed = {name: self.directory / file for name, file in read_index(index).items()}
             files = sorted(set(listed.values()))
         else:
             files = sorted(self.directory.glob("*.safetensors"))
@@ -83,13 +102,6 @@ class Checkpoint:
         for path in files:
             self._scan(path, [n for n, p in listed.items() if p == path])
 
-    def _read_index(self, index: Path) -> dict[str, Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"corrupt safetensors index {index}: {exc}") from exc
-        return {name: self.directory / file for name, file in weight_map.items()}
-
     def _scan(self, path: Path, expected: list[str]) -> None:
         if not path.is_file():
             raise ModelLoadError(f"shard {path} is missing (it holds tensor {expected[0]!r}, among others)")
@@ -97,7 +109,7 @@ class Checkpoint:
         size = path.stat().st_size
         for name in expected:
             if name not in head["tensors"]:
-                raise ModelLoadError(f"shard {path} lacks tensor {name!r} that {_INDEX} places there")
+                raise ModelLoadError(f"shard {path} lacks tensor {name!r} that {INDEX} places there")
         for name, meta in head["tensors"].items():
             end = meta["data_offsets"][1]
             if head["size"] + end > size:
@@ -139,6 +151,8 @@ def skeleton(directory: str | Path, dtype: torch.dtype, trust_remote_code: bool 
         UnsupportedModelError: The model's class has no family adapter.
 
     """
+    # accelerate puts only the parameters on the meta device; torch's own ``torch.device("meta")`` would put the
+    # buffers there too, and those computed at construction (RoPE tables) are in no checkpoint
     from accelerate import init_empty_weights
 
     try:
@@ -158,7 +172,7 @@ def outer_modules(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
     """The modules with tensors of their own outside the decoder layers (embeddings, norms, head)."""
     layers = adapter.layers(model)
     inside = {id(m) for m in layers.modules()}
-    return [m for m in model.modules() if id(m) not in inside and (m._parameters or m._buffers)]
+    return [m for m in model.modules() if id(m) not in inside and _slots([m], recurse=False)]
 
 
 def module_prefix(model: nn.Module, module: nn.Module) -> str:
@@ -183,14 +197,16 @@ def _tensor_name(model: nn.Module, full: str, ckpt: Checkpoint) -> str:
     raise ModelLoadError(f"{ckpt.directory}: no tensor {full!r} in its safetensors files")
 
 
-def _slots(modules: list[nn.Module]) -> list[tuple[nn.Module, str, torch.Tensor, bool]]:
-    """(owner, name, tensor, is_parameter) of every parameter and buffer of ``modules``."""
-    out = []
-    for sub in (s for m in modules for s in m.modules()):
-        for kind, table in ((True, sub._parameters), (False, sub._buffers)):
-            for name, t in table.items():
-                if t is not None:
-                    out.append((sub, name, t, kind))
+def _slots(modules: list[nn.Module], recurse: bool = True) -> list[tuple[nn.Module, str, torch.Tensor, bool]]:
+    """(owner, name, tensor, is_parameter) of every parameter and buffer of ``modules``.
+
+    With ``recurse`` those of their submodules too; a tensor held under several names (tied weights) is
+    listed under each.
+    """
+    out: list[tuple[nn.Module, str, torch.Tensor, bool]] = []
+    for sub in (s for m in modules for s in (m.modules() if recurse else [m])):
+        out += [(sub, n, p, True) for n, p in sub.named_parameters(recurse=False, remove_duplicate=False)]
+        out += [(sub, n, b, False) for n, b in sub.named_buffers(recurse=False, remove_duplicate=False)]
     return out
 
 
@@ -217,9 +233,9 @@ def materialize(
         value = nn.Parameter(t, requires_grad=False)
         for owner, name, is_param in owners:
             if is_param:
-                owner._parameters[name] = value
+                owner.register_parameter(name, value)
             else:
-                owner._buffers[name] = t
+                setattr(owner, name, t)  # an existing buffer keeps its persistence
 
 
 @torch.no_grad()
@@ -230,7 +246,7 @@ def release(modules: nn.Module | list[nn.Module]) -> None:
         if is_param and t.device.type != "meta":
             if id(t) not in metas:
                 metas[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
-            owner._parameters[name] = metas[id(t)]
+            owner.register_parameter(name, metas[id(t)])
 
 
 @contextmanager
@@ -290,10 +306,10 @@ class ShardWriter:
     def close(self) -> Path:
         """Write the index (and the config), then move the directory into place."""
         index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.tmp / _INDEX).write_text(json.dumps(index, indent=1))
+        (self.tmp / INDEX).write_text(json.dumps(index, indent=1))
         if self.config_from is not None:
             for f in self.config_from.iterdir():
-                if f.is_file() and (f.suffix in (".json", ".model", ".txt")) and f.name != _INDEX:
+                if f.is_file() and (f.suffix in (".json", ".model", ".txt")) and f.name != INDEX:
                     shutil.copy2(f, self.tmp / f.name)
         os.replace(self.tmp, self.out)
         return self.out

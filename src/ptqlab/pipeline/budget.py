@@ -16,13 +16,13 @@ from torch import nn
 
 from ..memory import available_memory, format_size, resident_bytes
 from ..paths import cache_root
-from .plan import QuantizationPlan
+from .plan import RunOptions
 from .spill import HiddenSpill
 
 log = logging.getLogger(__name__)
 
 
-def hidden_spill(plan: QuantizationPlan, hidden: list[torch.Tensor | None]) -> HiddenSpill | None:
+def hidden_spill(options: RunOptions, hidden: list[torch.Tensor | None]) -> HiddenSpill | None:
     """A spill for the hidden states, when a layer's inputs and outputs would take over half the memory left.
 
     Only for CPU hidden states; the files go to ``runtime.offload_dir`` (default ``$PTQLAB_CACHE/stream``).
@@ -31,19 +31,19 @@ def hidden_spill(plan: QuantizationPlan, hidden: list[torch.Tensor | None]) -> H
     if not kept or kept[0].device.type != "cpu":
         return None
     both = 2 * sum(h.numel() * h.element_size() for h in kept)
-    left = _memory_left(plan)
+    left = _memory_left(options)
     if both <= left // 2:
         return None
-    directory = Path(plan.offload_dir) if plan.offload_dir else cache_root() / "stream"
+    directory = Path(options.offload_dir) if options.offload_dir else cache_root() / "stream"
     log.info("calibration hidden states (%s per layer, inputs and outputs) go to memory-mapped files in %s (%s left)",
              format_size(both), directory, format_size(max(left, 0)))
     return HiddenSpill(directory)
 
 
-def _memory_left(plan: QuantizationPlan) -> int:
+def _memory_left(options: RunOptions) -> int:
     """``max_memory`` less what the process holds, or what the machine has available."""
     rss = resident_bytes()
-    return available_memory() if plan.max_memory is None or rss is None else plan.max_memory - rss
+    return available_memory() if options.max_memory is None or rss is None else options.max_memory - rss
 
 
 def held_bytes(layer: nn.Module, hidden: list[torch.Tensor | None]) -> int:
@@ -59,16 +59,16 @@ def held_bytes(layer: nn.Module, hidden: list[torch.Tensor | None]) -> int:
     return tokens * (widest + 4 * first.shape[-1]) * first.element_size()
 
 
-def per_group_passes(plan: QuantizationPlan, layer: nn.Module, hidden: list[torch.Tensor | None]) -> bool:
+def per_group_passes(options: RunOptions, layer: nn.Module, hidden: list[torch.Tensor | None]) -> bool:
     """Whether calibration runs a pass per group.
 
-    ``layer_pass`` says so, or for ``auto``: whether the held chunks would take more than half the memory
+    ``options.layer_pass`` says so, or for ``auto``: whether the held chunks would take more than half the memory
     left (``max_memory`` less what the process holds, or what the machine has available).
     """
-    if plan.layer_pass != "auto" or len(hidden) < 2:
-        return plan.layer_pass == "per_group"
+    if options.layer_pass != "auto" or len(hidden) < 2:
+        return options.layer_pass == "per_group"
     held = held_bytes(layer, hidden)
-    left = _memory_left(plan)
+    left = _memory_left(options)
     per_group = held > left // 2
     log.info("calibration holds about %s of intermediate tensors in one pass per layer (%s left): %s",
              format_size(held), format_size(max(left, 0)), "a pass per linear group" if per_group else "one pass")

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,15 +27,13 @@ from ..nn.runtime import RuntimeQuantization
 from ..quant.spec import QuantSpec
 from ..threads import fit_threads, single_thread
 from .budget import hidden_spill, per_group_passes
+from .layer_stream import LayerStream
 from .malloc import lean_malloc
 from .outliers import quantize_decomposed
-from .plan import LinearTarget, QuantizationPlan
+from .plan import LinearTarget, QuantizationPlan, RunOptions
 from .refine import LaterSteps
 from .sequential import run_group_passes, run_layer_pass
 from .transforms import LayerTransforms, divide_by
-
-if TYPE_CHECKING:
-    from .stream import LayerStream
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +83,8 @@ class QuantizeReport:
         distill: The refiners' losses, ``{"layer", "start", "best"}`` (layer -1: a model refiner).
         hooks: Handles of hooks a model transform installed (the online rotation).
         metrics: Size, effective bits and what the methods report (``zeroquant.local.loss_ratio``).
-        grids: The grid of each quantized linear, by full name, when the plan keeps them (what exporters write).
+        grids: The grid of each quantized linear, by full name, when the run keeps them (``RunOptions.keep_grids``;
+            what exporters write).
         outliers: The input columns the outlier decomposition keeps in FP16, by full linear name (bool masks).
 
     """
@@ -115,7 +114,8 @@ class QuantizeReport:
 
 
 def quantize_weights(
-    model: nn.Module, plan: QuantizationPlan, report: QuantizeReport, progress: bool, stream: LayerStream | None = None
+    model: nn.Module, plan: QuantizationPlan, report: QuantizeReport, progress: bool, stream: LayerStream | None = None,
+    *, options: RunOptions = RunOptions(),
 ) -> None:
     """Quantize the weights of ``plan.targets`` in place, sequentially layer by layer, where the model is.
 
@@ -125,6 +125,7 @@ def quantize_weights(
     quantizes the group and feeds the quantized outputs to the next layer; refiners and compensators
     run at their points (see :mod:`ptqlab.pipeline.refine`). With a ``stream`` (see
     :mod:`ptqlab.pipeline.stream`) the model is a skeleton and each layer is resident only while it is worked on.
+    ``options`` say how calibration fits the memory, whether the grids are kept and which layer-0 inputs are shared.
 
     Raises:
         ConfigError: A calibrated recipe without calibration data.
@@ -135,12 +136,12 @@ def quantize_weights(
         return
     later = LaterSteps(model, recipe)
     if not recipe.needs_calibration:
-        _quantize_data_free(model, plan, later, report, progress, stream)
+        _quantize_data_free(model, plan, options, later, report, progress, stream)
     else:
         if plan.calibration is None or plan.calibration.numel() == 0:
             raise ConfigError(f"method {recipe.name} needs calibration data, but none was given")
         with lean_malloc():
-            _quantize_calibrated(model, plan, plan.calibration, later, report, progress, stream)
+            _quantize_calibrated(model, plan, options, plan.calibration, later, report, progress, stream)
     report.distill = later.losses
     report.metrics += later.metrics()
 
@@ -151,7 +152,7 @@ def _quantizer_for(quantizer: Quantizer, tokens: int) -> tuple[Quantizer, str | 
     Below the quantizer's ``min_tokens`` (GPTQ's option; 1 for others: never from a zero Hessian) the weight
     is rounded to nearest, e.g. an expert the router sent too few tokens.
     """
-    if tokens >= int(getattr(quantizer, "min_tokens", 1)):
+    if tokens >= quantizer.min_tokens:
         return quantizer, None
     return RTN(), "rtn"
 
@@ -180,18 +181,18 @@ def _resident(stream: LayerStream | None, li: int) -> AbstractContextManager[Any
 
 
 def _quantize_data_free(
-    model: nn.Module, plan: QuantizationPlan, later: LaterSteps, report: QuantizeReport, progress: bool,
-    stream: LayerStream | None,
+    model: nn.Module, plan: QuantizationPlan, options: RunOptions, later: LaterSteps, report: QuantizeReport,
+    progress: bool, stream: LayerStream | None,
 ) -> None:
     layers = plan.adapter.layers(model)
     bar = tqdm(sorted(_by_layer(plan.targets).items()), desc="quantize", unit="layer", disable=not progress)
     for li, group in bar:
         with _resident(stream, li):
-            _quantize_directly(layers[li], li, group, plan, later, report)
+            _quantize_directly(layers[li], li, group, plan, later, report, options.keep_grids)
 
 
 def _quantize_directly(layer: nn.Module, li: int, group: list[LinearTarget], plan: QuantizationPlan,
-                       later: LaterSteps, report: QuantizeReport) -> None:
+                       later: LaterSteps, report: QuantizeReport, keep_grids: bool) -> None:
     """Quantize each target of one layer from its weight alone."""
     for t in group:
         t0 = time.perf_counter()
@@ -200,7 +201,7 @@ def _quantize_directly(layer: nn.Module, li: int, group: list[LinearTarget], pla
         quantized = quantize_decomposed(plan.recipe.quantizer, W, t.spec, None, report.outliers.get(t.name))
         res = later.quantized(module, W, quantized, t.spec)
         set_weight_matrix(module, res.weight)
-        if plan.keep_grids:
+        if keep_grids:
             report.keep_grid(t.name, module, t.spec, res)
         report.records.append(LayerRecord(li, t.name, t.spec.nbits, None, time.perf_counter() - t0))
 
@@ -208,6 +209,7 @@ def _quantize_directly(layer: nn.Module, li: int, group: list[LinearTarget], pla
 def _quantize_calibrated(
     model: nn.Module,
     plan: QuantizationPlan,
+    options: RunOptions,
     calibration: torch.Tensor,
     later: LaterSteps,
     report: QuantizeReport,
@@ -221,15 +223,15 @@ def _quantize_calibrated(
     if stream is not None:
         with stream.outer():
             captured = capture_inputs(model, layers, chunks)
-    elif plan.inputs is not None and not plan.recipe.model_transforms:  # the embeddings are still the FP model's
-        captured = plan.inputs.capture(model, layers, chunks)
+    elif options.inputs is not None and not plan.recipe.model_transforms:  # the embeddings are still the FP model's
+        captured = options.inputs.capture(model, layers, chunks)
     else:
         captured = capture_inputs(model, layers, chunks)
     report.timings["capture_s"] = time.perf_counter() - t0
     hidden: list[torch.Tensor | None] = list(captured.hidden)
     del captured.hidden[:]
-    per_group = per_group_passes(plan, layers[0], hidden)
-    spill = hidden_spill(plan, hidden)
+    per_group = per_group_passes(options, layers[0], hidden)
+    spill = hidden_spill(options, hidden)
     if spill is not None:
         hidden = list(spill.keep([h for h in hidden if h is not None]))
     by_layer = _by_layer(plan.targets)
@@ -245,7 +247,7 @@ def _quantize_calibrated(
                                  _both(later.rows_divided, report.rows_divided))
             later.before_layer(layer, hidden, captured.calls[li])
             outputs = _quantize_layer(layer, li, plan, by_layer.get(li, []), hidden, captured.calls[li], report,
-                                      tf, later, per_group)
+                                      tf, later, per_group, options.keep_grids)
             outputs = later.after_layer(layer, li, captured.calls[li], outputs)
         if tf.skipped and li == 0:
             log.info("transforms skipped where nothing can absorb a scale: groups %s", ", ".join(tf.skipped))
@@ -270,6 +272,7 @@ def _quantize_layer(
     tf: LayerTransforms,
     later: LaterSteps,
     per_group: bool = False,
+    keep_grids: bool = False,
 ) -> list[torch.Tensor]:
     """One true-sequential pass over a layer (or a pass per group); returns its outputs (the next layer's inputs)."""
     groups = [[input_site(tf.config, plan.adapter, layer, rel) for rel in g.linears] for g in plan.adapter.groups]
@@ -302,7 +305,7 @@ def _quantize_layer(
                 res = later.quantized(module, W, quantized, t.spec)
                 err = relative_output_error(W.float(), res.weight, H) if acc.n else None
                 set_weight_matrix(module, res.weight)
-                if plan.keep_grids:
+                if keep_grids:
                     report.keep_grid(t.name, module, t.spec, res)
                 report.records.append(LayerRecord(li, t.name, t.spec.nbits, err, time.perf_counter() - t0, acc.n,
                                                   fallback))

@@ -56,9 +56,37 @@ ActivationTarget = tuple[str, str, ActivationSpec]
 """``(module name, sharing key, spec)``: linears of one group share the key (they read the same tensor)."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class RunOptions:
+    """How a plan is run: memory, where spilled states go, what the report keeps; never what is quantized.
+
+    Passed beside a :class:`QuantizationPlan` (``quantize(model, plan, options=...)``); neither changes a number.
+
+    Attributes:
+        layer_pass: ``one`` (one pass per layer, every chunk held at each group), ``per_group`` (a pass per
+            group, one chunk in flight) or ``auto`` (``per_group`` when the held chunks would not fit half the
+            memory left; see :mod:`ptqlab.pipeline.sequential`).
+        max_memory: The run's memory budget in bytes (None: what the machine has available).
+        offload_dir: Where calibration hidden states past the budget are memory-mapped (None: the cache's
+            ``stream`` directory).
+        keep_grids: Record each quantized linear's scales and zero points in the report (an exporter asks for
+            them; they are an eighth of the weights' size at group 64, so runs do not keep them).
+        inputs: Layer-0 inputs captured before, shared by the runs of one FP model (None: capture anew).
+
+    """
+
+    layer_pass: str = "auto"
+    max_memory: int | None = None
+    offload_dir: str | None = None
+    keep_grids: bool = False
+    inputs: InputCache | None = None
+
+
+@dataclass(frozen=True)
 class QuantizationPlan:
     """Everything checked and prepared before any weight changes; the pipeline runs it as it is.
+
+    What is quantized and on what data; how it runs (memory, spills, kept grids) is :class:`RunOptions`.
 
     Attributes:
         adapter: The model's family adapter.
@@ -70,15 +98,6 @@ class QuantizationPlan:
         attention: The spec of the attention matmuls' inputs, when they are quantized.
         kv: KV cache quantization, or None.
         kv_tokens: Tokens per range for KV ``channel`` granularity, for the size accounting.
-        inputs: Layer-0 inputs captured before, shared by the runs of one FP model (None: capture anew).
-        layer_pass: ``one`` (one pass per layer, every chunk held at each group), ``per_group`` (a pass per
-            group, one chunk in flight) or ``auto`` (``per_group`` when the held chunks would not fit half the
-            memory left; see :mod:`ptqlab.pipeline.sequential`).
-        max_memory: The run's memory budget in bytes (None: what the machine has available).
-        offload_dir: Where calibration hidden states past the budget are memory-mapped (None: the cache's
-            ``stream`` directory).
-        keep_grids: Record each quantized linear's scales and zero points in the report (an exporter asks for
-            them; they are an eighth of the weights' size at group 64, so runs do not keep them).
         outliers: The outlier decomposition rule (``scheme.outliers``), or None.
 
     """
@@ -92,11 +111,6 @@ class QuantizationPlan:
     attention: ActivationSpec | None = None
     kv: KVSpec | None = None
     kv_tokens: int = 2048
-    inputs: InputCache | None = None
-    layer_pass: str = "auto"
-    max_memory: int | None = None
-    offload_dir: str | None = None
-    keep_grids: bool = False
     outliers: OutlierRule | None = None
 
     @property

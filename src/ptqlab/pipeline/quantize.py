@@ -18,7 +18,7 @@ from ..nn.runtime import install_runtime
 from .activations import calibrate_static_activations
 from .driver import QuantizeReport, quantize_weights
 from .outliers import find_outlier_columns
-from .plan import QuantizationPlan
+from .plan import QuantizationPlan, RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def quantize(
-    model: nn.Module, plan: QuantizationPlan, *, device: torch.device | str | None = None, progress: bool = True
+    model: nn.Module, plan: QuantizationPlan, *, device: torch.device | str | None = None, progress: bool = True,
+    options: RunOptions = RunOptions(),
 ) -> QuantizeReport:
     """Quantize ``model`` in place according to a prepared plan.
 
@@ -52,9 +53,10 @@ def quantize(
 
     Args:
         model: The causal LM the plan was made for.
-        plan: From :func:`ptqlab.compile.plan_quantization` (or :func:`ptqlab.api.plan_quantization`).
+        plan: From :func:`ptqlab.api.plan_quantization` (or :func:`ptqlab.compile.compile_quantization`).
         device: Where to run; None keeps the model where it is.
         progress: Show progress bars.
+        options: How to run it (layer pass, memory budget, offload directory, kept grids, shared inputs).
 
     Returns:
         The report.
@@ -70,7 +72,7 @@ def quantize(
         report.timings["model_transforms_s"] = time.perf_counter() - t0
     if plan.outliers is not None:
         report.outliers = find_outlier_columns(model, plan, progress)
-    quantize_weights(model, plan, report, progress)
+    quantize_weights(model, plan, report, progress, options=options)
     report.timings["quantize_s"] = time.perf_counter() - t0
     _finish(model, plan, report, progress)
     return report

@@ -12,78 +12,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.adapter import Adapter
-from ..models.shards import Checkpoint, ShardWriter, materialize, module_prefix, outer_modules, release, resident
+from ..models.shards import Checkpoint, ShardWriter
 from .driver import QuantizeReport, quantize_weights
-from .plan import QuantizationPlan
+from .layer_stream import LayerStream
+from .plan import QuantizationPlan, RunOptions
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LayerStream:
-    """Where a skeleton model's layers come from, where they run and where the quantized ones go.
-
-    Attributes:
-        model: The skeleton (parameters on the meta device).
-        adapter: Its family adapter.
-        source: The checkpoint its tensors are read from.
-        device: Where each layer runs.
-        dtype: The dtype its floating tensors are read in.
-        out: Where the quantized model is written.
-
-    """
-
-    model: nn.Module
-    adapter: Adapter
-    source: Checkpoint
-    device: torch.device
-    dtype: torch.dtype
-    out: ShardWriter
-    written: set[int] = field(default_factory=set)
-    load_s: float = 0.0
-
-    @contextmanager
-    def outer(self) -> Iterator[None]:
-        """The modules outside the layers resident for the block (for capturing layer 0's inputs)."""
-        with resident(self.model, outer_modules(self.model, self.adapter), self.source, self.device, self.dtype):
-            yield
-
-    @contextmanager
-    def layer(self, li: int) -> Iterator[nn.Module]:
-        """Layer ``li`` resident for the block; then written and released."""
-        layer = self.adapter.layers(self.model)[li]
-        t0 = time.perf_counter()
-        materialize(self.model, layer, self.source, self.device, self.dtype)
-        self.load_s += time.perf_counter() - t0
-        try:
-            yield layer
-            prefix = module_prefix(self.model, layer)
-            self.out.write(f"layer-{li:05d}.safetensors", {prefix + k: v for k, v in layer.state_dict().items()})
-            self.written.add(li)
-        finally:
-            release(layer)
-
-    def finish(self) -> None:
-        """Copy, shard to shard, the layers not written and the tensors outside the layers (unchanged)."""
-        prefixes = [module_prefix(self.model, layer) for layer in self.adapter.layers(self.model)]
-        for li, prefix in enumerate(prefixes):
-            if li not in self.written:
-                self.out.write(f"layer-{li:05d}.safetensors", self.source.load(self.source.names(prefix)))
-        outer = [n for n in self.source.names() if not n.startswith(tuple(prefixes))]
-        self.out.write("outer.safetensors", self.source.load(outer))
-
-
-def check_streamable(plan: QuantizationPlan) -> None:
+def check_quantization_streamable(plan: QuantizationPlan) -> None:
     """Raise when a recipe or scheme needs the whole model resident.
 
     Raises:
@@ -121,17 +64,19 @@ def quantize_streamed(
     device: torch.device,
     dtype: torch.dtype,
     progress: bool = True,
+    options: RunOptions = RunOptions(),
 ) -> QuantizeReport:
     """Quantize the weights of a skeleton ``model`` layer by layer from ``source`` into the directory ``out``.
 
     Args:
         model: The skeleton (from :func:`ptqlab.models.shards.skeleton`) the plan was made for.
-        plan: The quantization plan (see :func:`check_streamable` for what it may not contain).
+        plan: The quantization plan (see :func:`check_quantization_streamable` for what it may not contain).
         source: The FP checkpoint.
         out: The directory of the quantized model (created complete, with its index and config).
         device: Where each layer runs.
         dtype: The compute dtype.
         progress: Show a progress bar.
+        options: How to run it (layer pass, memory budget, offload directory, kept grids).
 
     Returns:
         The report (records and timings; ``timings["stream_load_s"]`` is the time spent reading shards).
@@ -140,12 +85,12 @@ def quantize_streamed(
         ConfigError: The plan cannot be streamed.
 
     """
-    check_streamable(plan)
+    check_quantization_streamable(plan)
     stream = LayerStream(model, plan.adapter, source, device, dtype, ShardWriter(out, config_from=source.directory))
     report = QuantizeReport()
     t0 = time.perf_counter()
     try:
-        quantize_weights(model, plan, report, progress, stream=stream)
+        quantize_weights(model, plan, report, progress, stream=stream, options=options)
         stream.finish()
         stream.out.close()
     except BaseException:

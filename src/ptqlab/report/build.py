@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ReportError
-from ..study.store import RunRecord, Store
+from ..store import RunRecord, Store
 from .findings import Finding, check_findings
 from .html import page
 from .plots import Figure, draw_figures

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ReportError
-from ..study.store import Store
+from ..store import Store
 from .runs import RunView, load_views
 
 __all__ = ["Comparison", "Row", "compare_runs"]

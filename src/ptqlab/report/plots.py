@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import BITS_ACTIVATION, BITS_KV, BITS_WEIGHT, parse_name
-from ..study.store import RunRecord
+from ..store import RunRecord
 from .runs import RunView, is_task_accuracy, quality
 
 __all__ = ["Figure", "draw_figures", "pareto_front", "sensitivity_grid"]

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..metrics import BITS_WEIGHT, SIZE_MODEL_BYTES, MetricName, parse_name, task_name
 from ..quant.spec import FIXED_BITS
-from ..study.store import RunRecord, Store
+from ..store import RunRecord, Store
 
 __all__ = ["Change", "RunView", "describe_scheme", "load_views", "part_label", "quality", "zq_class"]
 

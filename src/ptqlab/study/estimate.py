@@ -88,7 +88,7 @@ class Estimate:
 
 
 class Estimator:
-    """Prices runs from the store's finished runs (:meth:`~ptqlab.study.store.Store.timings`)."""
+    """Prices runs from the store's finished runs (:meth:`~ptqlab.store.Store.timings`)."""
 
     def __init__(self, done: Iterable[tuple[dict[str, Any], dict[str, float]]]) -> None:
         self._totals: dict[tuple[str, str, str], list[float]] = {}

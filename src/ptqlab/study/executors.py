@@ -22,8 +22,8 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import ConfigError
+from ..store import RunRecord
 from .config import parse_config
-from .store import RunRecord
 from .worker import Worker, failed_record
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,8 @@ from ..eval.tasks import count_items
 from ..memory import format_size
 from ..models.loading import load_tokenizer, model_fingerprint, resolve_device
 from ..schema import Evaluate, RunConfig
+from ..store import Store, normalized, run_id
 from .estimate import Estimate, Estimator, workload_of
-from .identity import normalized, run_id
-from .store import Store
 from .streamed import StreamChoice, choose_stream, offload_root
 
 

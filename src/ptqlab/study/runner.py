@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from ..schema import RunConfig
-from .store import RunRecord, Store
+from ..store import RunRecord, Store
 from .worker import Worker
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Runs whose model is streamed: whether a run streams (``runtime``), and the streamed run itself.
+"""Runs whose model is streamed: whether a run streams (``runtime``), and the streamed residency of a run.
 
 A streamed run never loads the model: its skeleton lives on the meta device, the plan is bound to it
 (shapes are all a plan needs), the quantized model is written layer by layer under ``runtime.offload_dir``
@@ -9,36 +9,36 @@ quantizing again), and the evaluation runs layer-major over the FP and the quant
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import shutil
-import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..compile import bind, compile_config
+from ..compile import RunPlan, bind, compile_config
 from ..errors import ConfigError
-from ..eval.streamed import check_streamable as check_eval
-from ..eval.streamed import evaluate_streamed
+from ..eval import evaluate
+from ..eval.measures import check_layer_major
+from ..eval.reference import Reference
+from ..eval.result import Evaluation
+from ..eval.streamed import LayerMajorModel
 from ..memory import available_memory, format_size, parse_size
 from ..metrics import Metric
 from ..models.loading import load_tokenizer, model_directory, resolve_device, torch_dtype
 from ..models.registry import get_adapter
 from ..models.shards import Checkpoint, check_writable, module_prefix, skeleton
 from ..paths import cache_root
+from ..pipeline.driver import QuantizeReport
 from ..pipeline.plan import QuantizationPlan
-from ..pipeline.stream import check_streamable as check_quant
-from ..pipeline.stream import quantize_streamed
+from ..pipeline.stream import check_quantization_streamable, quantize_streamed
 from ..schema import RunConfig
-from .identity import weights_key
-from .store import RunRecord
+from ..store import weights_key
+from ..store.qmodels import QuantizedModels
 
 log = logging.getLogger(__name__)
 
-_RECORDS = "ptqlab-records.json"
 _RESIDENT_FACTOR = 2.5  # a shared worker keeps the FP state beside the quantized copy, plus activations
 
 
@@ -124,12 +124,69 @@ def offload_root(cfg: RunConfig) -> Path:
     return Path(rt.offload_dir).expanduser() if rt.offload_dir else cache_root() / "stream"
 
 
-def run_streamed(cfg: RunConfig, choice: StreamChoice, fingerprint: str, record: RunRecord,
-                 progress: bool = True, reuse: bool = True) -> RunRecord:
-    """Quantize and evaluate ``cfg`` streamed, filling ``record`` (a failure while running is its error).
+@dataclass
+class StreamedRun:
+    """A streamed model bound to its plan: a skeleton on the meta device, its checkpoints on disk.
 
-    With ``reuse``, a quantized model that a run with the same weights key left in the offload directory is
-    read instead of quantizing again.
+    One residency of :class:`ptqlab.study.worker.PreparedRun` (the other is
+    :class:`ptqlab.study.resident.ResidentRun`). The quantized model is written layer by layer under
+    ``runtime.offload_dir`` in a directory named by the weights key (a later run with the same weights reads
+    it instead of quantizing again, unless ``reuse`` is off); the evaluation runs layer-major over the FP and
+    the quantized checkpoints (:class:`ptqlab.eval.streamed.LayerMajorModel`).
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    plan: RunPlan
+    fp: Checkpoint
+    out: Path
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+    progress: bool = True
+    reuse: bool = True
+    timings: dict[str, float] = field(default_factory=lambda: {"streamed": 1.0})
+    q: Checkpoint | None = None
+
+    @property
+    def architecture(self) -> str:
+        """The model's class name."""
+        return type(self.model).__name__
+
+    def quantize(self) -> QuantizeReport:
+        """The quantized checkpoint: kept under the offload directory by weights key, or written now."""
+        plan = self.plan.quantization
+        report = self._quantized(plan) if plan.changes_weights else QuantizeReport()
+        report.metrics += [Metric(k, v) for k, v in plan.size_metrics(self.model).items()]
+        return report
+
+    def _quantized(self, plan: QuantizationPlan) -> QuantizeReport:
+        specs = {t.name: t.spec for t in plan.targets}
+        kept = QuantizedModels.load_checkpoint(self.out, self.model, specs) if self.reuse else None
+        if kept is not None:
+            self.timings["qmodel_reused"] = 1.0
+            self.q = kept.checkpoint
+            return kept.report
+        QuantizedModels.clear_checkpoint(self.out)  # not reused: the model is written anew in its place
+        report = quantize_streamed(self.model, plan, self.fp, self.out, device=self.device, dtype=self.dtype,
+                                   progress=self.progress,
+                                   options=dataclasses.replace(self.plan.options, keep_grids=True))
+        self.q = QuantizedModels.finish_checkpoint(self.out, report, set(plan.size_metrics(self.model)))
+        return report
+
+    def evaluate(self, report: QuantizeReport, peers: Sequence[tuple[float, float]]) -> Evaluation:
+        """Evaluate layer-major: the quantized checkpoint (or the FP one itself) against the FP checkpoint."""
+        access = LayerMajorModel(self.model, self.plan.quantization.adapter, self.fp, self.q, device=self.device,
+                                 dtype=self.dtype, progress=self.progress)
+        return evaluate(access, self.tokenizer, self.plan.evaluation, Reference(), progress=self.progress)
+
+    def release(self) -> None:
+        """Nothing is held in memory between runs."""
+
+
+def prepare_streamed(cfg: RunConfig, choice: StreamChoice, fingerprint: str, *, progress: bool = True,
+                     reuse: bool = True) -> StreamedRun:
+    """Bind ``cfg`` to its model's skeleton and check that everything it asks for streams.
 
     Raises:
         ConfigError: The recipe, scheme or evaluation cannot be streamed (before any work).
@@ -137,48 +194,12 @@ def run_streamed(cfg: RunConfig, choice: StreamChoice, fingerprint: str, record:
     """
     fp = choice.checkpoint
     assert fp is not None
-    t_start = time.perf_counter()
     compiled = compile_config(cfg)
     device, dtype = resolve_device(cfg.device), torch_dtype(cfg.dtype)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     model = skeleton(fp.directory, dtype, cfg.trust_remote_code)
     plan = bind(compiled, model, tokenizer)
-    check_quant(plan.quantization)
-    check_eval(plan.evaluation)
-    record.architecture, record.device = type(model).__name__, str(device)
-    timings: dict[str, float] = {"streamed": 1.0}
-    try:
-        q, records = _quantized(cfg, plan.quantization, model, fp, fingerprint, device, dtype, progress, timings,
-                                reuse)
-        res = evaluate_streamed(model, plan.quantization.adapter, plan.evaluation, fp, q, tokenizer=tokenizer,
-                                device=device, dtype=dtype, progress=progress)
-        timings.update(res.evaluation.timings)
-        sizes = plan.quantization.size_metrics(model)
-        record.metrics = res.evaluation.metrics + [Metric(k, v) for k, v in sizes.items()]
-        record.windows = {n: {"nll": w.nll, "fp_nll": w.fp_nll} for n, w in res.evaluation.windows.items()}
-        record.layers = records
-        record.status = "done"
-    except Exception as exc:  # noqa: BLE001 - any failure while running is stored as the reason
-        log.exception("run %s failed", record.id)
-        record.error = f"{type(exc).__name__}: {exc}"
-    timings["total_s"] = time.perf_counter() - t_start
-    record.timings = timings
-    return record
-
-
-def _quantized(cfg: RunConfig, plan: QuantizationPlan, model: torch.nn.Module, fp: Checkpoint, fingerprint: str,
-               device: torch.device, dtype: torch.dtype, progress: bool,
-               timings: dict[str, float], reuse: bool = True) -> tuple[Checkpoint | None, list[dict[str, Any]]]:
-    """The quantized checkpoint: kept under the offload directory by weights key, or written now."""
-    if not plan.changes_weights:
-        return None, []
+    check_quantization_streamable(plan.quantization)
+    check_layer_major(plan.evaluation)
     out = offload_root(cfg) / f"{weights_key(cfg, fingerprint)}-{device.type}"
-    if reuse and (out / _RECORDS).is_file():
-        timings["qmodel_reused"] = 1.0
-        return Checkpoint(out), list(json.loads((out / _RECORDS).read_text()))
-    shutil.rmtree(out, ignore_errors=True)  # not reused: the model is written anew in its place
-    report = quantize_streamed(model, plan, fp, out, device=device, dtype=dtype, progress=progress)
-    records = [dataclasses.asdict(r) for r in report.records]
-    (out / _RECORDS).write_text(json.dumps(records))  # written last: its presence marks a finished model
-    timings.update(report.timings)
-    return Checkpoint(out), records
+    return StreamedRun(model, tokenizer, plan, fp, out, fingerprint, device, dtype, progress, reuse)

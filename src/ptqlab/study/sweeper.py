@@ -22,10 +22,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..models.loading import model_fingerprint
+from ..store import RunRecord, Store, SweepEntry, normalized, run_id
 from .estimate import Estimator
 from .executors import Executor, Task, TaskResult
-from .identity import normalized, run_id
-from .store import RunRecord, Store, SweepEntry
 from .sweep import Sweep
 
 log = logging.getLogger(__name__)

@@ -22,26 +22,25 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..compile import bind, compile_config
-from ..eval import build_reference, evaluate
+from ..eval import build_reference
 from ..eval.reference import Reference
-from ..metrics import Metric
+from ..eval.result import Evaluation
 from ..models.loading import LoadedModel, load_model, model_fingerprint, resolve_device
 from ..nn.capture import InputCache
-from ..pipeline.driver import LayerRecord, QuantizeReport
-from ..pipeline.outliers import outlier_masks
-from ..pipeline.quantize import place, quantize, restore
+from ..pipeline.driver import QuantizeReport
+from ..pipeline.quantize import place
 from ..schema import RunConfig
+from ..store import RunRecord, git_revision, normalized, package_versions, qmodel_key, run_id, weights_key
+from ..store.qmodels import QuantizedModels
 from ..threads import thread_ceiling
-from .cache import QModelCache
-from .identity import git_revision, normalized, package_versions, qmodel_key, run_id, weights_key
-from .store import RunRecord
-from .streamed import StreamChoice, choose_stream, run_streamed
+from .resident import ResidentRun
+from .streamed import StreamChoice, choose_stream, prepare_streamed
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +74,20 @@ class Worker:
         progress: Show progress bars.
         share: Keep the FP model for later runs (each run quantizes a copy). Without it the loaded model is
             quantized itself and dropped: one run, the least memory.
-        qmodels: The cache of quantized models (default: ``$PTQLAB_CACHE/qmodels``; None with ``share``
-            off keeps none).
-        reuse: Restore quantized weights that an earlier run with the same weights key kept (the cache
-            above, or a streamed run's offload directory); False quantizes again and replaces them.
+        qmodels: The store of quantized models (default: ``$PTQLAB_CACHE/qmodels``): every run keeps its
+            quantized model there by weights key (a streamed run in its offload directory), which is what
+            ``ptqlab export`` reads.
+        reuse: Restore quantized weights that an earlier run with the same weights key kept; False quantizes
+            again and replaces them.
 
     """
 
-    def __init__(self, *, progress: bool = True, share: bool = True, qmodels: QModelCache | None = None,
+    def __init__(self, *, progress: bool = True, share: bool = True, qmodels: QuantizedModels | None = None,
                  reuse: bool = True) -> None:
         self.progress = progress
         self.share = share
         self.reuse = reuse
-        self.qmodels = qmodels if qmodels is not None else QModelCache()
+        self.qmodels = qmodels if qmodels is not None else QuantizedModels()
         self.stats = WorkerStats()
         self._models: OrderedDict[tuple[str, str, bool], _FPModel] = OrderedDict()
         self._references: OrderedDict[str, Reference] = OrderedDict()
@@ -108,16 +108,17 @@ class Worker:
         return found
 
     def run_id(self, cfg: RunConfig) -> str:
-        """The run id of ``cfg`` (loads its model when not loaded and not streamed)."""
+        """The run id of ``cfg``, from its model's weight files (nothing is loaded, streaming is not decided)."""
         return run_id(cfg, self._fingerprint(cfg))
 
     def _fingerprint(self, cfg: RunConfig) -> str:
-        if self._stream(cfg).stream:
-            key = (cfg.model, cfg.trust_remote_code)
-            if key not in self._fingerprints:
-                self._fingerprints[key] = model_fingerprint(cfg.model)
-            return self._fingerprints[key]
-        return self.fp_model(cfg).loaded.info.fingerprint
+        """The model's fingerprint: the loaded model's, or its weight files' (hashed once per worker)."""
+        key = (cfg.model, cfg.trust_remote_code)
+        if key not in self._fingerprints:
+            loaded = next((m.loaded for (model, _, trust), m in self._models.items()
+                           if (model, trust) == key), None)
+            self._fingerprints[key] = loaded.info.fingerprint if loaded is not None else model_fingerprint(cfg.model)
+        return self._fingerprints[key]
 
     def _stream(self, cfg: RunConfig) -> StreamChoice:
         """Whether ``cfg`` streams (decided once per model, dtype and runtime section)."""
@@ -129,6 +130,9 @@ class Worker:
     def run(self, cfg: RunConfig, *, peers: Sequence[tuple[float, float]] = ()) -> RunRecord:
         """Quantize and evaluate ``cfg``; a failure while quantizing or evaluating is a ``failed`` record.
 
+        The run is prepared for its residency (:meth:`prepare`: a resident copy of the FP model, or a
+        streamed skeleton), then quantized and evaluated the same way whatever the residency.
+
         Args:
             cfg: A validated configuration.
             peers: Degradation intervals of other runs, for ``evaluate.adaptive.target: rank``.
@@ -137,17 +141,42 @@ class Worker:
             ConfigError / DataError: The configuration does not fit the model (nothing was computed).
 
         """
+        t_start = time.perf_counter()
+        prepared = self.prepare(cfg)
+        record = _new_record(cfg, prepared.fingerprint, prepared.architecture, prepared.device)
+        timings = prepared.timings
+        try:
+            report = prepared.quantize()
+            result = prepared.evaluate(report, peers)
+            timings.update(report.timings)
+            timings.update(result.timings)
+            _fill(record, report, result)
+        except Exception as exc:  # noqa: BLE001 - any failure while running is stored as the reason
+            log.exception("run %s failed", record.id)
+            record.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            prepared.release()
+        timings["total_s"] = time.perf_counter() - t_start
+        record.timings = timings
+        return record
+
+    def prepare(self, cfg: RunConfig) -> PreparedRun:
+        """``cfg`` bound to its model, resident or streamed as ``runtime`` decides (before any quantization).
+
+        Raises:
+            ConfigError / DataError: The configuration does not fit the model.
+
+        """
         choice = self._stream(cfg)
         if choice.stream:
             self._models.clear()  # a model kept resident would take the memory the stream saves
-            fingerprint = self._fingerprint(cfg)
-            return run_streamed(cfg, choice, fingerprint, _new_record(cfg, fingerprint, None, cfg.device),
-                                progress=self.progress, reuse=self.reuse)
-        t_start = time.perf_counter()
+            return prepare_streamed(cfg, choice, self._fingerprint(cfg), progress=self.progress, reuse=self.reuse)
+        return self._prepare_resident(cfg)
+
+    def _prepare_resident(self, cfg: RunConfig) -> ResidentRun:
         compiled = compile_config(cfg)
         device = resolve_device(cfg.device)
         fp = self.fp_model(cfg)
-        info = fp.loaded.info
         t0 = time.perf_counter()
         if self.share:
             model = copy.deepcopy(fp.loaded.model)
@@ -158,35 +187,22 @@ class Worker:
         fp.runs += 1
         t0 = time.perf_counter()
         plan = bind(compiled, model, fp.loaded.tokenizer)
-        plan.quantization.inputs = fp.inputs if self.share else None
+        inputs = fp.inputs if self.share else None  # the layer-0 inputs the runs of this FP model share
+        plan = dataclasses.replace(plan, options=dataclasses.replace(plan.options, inputs=inputs))
         timings["data_s"] = time.perf_counter() - t0
         place(model, device)
         reference = self._reference(cfg, fp, model, plan.evaluation, device)
         timings.update(reference.timings)
-        record = _new_record(cfg, info.fingerprint, info.architecture, device)
-        try:
-            report = self._quantized(cfg, fp, model, plan, device, timings)
-            result = evaluate(model, fp.loaded.tokenizer, plan.evaluation, reference, progress=self.progress,
-                              peers=peers)
-            timings.update(report.timings)
-            timings.update(result.timings)
-            record.metrics = result.metrics + report.metrics
-            record.texts.update(result.texts)
-            record.sensitivity = [vars(s) for s in result.sensitivity]
-            record.windows = {name: {"nll": w.nll, "fp_nll": w.fp_nll} for name, w in result.windows.items()}
-            record.layers = [vars(r) for r in report.records]
-            record.adaptive = None if result.adaptive is None else dataclasses.asdict(result.adaptive)
-            record.status = "done"
-        except Exception as exc:  # noqa: BLE001 - any failure while running is stored as the reason
-            log.exception("run %s failed", record.id)
-            record.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        timings["total_s"] = time.perf_counter() - t_start
-        record.timings = timings
-        return record
+        info = fp.loaded.info
+        return ResidentRun(model, fp.loaded.tokenizer, plan, reference, info.fingerprint, info.architecture, device,
+                           timings, weights_key(cfg, info.fingerprint), self.qmodels,
+                           fp.state if self.share else None, self.reuse, self.progress, on_quantized=self._count)
+
+    def _count(self, reused: bool) -> None:
+        if reused:
+            self.stats.qmodel_hits += 1
+        else:
+            self.stats.quantized += 1
 
     def _reference(self, cfg: RunConfig, fp: _FPModel, model: nn.Module, plan: Any, device: torch.device) -> Reference:
         """The FP reference of ``cfg.evaluate`` on ``device`` (measured on ``model`` before it is quantized)."""
@@ -206,32 +222,45 @@ class Worker:
                 self._references.popitem(last=False)
         return ref
 
-    def _quantized(self, cfg: RunConfig, fp: _FPModel, model: nn.Module, plan: Any, device: torch.device,
-                   timings: dict[str, float]) -> QuantizeReport:
-        """Quantize ``model``, or restore the quantized weights a run with the same weights key kept."""
-        key = weights_key(cfg, fp.loaded.info.fingerprint)
-        kept = self.qmodels.load(key, device.type) if self.share and self.reuse else None
-        if kept is not None:
-            t0 = time.perf_counter()
-            weights, meta = kept
-            report = QuantizeReport(records=[LayerRecord(**r) for r in meta["records"]], distill=meta["distill"],
-                                    metrics=[Metric(**m) for m in meta["metrics"]],
-                                    outliers=outlier_masks(meta.get("outliers", {}), model))
-            restore(model, plan.quantization, {k: v.to(device) for k, v in weights.items()}, report,
-                    progress=self.progress)  # measures this run's sizes (its activation and KV bits) again
-            report.timings = {"qmodel_restore_s": time.perf_counter() - t0}
-            timings["qmodel_reused"] = 1.0
-            self.stats.qmodel_hits += 1
-            return report
-        report = quantize(model, plan.quantization, progress=self.progress)
-        self.stats.quantized += 1
-        if self.share and plan.quantization.changes_weights:
-            sizes = set(plan.quantization.size_metrics(model))
-            meta = {"records": [vars(r) for r in report.records], "distill": report.distill,
-                    "metrics": [dataclasses.asdict(m) for m in report.metrics if m.name not in sizes],
-                    "outliers": {n: m.nonzero().flatten().tolist() for n, m in report.outliers.items()}}
-            self.qmodels.save(key, device.type, fp.state, model, meta, bool(report.hooks))
-        return report
+
+class PreparedRun(Protocol):
+    """A run bound to its model and ready to quantize and evaluate, whatever the model's residency.
+
+    :class:`~ptqlab.study.resident.ResidentRun` holds the model in memory;
+    :class:`~ptqlab.study.streamed.StreamedRun` a skeleton whose layers are read from disk.
+    """
+
+    fingerprint: str
+    device: torch.device
+    timings: dict[str, float]
+
+    @property
+    def architecture(self) -> str | None:
+        """The model's class name."""
+        ...
+
+    def quantize(self) -> QuantizeReport:
+        """Quantize the model (or restore its kept quantized weights); the report holds its size metrics."""
+        ...
+
+    def evaluate(self, report: QuantizeReport, peers: Sequence[tuple[float, float]]) -> Evaluation:
+        """Evaluate the quantized model against its FP model."""
+        ...
+
+    def release(self) -> None:
+        """Free what the run holds."""
+        ...
+
+
+def _fill(record: RunRecord, report: QuantizeReport, result: Evaluation) -> None:
+    """A finished run's measurements into its record."""
+    record.metrics = result.metrics + report.metrics
+    record.texts.update(result.texts)
+    record.sensitivity = [vars(s) for s in result.sensitivity]
+    record.windows = {name: {"nll": w.nll, "fp_nll": w.fp_nll} for name, w in result.windows.items()}
+    record.layers = [vars(r) for r in report.records]
+    record.adaptive = None if result.adaptive is None else dataclasses.asdict(result.adaptive)
+    record.status = "done"
 
 
 def _new_record(cfg: RunConfig, fingerprint: str, architecture: str | None, device: torch.device | str) -> RunRecord:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import Metric
-from .store_schema import SCHEMA_VERSION, check_store, migrate
+from .schema import SCHEMA_VERSION, check_store, migrate
 
 __all__ = ["SCHEMA_VERSION", "Metric", "RunRecord", "Store", "SweepEntry", "check_store"]
 

@@ -9,9 +9,10 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..schema import RunConfig
+if TYPE_CHECKING:  # annotations only: importing the store stays light (no pydantic, no torch)
+    from ..schema import RunConfig
 
 _PACKAGES = ("ptqlab", "torch", "transformers", "safetensors", "gguf", "accelerate", "numpy", "pydantic")
 _NOT_IDENTITY = ("model", "device", "trust_remote_code", "runtime", "export")
