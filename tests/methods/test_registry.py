@@ -35,10 +35,26 @@ class HalfStepRTN:
 
 
 @pytest.fixture
-def toy(monkeypatch: pytest.MonkeyPatch) -> None:
+def toy(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setattr(recipe_module, "_METHODS", dict(recipe_module._METHODS))  # undone after the test
+    monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))  # counts the calls: no weights kept before
     register_method("half_step_rtn", HalfStepRTN)
     HalfStepRTN.calls.clear()
+
+
+def test_a_foreign_method_keys_its_weights_by_its_source(toy) -> None:
+    """Weights a user's method made are not reused once its source changes (ptqlab's fingerprint misses it)."""
+    from ptqlab.schema import parse_config
+    from ptqlab.study.resident import quantized_weights_key
+
+    cfg = parse_config({"model": "m", "scheme": {"weight": {"bits": 4}}, "recipe": [{"half_step_rtn": {}}]})
+    own = parse_config({"model": "m", "scheme": {"weight": {"bits": 4}}, "recipe": [{"rtn": {}}]})
+    assert recipe_module.foreign_source(["rtn", "gptq"]) == ""
+    assert recipe_module.foreign_source(["half_step_rtn"]) != ""
+    from ptqlab.store import weights_key
+
+    assert quantized_weights_key(own, "fp") == weights_key(own, "fp")  # ptqlab's own methods: keys as before
+    assert quantized_weights_key(cfg, "fp") != weights_key(cfg, "fp")
 
 
 def _run(tmp_path, capsys, recipe: list[dict], name: str) -> dict:

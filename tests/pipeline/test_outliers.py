@@ -127,7 +127,7 @@ def test_a_reused_quantized_model_gets_its_fp16_columns_back(tmp_path: Path, mon
     w4a8 = parse_config(_config({**scheme, "activation": {"bits": 8}}, [{"gptq": {}}]))
     reused = worker.run(w4a8)
     assert reused.timings["qmodel_reused"] == 1.0
-    alone = Worker(progress=False, share=False).run(w4a8)
+    alone = Worker(progress=False, share=False, reuse=False).run(w4a8)
     assert [(m.name, m.value) for m in reused.metrics] == [(m.name, m.value) for m in alone.metrics]
 
 

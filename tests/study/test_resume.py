@@ -197,13 +197,13 @@ def test_a_new_evaluation_reuses_the_quantized_model(tmp_path: Path, monkeypatch
     name = "ppl.wikitext2.s64.w2"
     assert {m.name: m.value for m in a.metrics}[name] == {m.name: m.value for m in b.metrics}[name]
     assert [r["rel_error"] for r in a.layers] == [r["rel_error"] for r in b.layers]
-    fresh = Worker(progress=False, share=False).run(second)  # quantized again from scratch, alone
+    fresh = Worker(progress=False, share=False, reuse=False).run(second)  # quantized again from scratch, alone
     assert [(m.name, m.value) for m in fresh.metrics] == [(m.name, m.value) for m in b.metrics]
     # W4A8 with the same weights: the weights are reused, its own sizes measured
     w4a8 = parse_config({**cfg, "scheme": {**BASE["scheme"], "activation": {"bits": 8}}})
     c = worker.run(w4a8)
     assert c.timings["qmodel_reused"] == 1.0 and worker.stats.quantized == 1
-    alone = Worker(progress=False, share=False).run(w4a8)
+    alone = Worker(progress=False, share=False, reuse=False).run(w4a8)
     assert [(m.name, m.value) for m in c.metrics] == [(m.name, m.value) for m in alone.metrics]
     assert "bits.activation" in {m.name for m in c.metrics}
 
@@ -215,7 +215,7 @@ def test_a_sweep_run_equals_a_single_run_to_the_bit(tmp_path: Path, monkeypatch,
     shared = Worker(progress=False)
     shared.run(parse_config({**cfg, "scheme": {"weight": {"bits": 3}}}))  # something else first
     in_sweep = shared.run(parse_config(cfg))
-    alone = Worker(progress=False, share=False).run(parse_config(cfg))
+    alone = Worker(progress=False, share=False, reuse=False).run(parse_config(cfg))
     assert in_sweep.id == alone.id
     assert [(m.name, m.value) for m in in_sweep.metrics] == [(m.name, m.value) for m in alone.metrics]
     assert in_sweep.windows == alone.windows

@@ -23,9 +23,9 @@ from ..compile import bind, compile_config
 from ..errors import ConfigError
 from ..models.loading import load_model, model_fingerprint, resolve_device
 from ..schema import RunConfig
-from ..store import RunRecord, Store, run_id, weights_key
+from ..store import RunRecord, Store, run_id
 from ..store.qmodels import QuantizedModels
-from ..study.resident import quantize_or_restore
+from ..study.resident import quantize_or_restore, quantized_weights_key
 from ..study.streamed import StreamChoice, choose_stream, prepare_streamed
 from .formats import EXPORTERS, Exporter, Written, exporter_for
 from .hf import model_card
@@ -124,7 +124,7 @@ def _resident(cfg: RunConfig, exporter: Exporter, progress: bool) -> tuple[str, 
     loaded = load_model(cfg.model, cfg.dtype, "cpu", cfg.trust_remote_code)
     plan = bind(compiled, loaded.model, loaded.tokenizer)
     layout = exporter.check(plan.quantization, loaded.model.config)
-    key = weights_key(cfg, loaded.info.fingerprint)
+    key = quantized_weights_key(cfg, loaded.info.fingerprint)
     report, _ = quantize_or_restore(loaded.model, plan.quantization, QuantizedModels(), key,
                                     resolve_device(cfg.device).type, progress=progress, options=plan.options)
     return loaded.info.fingerprint, Written(loaded.model, loaded.tokenizer, Path(), report.grids, layout,

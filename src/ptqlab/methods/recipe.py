@@ -8,8 +8,11 @@ A method is registered once, by name, with its class and (optionally) its option
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +73,27 @@ def register_method(name: str, cls: type[Method], options: type[Any] | None = No
 def registered_methods() -> dict[str, Registered]:
     """The registered methods by name (a copy)."""
     return dict(_METHODS)
+
+
+def foreign_source(names: list[str]) -> str:
+    """A sha256 of the source files of the named methods that are not ptqlab's own ("" when all are).
+
+    A method registered from the user's code is outside the package's own code fingerprint; its source
+    file keys the quantized weights it made, so weights an older version of it made are not reused.
+    """
+    digest = hashlib.sha256()
+    found = False
+    for name in sorted(set(names)):
+        reg = _METHODS.get(name)
+        for cls in () if reg is None else (reg.cls, reg.options):
+            if cls is None or cls.__module__.split(".")[0] == "ptqlab":
+                continue
+            path = inspect.getsourcefile(cls)
+            digest.update(f"{name}:{cls.__module__}.{cls.__qualname__}".encode())
+            if path is not None:
+                digest.update(Path(path).read_bytes())
+            found = True
+    return digest.hexdigest()[:16] if found else ""
 
 
 def _names_of(kind: str) -> list[str]:

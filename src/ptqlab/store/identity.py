@@ -40,12 +40,14 @@ def qmodel_key(cfg: RunConfig, fingerprint: str) -> str:
     return _digest({"q": keep, "model": fingerprint})[:16]
 
 
-def weights_key(cfg: RunConfig, fingerprint: str) -> str:
+def weights_key(cfg: RunConfig, fingerprint: str, foreign: str = "") -> str:
     """Key of the quantized weights alone: what decides them (activation and KV settings do not).
 
     The weights are quantized before any activation or KV quantizer is installed, so runs that differ only
     in those (W4 and W4A8 with the same recipe and calibration) share them. The key also holds
-    :func:`code_fingerprint`: kept weights that an older version of the code quantized are not reused.
+    :func:`code_fingerprint`: kept weights that an older version of the code quantized are not reused;
+    ``foreign`` is the fingerprint of the recipe's methods registered from outside ptqlab
+    (:func:`ptqlab.methods.recipe.foreign_source`), which the package's own fingerprint does not cover.
     """
     scheme = cfg.scheme
     overrides = [(o.match, o.weight if o.sets("weight") else "unset") for o in scheme.overrides]
@@ -55,7 +57,8 @@ def weights_key(cfg: RunConfig, fingerprint: str) -> str:
             "calibration": data["calibration"]}
     if scheme.outliers is not None:  # the FP16 columns change the weights (keys without it stay as they were)
         keep["outliers"] = scheme.outliers.model_dump(mode="json")
-    return _digest({"w": keep, "model": fingerprint, "code": code_fingerprint()})[:16]
+    code = code_fingerprint() if not foreign else f"{code_fingerprint()}+{foreign}"
+    return _digest({"w": keep, "model": fingerprint, "code": code})[:16]
 
 
 @functools.lru_cache(maxsize=1)

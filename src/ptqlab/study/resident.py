@@ -20,9 +20,12 @@ from ..compile import RunPlan
 from ..eval import evaluate
 from ..eval.reference import Reference
 from ..eval.result import Evaluation
+from ..methods.recipe import foreign_source
 from ..pipeline.driver import QuantizeReport
 from ..pipeline.plan import QuantizationPlan, RunOptions
 from ..pipeline.quantize import quantize, restore
+from ..schema import RunConfig
+from ..store import weights_key
 from ..store.qmodels import QuantizedModels
 
 
@@ -121,3 +124,12 @@ def quantize_or_restore(model: nn.Module, plan: QuantizationPlan, qmodels: Quant
     report = quantize(model, plan, progress=progress, options=dataclasses.replace(options, keep_grids=True))
     qmodels.save(key, device, model, report, set(plan.size_metrics(model)), fp_state)
     return report, False
+
+
+def quantized_weights_key(cfg: RunConfig, fingerprint: str) -> str:
+    """The key ``cfg``'s quantized weights are kept under.
+
+    :func:`ptqlab.store.weights_key`, with the source of any method of its recipe registered from outside
+    ptqlab (:func:`ptqlab.methods.recipe.foreign_source`).
+    """
+    return weights_key(cfg, fingerprint, foreign_source([next(iter(step)) for step in cfg.recipe]))

@@ -34,8 +34,8 @@ from ..pipeline.driver import QuantizeReport
 from ..pipeline.plan import QuantizationPlan
 from ..pipeline.stream import check_quantization_streamable, quantize_streamed
 from ..schema import RunConfig
-from ..store import weights_key
 from ..store.qmodels import QuantizedModels
+from .resident import quantized_weights_key
 
 log = logging.getLogger(__name__)
 
@@ -201,5 +201,5 @@ def prepare_streamed(cfg: RunConfig, choice: StreamChoice, fingerprint: str, *, 
     plan = bind(compiled, model, tokenizer)
     check_quantization_streamable(plan.quantization)
     check_layer_major(plan.evaluation)
-    out = offload_root(cfg) / f"{weights_key(cfg, fingerprint)}-{device.type}"
+    out = offload_root(cfg) / f"{quantized_weights_key(cfg, fingerprint)}-{device.type}"
     return StreamedRun(model, tokenizer, plan, fp, out, fingerprint, device, dtype, progress, reuse)

@@ -36,10 +36,10 @@ from ..nn.capture import InputCache
 from ..pipeline.driver import QuantizeReport
 from ..pipeline.quantize import place
 from ..schema import RunConfig
-from ..store import RunRecord, git_revision, normalized, package_versions, qmodel_key, run_id, weights_key
+from ..store import RunRecord, git_revision, normalized, package_versions, qmodel_key, run_id
 from ..store.qmodels import QuantizedModels
 from ..threads import thread_ceiling
-from .resident import ResidentRun
+from .resident import ResidentRun, quantized_weights_key
 from .streamed import StreamChoice, choose_stream, prepare_streamed
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class Worker:
         timings.update(reference.timings)
         info = fp.loaded.info
         return ResidentRun(model, fp.loaded.tokenizer, plan, reference, info.fingerprint, info.architecture, device,
-                           timings, weights_key(cfg, info.fingerprint), self.qmodels,
+                           timings, quantized_weights_key(cfg, info.fingerprint), self.qmodels,
                            fp.state if self.share else None, self.reuse, self.progress, on_quantized=self._count)
 
     def _count(self, reused: bool) -> None:
