@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
-.PHONY: setup demo test test-stress test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale bench-export bench-coverage report-demo clean
+.PHONY: setup demo test test-stress test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale bench-export bench-kl-llamacpp bench-coverage report-demo clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,13 @@ bench-contention: setup
 bench-export: setup
 	$(PIP) install -q -e ".[llamacpp]"  # llama-cpp-python for llama.cpp's GGUF perplexity (builds once, minutes)
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_export.py
+
+# ptqlab's fidelity statistics beside `llama-perplexity --kl-divergence` on the same GGUF exports and tokens
+# (minutes). Needs a llama-perplexity binary: LLAMA_PERPLEXITY=/path (`bench/bench_kl_llamacpp.py --help` shows
+# how to build it from the llama.cpp sources llama-cpp-python vendors).
+bench-kl-llamacpp: setup
+	$(PIP) install -q -e ".[llamacpp]"
+	PYTHONUNBUFFERED=1 nice $(PY) bench/bench_kl_llamacpp.py $(if $(LLAMA_PERPLEXITY),--llama-perplexity $(LLAMA_PERPLEXITY))
 
 bench-coverage: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_coverage.py

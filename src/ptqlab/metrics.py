@@ -17,7 +17,17 @@ BITS_KV = "bits.kv"
 DIALOGUE_ANSWERS = "dialogue.answers"
 DIALOGUE_JUDGE = "dialogue.judge.score"
 DIALOGUE_UNRATED = "dialogue.judge.unrated"
-DIVERGENCE_KINDS = ("kl", "top1", "top5")
+FIDELITY_KINDS = ("kl_se", "kl_p50", "kl_p90", "kl_p95", "kl_p99", "kl_p999", "kl_max",
+                  "dp_mean", "dp_rms", "dp_min", "dp_p1", "dp_p5", "dp_p50", "dp_p95", "dp_p99", "dp_max")
+"""The statistics ``llama-perplexity --kl-divergence`` reports, beside the means, per run against FP.
+
+``kl_se``: the standard error of the mean per-token KL (``kl``); ``kl_p50`` (the median) ... ``kl_p999``
+(the 99.9th percentile) and ``kl_max``: of the per-token KL. ``dp_*``: of Δp, the probability Q gives
+the correct next token minus FP's (a fraction, not percent): its mean, RMS, minimum, 1st ... 99th
+percentiles and maximum. The same-top-token rate is ``top1``. Which KL: see :mod:`ptqlab.eval.divergence`
+(over FP's top-k tokens plus a tail bucket: a lower bound of the full-vocabulary KL).
+"""
+DIVERGENCE_KINDS = ("kl", "top1", "top5", *FIDELITY_KINDS)
 PAIRED_TASK_MEASURES = ("agree_fp", "lost", "gained")
 ADAPTIVE_MEASURES = ("delta_ppl", "lo", "hi", "windows", "early", "class")
 
@@ -42,7 +52,7 @@ def perplexity_name(corpus: str, seqlen: int, windows: int) -> str:
 
 
 def divergence_name(kind: str, corpus: str, seqlen: int, windows: int) -> str:
-    """``kl.*``, ``top1.*`` or ``top5.*`` of the divergence from FP on a corpus's first windows."""
+    """``kl.*``, ``top1.*``, ``top5.*`` or a :data:`FIDELITY_KINDS` statistic (``kl_p99.*``) of a corpus's windows."""
     if kind not in DIVERGENCE_KINDS:
         raise ValueError(f"unknown divergence measure {kind!r}; known: {', '.join(DIVERGENCE_KINDS)}")
     return sized_name(kind, corpus, seqlen, windows)
@@ -85,8 +95,8 @@ class MetricName:
     """A metric name read back into the parts its builder put in (:func:`parse_name`); ``str()`` rebuilds it.
 
     Attributes:
-        kind: The first part: ``ppl``, ``kl``, ``top1``, ``top5``, ``lm_eval``, ``retrieval``, ``adaptive``,
-            ``bits``, ``size``, ``dialogue`` or a method's name.
+        kind: The first part: ``ppl``, ``kl``, ``top1``, ``top5`` (or a :data:`FIDELITY_KINDS` statistic),
+            ``lm_eval``, ``retrieval``, ``adaptive``, ``bits``, ``size``, ``dialogue`` or a method's name.
         corpus: Perplexity and divergence: the corpus.
         seqlen: Perplexity and divergence: the window length.
         windows: Perplexity and divergence: the number of windows.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
-from ..report import Budget, Recommendation, compare_runs, open_store, recommend, select_views, write_report
+from ..report import Budget, Recommendation, compare_runs, open_store, select_views, write_report
 from ..report.compare import Comparison
-from ..report.recommend import Candidate
-from ..report.render import fmt
+from ..report.recommend import Candidate, recommend_each
+from ..report.runs import Z95, by_cohort, fmt_number, fmt_signed, json_ready
 from .runs import store_path
 
 __all__ = ["add_commands"]
@@ -25,21 +26,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dumps(obj: Any) -> str:
+    """Strict JSON (no NaN or Infinity: those become null), as jq and browsers read it."""
+    return json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n"
+
+
 def _candidate(c: Candidate, out: Any) -> None:
     v = c.view
     size = f"{v.size_bytes / 2**20:.1f} MiB" if v.size_bytes else "size unknown"
-    out.write(f"  {v.id}  {v.label}  ({fmt(v.weight_bits)} bits/weight, {size})\n")
+    out.write(f"  {v.id}  {v.label}  ({fmt_number(v.weight_bits)} bits/weight, {size})\n")
     for e in c.evidence:
-        lo, hi = e.interval
-        fp = f", FP {e.fp:.4g}" if e.fp else ""
-        state = "met, sure" if e.sure else "met only inside the interval" if e.met else "not met"
-        out.write(f"    {e.measure}: {e.value:.4g}{fp}; loss {e.loss:.4g} [95% {lo:.4g}, {hi:.4g}] "
-                  f"vs limit {e.limit:g}: {state}\n")
+        what = f"{e.measure} ({e.of})" if e.of else e.measure
+        fp = f", FP {fmt_number(e.fp)}" if e.fp is not None else ""
+        iv = "no interval: no standard error" if e.interval is None else (
+            f"95% {fmt_number(e.interval[0])}, {fmt_number(e.interval[1])}")
+        limit = f"limit {e.limit:g}" if math.isfinite(e.limit) else "no limit"
+        state = ("met, sure" if e.sure else "met only by the point estimate" if e.met else "not met")
+        out.write(f"    {what}: {fmt_number(e.value)}{fp}; loss {fmt_number(e.loss)} [{iv}] vs {limit}: {state}\n")
 
 
-def _print_recommendation(rec: Recommendation) -> None:
-    out = sys.stdout
-    out.write(f"budget: {rec.budget.describe()} ({rec.candidates} candidate runs)\n")
+def _print_recommendation(rec: Recommendation, out: Any) -> None:
+    out.write(f"cohort {rec.cohort}: {rec.model}; {rec.protocol}\n"
+              f"  ({rec.runs} runs, {rec.candidates} candidates within the size bound)\n")
     if rec.choice is None:
         out.write("nothing meets the budget; the nearest runs:\n")
         for c in rec.nearest:
@@ -48,48 +56,64 @@ def _print_recommendation(rec: Recommendation) -> None:
     out.write("choice:\n")
     _candidate(rec.choice, out)
     if not rec.choice.sure:
-        out.write("flagged: the budget is met by the point estimate but not by the whole interval\n")
+        out.write("flagged: the budget is met by the point estimate but not surely (the 95% interval crosses "
+                  "the limit, or there is no interval)\n")
         if rec.sure_choice is not None:
-            out.write("the smallest run that meets it surely:\n")
+            out.write("the smallest run of this cohort that meets it surely:\n")
             _candidate(rec.sure_choice, out)
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    """Print the smallest run meeting the budget (exit 1 when none does)."""
+    """Print the smallest run meeting the budget, one per cohort (exit 1 when no cohort has one)."""
     budget = Budget(args.max_class, args.max_ppl_increase, args.max_acc_drop, args.task, args.max_kl,
                     args.max_bits, args.max_bytes)
     views = select_views(open_store(store_path(args)), args.where)
-    rec = recommend(views, budget)
+    recs = recommend_each(views, budget)
     if args.json:
-        sys.stdout.write(json.dumps(rec.to_json(), indent=2) + "\n")
+        sys.stdout.write(_dumps({"budget": budget.describe(), "recommendations": [r.to_json() for r in recs]}))
     else:
-        _print_recommendation(rec)
-    return 0 if rec.choice is not None else 1
+        out = sys.stdout
+        out.write(f"budget: {budget.describe()}\n")
+        if len(recs) > 1:
+            out.write(f"{len(recs)} cohorts (model and evaluation protocol): one recommendation each; runs of "
+                      "different cohorts are never ranked together (--where cohort=ID keeps one)\n")
+        unmeasured = sorted({v.cohort_id for v in views} - {r.cohort for r in recs})
+        if unmeasured:
+            out.write(f"cohorts without runs that have these measurements: {', '.join(unmeasured)}\n")
+        for rec in recs:
+            out.write("\n")
+            _print_recommendation(rec, out)
+    return 0 if any(r.choice is not None for r in recs) else 1
 
 
 def _print_comparison(cmp: Comparison) -> None:
     out = sys.stdout
-    for i, v in enumerate(cmp.runs):
-        out.write(f"[{i}] {v.id}  {v.label}\n")
+    for i, (v, ok) in enumerate(zip(cmp.runs, cmp.comparable, strict=True)):
+        mark = "" if ok else "  (another cohort than [0]: not comparable, no differences)"
+        out.write(f"[{i}] {v.id}  {v.label}  cohort {v.cohort_id}{mark}\n")
+    for members in by_cohort(cmp.runs):
+        out.write(f"cohort {members[0].cohort_id}: {members[0].record.model}; {members[0].protocol.describe()}\n")
     width = max((len(r.metric) for r in cmp.rows), default=6)
     head = "".join(f"{'[' + str(i) + ']':>12}" for i in range(len(cmp.runs)))
     diffs = "".join(f"{'[' + str(i) + ']-[0]':>24}" for i in range(1, len(cmp.runs)))
     out.write(f"{'metric':<{width}}{head}{diffs}\n")
     for r in cmp.rows:
-        values = "".join(f"{fmt(v):>12}" for v in r.values)
+        values = "".join(f"{fmt_number(v):>12}" for v in r.values)
         cells = ""
-        for d, se, paired in zip(r.diffs[1:], r.diff_se[1:], r.paired[1:], strict=True):
-            text = fmt(d) + (f" ± {se:.2g}" if se is not None else "") + (" p" if paired else "")
+        for d, se, paired, ok in zip(r.diffs[1:], r.diff_se[1:], r.paired[1:], cmp.comparable[1:], strict=True):
+            half = f" ± {fmt_number(Z95 * se, '.2g')}" if se is not None else ""
+            text = "n/c" if not ok else fmt_signed(d) + half + (" p" if paired else "")
             cells += f"{text:>24}"
         out.write(f"{r.metric:<{width}}{values}{cells}\n")
-    out.write("± one standard error of the difference; p: paired over the same windows\n")
+    out.write("± half the 95% interval (1.96 standard errors of the difference); p: paired over the same windows; "
+              "n/c: not comparable (another model or protocol)\n")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Print runs side by side."""
     cmp = compare_runs(open_store(store_path(args)), args.runs, args.metric)
     if args.json:
-        sys.stdout.write(json.dumps(cmp.to_json(), indent=2) + "\n")
+        sys.stdout.write(_dumps(cmp.to_json()))
     else:
         _print_comparison(cmp)
     return 0
@@ -116,9 +140,9 @@ def add_commands(sub: Any) -> list[argparse.ArgumentParser]:
                         help="draw this run's per-module sensitivity (repeatable)")
     report.add_argument("--title", default="ptqlab report", help="page title")
     report.set_defaults(func=cmd_report)
-    rec = sub.add_parser("recommend", help="the smallest stored configuration meeting a quality budget")
+    rec = sub.add_parser("recommend", help="the smallest stored configuration meeting a quality budget, per cohort")
     _budget_options(rec)
-    rec.add_argument("--where", default=None, help="only runs matching this filter")
+    rec.add_argument("--where", default=None, help="only runs matching this filter (e.g. cohort=ID)")
     rec.add_argument("--json", action="store_true", help="print the choice and its evidence as JSON")
     rec.set_defaults(func=cmd_recommend)
     cmp = sub.add_parser("compare", help="stored runs side by side with paired differences")

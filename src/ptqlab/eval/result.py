@@ -61,9 +61,14 @@ class Evaluation:
         return name
 
     def add_divergence(self, d: Divergence, corpus: str, windows: int, seqlen: int) -> None:
-        """Add KL and top-k agreement against FP, one metric per kind of :data:`ptqlab.metrics.DIVERGENCE_KINDS`."""
-        self.metrics += [Metric(divergence_name(kind, corpus, seqlen, windows), value)
-                         for kind, value in d.by_kind().items()]
+        """Add KL and top-k agreement against FP, one metric per kind of :data:`ptqlab.metrics.DIVERGENCE_KINDS`.
+
+        The mean KL carries its standard error (``kl_se``, tokens treated as independent, as llama.cpp does).
+        """
+        values = d.by_kind()
+        self.metrics += [Metric(divergence_name(kind, corpus, seqlen, windows), value,
+                                values.get("kl_se") if kind == "kl" else None)
+                         for kind, value in values.items()]
 
 
 def record_tasks(result: Evaluation, plan: EvalPlan, shots: ShotResults, fp: ShotResults | None) -> None:

@@ -262,17 +262,17 @@ def _nll_of(runner: LayerMajor, s: _Set, source: str, chunk: int = 256) -> list[
 
 def _tail_divergence(runner: LayerMajor, s: _Set, last: str, k: int, ref: Reference) -> dv.Divergence:
     """KL and top-k agreement of ``last`` against FP on the divergence windows (one per chunk)."""
-    tops: list[tuple[torch.Tensor, torch.Tensor]] = []
+    tops: list[dv.WindowTop] = []
     with runner.tail("fp"):
         for ids, final in zip(s.chunks, s.hidden["fp"], strict=True):
             with runner.handing(final):
-                tops.append(dv.window_top_k(dv.logprob_chunks(runner.model, ids), k))
-    ref.topk = dv.TopKReference(s.ids, torch.stack([t[1] for t in tops]), torch.stack([t[0] for t in tops]))
+                tops.append(dv.window_reference(dv.logprob_chunks(runner.model, ids), ids[0], k))
+    ref.topk = dv.TopKReference.stack(s.ids, tops)
     acc = dv.DivergenceSum()
     with runner.tail(last):
-        for (p_top, idx), ids, final in zip(tops, s.chunks, s.hidden[last], strict=True):
+        for top, ids, final in zip(tops, s.chunks, s.hidden[last], strict=True):
             with runner.handing(final):
-                acc.add_window(dv.logprob_chunks(runner.model, ids), p_top, idx)
+                acc.add_window(dv.logprob_chunks(runner.model, ids), top, ids[0])
     return acc.result()
 
 

@@ -1,5 +1,9 @@
 """``ptqlab report``: the store's runs as tables, figures, checked findings and one HTML page.
 
+Tables and figures are split by evaluation protocol (and figures by model too); the page and
+``report.md`` group them so. Beside them: ``references.bib`` (ptqlab and the seed papers) and the runs'
+provenance as an appendix (``provenance.md``, ``provenance.tex``).
+
 Everything is built in a temporary folder beside ``out`` and moved into place at the end, so a failure
 leaves no half-written report (and an earlier report in ``out`` stays until the new one is complete).
 """
@@ -16,19 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ReportError
+from ..metrics import parse_name
 from ..store import RunRecord, Store
+from .cite import bibtex, provenance_latex, provenance_markdown
 from .findings import Finding, check_findings
 from .html import page
 from .plots import Figure, draw_figures
 from .render import to_csv, to_latex, to_markdown
-from .runs import RunView, load_views
+from .runs import RunView, json_ready, load_views
 from .select import apply_filter, parse_filter
-from .tables import Table, build_tables
+from .tables import Section, Table, build_tables, protocol_sections
 
 __all__ = ["Report", "open_store", "select_views", "write_report"]
 
 log = logging.getLogger(__name__)
-HEATMAPS = 2  # runs drawn as sensitivity heatmaps when none are named: those with the fewest weight bits
+HEATMAPS = 2  # runs per cohort drawn as sensitivity heatmaps when none are named: those with the fewest weight bits
 
 
 @dataclass
@@ -80,13 +86,26 @@ def _heatmap_records(store: Store, views: list[RunView], names: Sequence[str] | 
             raise ReportError(f"--heatmap: no single stored run has id {', '.join(missing)}")
         return [r for r in records if r is not None]
     quantized = sorted((v for v in views if v.w_bits is not None), key=lambda v: (v.w_bits or 16, v.id))
-    out = []
+    out: list[RunRecord] = []
+    per_cohort: dict[tuple[str, str], int] = {}
     for v in quantized:
+        if per_cohort.get(v.cohort, 0) == HEATMAPS:
+            continue
         record = store.get(v.id)
         if record is not None and any(r.get("rel_error") is not None for r in [*record.sensitivity, *record.layers]):
             out.append(record)
-        if len(out) == HEATMAPS:
-            break
+            per_cohort[v.cohort] = per_cohort.get(v.cohort, 0) + 1
+    return out
+
+
+def _fewshot_texts(store: Store, views: list[RunView]) -> dict[str, dict[str, str]]:
+    """The stored texts (reliability curves) of the runs with a few-shot curve."""
+    out = {}
+    for v in views:
+        if any(parse_name(n).shots is not None for n in v.metrics):
+            record = store.get(v.id)
+            if record is not None:
+                out[v.id] = record.texts
     return out
 
 
@@ -95,14 +114,30 @@ def _prepare(out: Path) -> None:
         raise ReportError(f"--out {out} exists and is not a ptqlab report folder: name a new or empty folder")
 
 
-def _markdown(title: str, intro: str, findings: list[Finding], tables: list[Table], figures: list[Figure]) -> str:
-    lines = [f"# {title}", "", intro, "", "## Findings", ""]
+def _markdown(title: str, intro: str, findings: list[Finding], tables: list[Table], figures: list[Figure],
+              sections: list[Section]) -> str:
+    lines = [f"# {title}", "", intro, "", "## Protocols", "",
+             "Runs of different evaluation protocols are never compared: every table, figure and finding holds runs "
+             "of one protocol.", ""]
+    lines += [f"- Protocol {s.index} ({len(s.views)} runs): {s.protocol.describe()}" for s in sections]
+    lines += ["", "## Findings", ""]
     for f in findings:
         lines += [f"- **{f.claim}** {f.verdict} ({f.source})", *[f"  - {e}" for e in f.evidence]]
     lines += ["", "## Tables", ""]
-    lines += [to_markdown(t) for t in tables]
+    for sec in sections:
+        if not sec.only:
+            lines += [f"## Tables of protocol {sec.index}", ""]
+        lines += [to_markdown(t) for t in tables if t.section == sec.index]
     lines += ["## Figures", ""]
-    lines += [f"![{f.title}](figures/{f.png.name})\n\n{f.title}. {f.caption}\n" for f in figures]
+    for sec in sections:
+        mine = [f for f in figures if f.section == sec.index]
+        if mine and not sec.only:
+            lines += [f"## Figures of protocol {sec.index}", ""]
+        lines += [f"![{f.title}](figures/{f.png.name})\n\n{f.title}. {f.caption}\n" for f in mine]
+    lines += ["## Provenance and citing", "",
+              "Each run's software, environment and configuration: [provenance.md](provenance.md) (as a LaTeX "
+              "appendix: `provenance.tex`). BibTeX of ptqlab and the seed papers: "
+              "[references.bib](references.bib).", ""]
     return "\n".join(lines)
 
 
@@ -114,9 +149,9 @@ def write_report(store_path: str | Path, out: str | Path, where: str | None = No
         store_path: The results store.
         out: The report folder (created; an earlier report there is replaced).
         where: A ``--where`` filter (see :mod:`ptqlab.report.select`).
-        heatmaps: Run ids to draw per-module sensitivity heatmaps for (default: the two runs with the fewest
-            weight bits that stored per-module errors: sensitivity, or the layer records of GPTQ and
-            ZeroQuant; RTN records none).
+        heatmaps: Run ids to draw per-module sensitivity heatmaps for (default: per cohort, the two runs with
+            the fewest weight bits that stored per-module errors: sensitivity, or the layer records of methods
+            that calibrate; RTN quantizes without calibration data and records none).
         title: The page title.
 
     Returns:
@@ -131,13 +166,14 @@ def write_report(store_path: str | Path, out: str | Path, where: str | None = No
     store = open_store(store_path)
     views = select_views(store, where)
     records = _heatmap_records(store, views, heatmaps)
+    texts = _fewshot_texts(store, views)
     models = sorted({v.record.model for v in views})
     intro = (f"{len(views)} finished runs of {', '.join(models)} from {store.path}"
              f"{f' where {where}' if where else ''}; written {dt.date.today().isoformat()}.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        report = _write(tmp, title, intro, views, records)
+        report = _write(tmp, title, intro, views, records, texts)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -155,17 +191,28 @@ def _moved(f: Figure, old: Path, new: Path) -> Figure:
     return f
 
 
-def _write(folder: Path, title: str, intro: str, views: list[RunView], records: list[RunRecord]) -> Report:
+def _findings_json(findings: list[Finding]) -> str:
+    rows = [f.to_json() if hasattr(f, "to_json") else
+            {"key": f.key, "claim": f.claim, "source": f.source, "verdict": f.verdict, "evidence": f.evidence,
+             "runs": f.runs} for f in findings]
+    return json.dumps(json_ready(rows), indent=2, allow_nan=False)
+
+
+def _write(folder: Path, title: str, intro: str, views: list[RunView], records: list[RunRecord],
+           texts: dict[str, dict[str, str]]) -> Report:
     tables, findings = build_tables(views), check_findings(views)
-    figures = draw_figures(views, records, folder / "figures")
+    sections = protocol_sections(views)
+    figures = draw_figures(views, records, folder / "figures", texts)
     (folder / "tables").mkdir()
     for t in tables:
         (folder / "tables" / f"{t.key}.md").write_text(to_markdown(t))
         (folder / "tables" / f"{t.key}.csv").write_text(to_csv(t))
         (folder / "tables" / f"{t.key}.tex").write_text(to_latex(t))
-    (folder / "findings.json").write_text(json.dumps(
-        [{"key": f.key, "claim": f.claim, "source": f.source, "verdict": f.verdict, "evidence": f.evidence,
-          "runs": f.runs} for f in findings], indent=2))
-    (folder / "report.md").write_text(_markdown(title, intro, findings, tables, figures))
-    (folder / "index.html").write_text(page(title, intro, findings, tables, figures, views))
+    (folder / "findings.json").write_text(_findings_json(findings))
+    bib = bibtex()
+    (folder / "references.bib").write_text(bib)
+    (folder / "provenance.md").write_text(provenance_markdown(sections))
+    (folder / "provenance.tex").write_text(provenance_latex(sections))
+    (folder / "report.md").write_text(_markdown(title, intro, findings, tables, figures, sections))
+    (folder / "index.html").write_text(page(title, intro, findings, tables, figures, sections, bib))
     return Report(folder, folder / "index.html", tables, figures, findings, len(views))

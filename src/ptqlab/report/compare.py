@@ -2,28 +2,28 @@
 
 A difference is *paired* when both runs stored the same windows of a perplexity metric (its standard
 error comes from the per-window NLL differences, which cancel the windows' own spread); otherwise its
-standard error combines the two runs' standard errors, where both have one.
+standard error combines the two runs' standard errors against FP, where both have one (see
+:func:`ptqlab.report.runs.difference`). Runs of another cohort than the first (another model or
+evaluation protocol) are shown side by side but marked not comparable: they get no difference.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import math
-import statistics
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ReportError
 from ..store import Store
-from .runs import RunView, load_views
+from .runs import RunView, difference, json_ready, load_views, paired_windows, same_cohort
 
 __all__ = ["Comparison", "Row", "compare_runs"]
 
 
 @dataclass
 class Row:
-    """One metric across the runs and each run's difference from the first."""
+    """One metric across the runs and each run's difference from the first (None across cohorts)."""
 
     metric: str
     values: list[float | None]
@@ -33,28 +33,29 @@ class Row:
     paired: list[bool]
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready mapping."""
-        return {"metric": self.metric, "values": self.values, "stderr": self.stderr, "diffs": self.diffs,
-                "diff_se": self.diff_se, "paired": self.paired}
+        """JSON-ready mapping (strict JSON)."""
+        return json_ready({"metric": self.metric, "values": self.values, "stderr": self.stderr,
+                           "diffs": self.diffs, "diff_se": self.diff_se, "paired": self.paired})
 
 
 @dataclass
 class Comparison:
-    """The runs compared and one row per metric any of them has."""
+    """The runs compared, whether each is comparable with the first, and one row per metric any of them has."""
 
     runs: list[RunView]
     rows: list[Row]
 
+    @property
+    def comparable(self) -> list[bool]:
+        """Per run: of the first run's cohort (same model and protocol), so that differences exist."""
+        return [same_cohort(self.runs[0], v) for v in self.runs]
+
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready mapping."""
-        return {"runs": [{"id": v.id, "label": v.label} for v in self.runs], "rows": [r.to_json() for r in self.rows]}
-
-
-def _paired_se(a: dict[str, Any] | None, b: dict[str, Any] | None, value_b: float) -> float | None:
-    if not a or not b or len(a["nll"]) != len(b["nll"]) or len(a["nll"]) < 2:
-        return None
-    diffs = [y - x for x, y in zip(a["nll"], b["nll"], strict=True)]
-    return value_b * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        """JSON-ready mapping (strict JSON)."""
+        runs = [{"id": v.id, "label": v.label, "model": v.record.model, "cohort": v.cohort_id,
+                 "protocol": v.protocol.describe(), "comparable": ok}
+                for v, ok in zip(self.runs, self.comparable, strict=True)]
+        return json_ready({"runs": runs, "rows": [r.to_json() for r in self.rows]})
 
 
 def compare_runs(store: Store, run_ids: list[str], metrics: str | None = None) -> Comparison:
@@ -74,7 +75,6 @@ def compare_runs(store: Store, run_ids: list[str], metrics: str | None = None) -
             raise ReportError(f"no single stored run has id {rid!r} (ptqlab ls lists them)")
         records.append(rec)
     views = load_views(store, records)
-    windows = [r.windows for r in records]
     names = sorted({n for v in views for n in v.metrics})
     if metrics is not None:
         kept = [n for n in names if fnmatch.fnmatchcase(n, metrics)]
@@ -83,28 +83,15 @@ def compare_runs(store: Store, run_ids: list[str], metrics: str | None = None) -
             raise ReportError(f"no metric of these runs matches {metrics!r}"
                               + (f"; close: {', '.join(close)}" if close else f"; they have: {', '.join(names[:12])}"))
         names = kept
-    rows = [_row(name, views, windows) for name in names]
-    return Comparison(views, rows)
+    return Comparison(views, [_row(name, views) for name in names])
 
 
-def _row(name: str, views: list[RunView], windows: list[dict[str, dict[str, Any]]]) -> Row:
-    values = [v.metrics.get(name) for v in views]
-    errs = [v.stderr.get(name) for v in views]
-    row = Row(name, values, errs, [None], [None], [False])
-    base = values[0]
-    for i in range(1, len(views)):
-        value = values[i]
-        if base is None or value is None:
-            row.diffs.append(None)
-            row.diff_se.append(None)
-            row.paired.append(False)
-            continue
-        se = _paired_se(windows[0].get(name), windows[i].get(name), value)
-        paired = se is not None
-        err_a, err_b = errs[0], errs[i]
-        if se is None and err_a is not None and err_b is not None:
-            se = math.hypot(err_a, err_b)
-        row.diffs.append(value - base)
-        row.diff_se.append(se)
-        row.paired.append(paired)
+def _row(name: str, views: list[RunView]) -> Row:
+    base = views[0]
+    row = Row(name, [v.metrics.get(name) for v in views], [v.stderr.get(name) for v in views], [None], [None], [False])
+    for v in views[1:]:
+        d = difference(base, v, name)
+        row.diffs.append(None if d is None else d.delta)
+        row.diff_se.append(None if d is None else d.stderr)
+        row.paired.append(d is not None and paired_windows(base, v, name))
     return row

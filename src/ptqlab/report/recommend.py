@@ -3,9 +3,14 @@
 A budget bounds one kind of loss against FP: the ZeroQuant-V2 class or the increase of mean perplexity
 (quality), the accuracy drop on lm-eval tasks, or the KL divergence from FP. A size bound (effective bits
 per weight or bytes) narrows the candidates. The choice is the smallest run whose point estimate meets
-the budget; it is *sure* when the whole 95% interval does, and flagged when the budget is met only inside
-the interval (the smallest sure run is then named as well). When nothing meets the budget, the runs
-closest to it are named.
+the budget; it is *sure* when the whole 95% interval (delta ± 1.96 se) does, and flagged when the budget
+is met only inside the interval or there is no interval (the smallest sure run is then named as well).
+When nothing meets the budget, the runs closest to it are named.
+
+Runs are judged and ranked only within one cohort (one model, one evaluation protocol: see
+:mod:`ptqlab.report.runs`): a mean perplexity over three corpora and one over wikitext2 alone are not the
+same measurement. :func:`recommend` answers for one cohort and refuses several; :func:`recommend_each`
+gives one recommendation per cohort, which is what ``ptqlab recommend`` prints.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from typing import Any
 
 from ..errors import ReportError
 from ..metrics import parse_name, task_name
-from .runs import Change, RunView, is_task_accuracy, quality
+from .runs import Change, RunView, by_cohort, cohort_label, is_task_accuracy, json_ready, quality
 
-__all__ = ["Budget", "Evidence", "Recommendation", "recommend"]
+__all__ = ["Budget", "Candidate", "Evidence", "Recommendation", "recommend", "recommend_each", "several_cohorts"]
 
 CLASS_BOUNDS = {1: 0.1, 2: 0.5, 3: math.inf}
 
@@ -40,7 +45,9 @@ class Budget:
     def describe(self) -> str:
         """The budget in words."""
         if self.max_class is not None:
-            what = f"ZeroQuant-V2 class <= {self.max_class} (Δppl <= {CLASS_BOUNDS[self.max_class]:g})"
+            bound = CLASS_BOUNDS[self.max_class]
+            what = (f"ZeroQuant-V2 class <= {self.max_class} "
+                    + (f"(Δppl <= {bound:g})" if math.isfinite(bound) else "(any Δppl)"))
         elif self.max_ppl_increase is not None:
             what = f"mean perplexity increase <= {self.max_ppl_increase:g}"
         elif self.max_acc_drop is not None:
@@ -54,14 +61,21 @@ class Budget:
 
 @dataclass
 class Evidence:
-    """One measurement a candidate was judged on, with its 95% interval, against the budget."""
+    """One measurement a candidate was judged on, with its 95% interval, against the budget.
+
+    ``loss`` is signed so that larger is worse (perplexity increase, accuracy drop, KL); ``interval`` is
+    the 95 % interval of the loss (None: no standard error, so no interval); ``limit`` may be infinite
+    (no bound: JSON null).
+    """
 
     measure: str
     value: float
     fp: float | None
     loss: float
-    interval: tuple[float, float]
+    interval: tuple[float, float] | None
     limit: float
+    of: str | None = None
+    stderr: float | None = None
 
     @property
     def met(self) -> bool:
@@ -70,13 +84,15 @@ class Evidence:
 
     @property
     def sure(self) -> bool:
-        """The whole interval meets the limit."""
-        return self.interval[1] <= self.limit
+        """The whole interval meets the limit (False without an interval)."""
+        return self.interval is not None and self.interval[1] <= self.limit
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready mapping."""
-        return {"measure": self.measure, "value": self.value, "fp": self.fp, "loss": self.loss,
-                "interval": list(self.interval), "limit": self.limit, "met": self.met, "sure": self.sure}
+        """JSON-ready mapping (strict: an infinite limit or a missing interval is null)."""
+        return json_ready({"measure": self.measure, "of": self.of, "value": self.value, "fp": self.fp,
+                           "loss": self.loss, "stderr": self.stderr,
+                           "interval": list(self.interval) if self.interval else None,
+                           "limit": self.limit, "met": self.met, "sure": self.sure})
 
 
 @dataclass
@@ -104,61 +120,83 @@ class Candidate:
     def to_json(self) -> dict[str, Any]:
         """JSON-ready mapping."""
         v = self.view
-        return {"id": v.id, "label": v.label, "model": v.record.model, "bits_weight": v.weight_bits,
-                "size_bytes": v.size_bytes, "met": self.met, "sure": self.sure,
-                "evidence": [e.to_json() for e in self.evidence]}
+        return json_ready({"id": v.id, "label": v.label, "model": v.record.model, "cohort": v.cohort_id,
+                           "bits_weight": v.weight_bits, "size_bytes": v.size_bytes, "met": self.met,
+                           "sure": self.sure, "evidence": [e.to_json() for e in self.evidence]})
 
 
 @dataclass
 class Recommendation:
-    """The choice (None when nothing meets the budget), how sure it is, and the alternatives."""
+    """The choice within one cohort (None when nothing meets the budget), how sure it is, and the alternatives.
+
+    ``cohort`` is the cohort's short id, ``protocol`` its evaluation protocol in words.
+    """
 
     budget: Budget
     choice: Candidate | None
     sure_choice: Candidate | None = None
     nearest: list[Candidate] = field(default_factory=list)
     candidates: int = 0
+    cohort: str = ""
+    model: str = ""
+    protocol: str = ""
+    runs: int = 0
+
+    @property
+    def label(self) -> str:
+        """The cohort in words: model, protocol and id."""
+        return f"{self.model}, {self.protocol} [cohort {self.cohort}]"
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready mapping; ``choice.id`` is the chosen run."""
-        return {"budget": self.budget.describe(), "candidates": self.candidates,
-                "choice": self.choice.to_json() if self.choice else None,
-                "flagged": bool(self.choice and not self.choice.sure),
-                "sure_choice": self.sure_choice.to_json() if self.sure_choice else None,
-                "nearest": [c.to_json() for c in self.nearest]}
+        """JSON-ready mapping (strict JSON); ``choice.id`` is the chosen run."""
+        return json_ready({"budget": self.budget.describe(), "cohort": self.cohort, "model": self.model,
+                           "protocol": self.protocol, "runs": self.runs, "candidates": self.candidates,
+                           "choice": self.choice.to_json() if self.choice else None,
+                           "flagged": bool(self.choice and not self.choice.sure),
+                           "sure_choice": self.sure_choice.to_json() if self.sure_choice else None,
+                           "nearest": [c.to_json() for c in self.nearest]})
 
 
-def _evidence(name: str, c: Change, loss_sign: float, limit: float) -> Evidence:
-    lo, hi = c.interval()
-    loss_lo, loss_hi = sorted((loss_sign * lo, loss_sign * hi))
-    return Evidence(name, c.value, c.fp, loss_sign * c.delta, (loss_lo, loss_hi), limit)
+def _evidence(name: str, c: Change, loss_sign: float, limit: float, of: str | None = None) -> Evidence:
+    iv = c.interval()
+    ends = None if iv is None else sorted(loss_sign * x + 0.0 for x in iv)  # + 0.0: no negative zero
+    loss = loss_sign * c.delta + 0.0
+    return Evidence(name, c.value, c.fp, loss, None if ends is None else (ends[0], ends[1]), limit, of, c.stderr)
 
 
 def _task_names(views: list[RunView]) -> list[str]:
     return sorted({str(parse_name(n).task) for v in views for n in v.metrics if is_task_accuracy(n)})
 
 
+def _check_task(budget: Budget, views: list[RunView]) -> None:
+    if budget.max_acc_drop is None or budget.task is None:
+        return
+    tasks = _task_names(views)
+    if budget.task not in tasks:
+        close = difflib.get_close_matches(budget.task, tasks, n=3)
+        hint = f"; close: {', '.join(close)}" if close else f"; stored: {', '.join(tasks) or 'none'}"
+        raise ReportError(f"no stored run has task {budget.task!r}{hint}")
+
+
 def _judge(budget: Budget, views: list[RunView]) -> Callable[[RunView], list[Evidence] | None]:
-    """The function that gives a run's evidence on the budget (None: the run lacks the measurements)."""
+    """The function that gives a run's evidence on the budget (None: the run lacks the measurements).
+
+    ``views`` are one cohort's: with ``--max-acc-drop`` and no task, its tasks are the ones judged.
+    """
     if budget.max_class is not None or budget.max_ppl_increase is not None:
         limit = CLASS_BOUNDS[budget.max_class] if budget.max_class is not None else float(budget.max_ppl_increase or 0)
 
         def ppl(v: RunView) -> list[Evidence] | None:
             q = quality(v)
-            return None if q is None else [_evidence("mean perplexity", q, 1.0, limit)]
+            return None if q is None else [_evidence("mean perplexity", q, 1.0, limit, q.of)]
         return ppl
     if budget.max_acc_drop is not None:
-        tasks = _task_names(views)
-        if budget.task is not None and budget.task not in tasks:
-            close = difflib.get_close_matches(budget.task, tasks, n=3)
-            hint = f"; close: {', '.join(close)}" if close else f"; stored: {', '.join(tasks) or 'none'}"
-            raise ReportError(f"no stored run has task {budget.task!r}{hint}")
-        wanted = [budget.task] if budget.task else tasks
+        wanted = [budget.task] if budget.task else _task_names(views)
         drop = budget.max_acc_drop
 
         def acc(v: RunView) -> list[Evidence] | None:
             changes = [(t, v.change(task_name(t, "acc"))) for t in wanted]
-            if any(c is None for _, c in changes):
+            if not changes or any(c is None for _, c in changes):
                 return None
             return [_evidence(task_name(t, "acc"), c, -1.0, drop) for t, c in changes if c is not None]
         return acc
@@ -168,8 +206,10 @@ def _judge(budget: Budget, views: list[RunView]) -> Callable[[RunView], list[Evi
         names = sorted(n for n in v.metrics if parse_name(n).kind == "kl")
         if not names:
             return None
-        return [Evidence(names[0], v.metrics[names[0]], 0.0, v.metrics[names[0]],
-                         (v.metrics[names[0]], v.metrics[names[0]]), kl_limit)]
+        value = v.metrics[names[0]]
+        e = _evidence(names[0], Change(value, 0.0, v.stderr.get(names[0])), 1.0, kl_limit)
+        e.fp = None  # KL is a divergence from FP already: no FP value of its own
+        return [e]
     return kl
 
 
@@ -185,23 +225,58 @@ def _size(c: Candidate) -> tuple[float, float]:
     return size, v.weight_bits if v.weight_bits is not None else math.inf
 
 
-def recommend(views: list[RunView], budget: Budget) -> Recommendation:
-    """The smallest run meeting ``budget`` (see the module docstring).
-
-    Raises:
-        ReportError: No run has the measurements the budget needs (or the named task).
-
-    """
+def _recommend_cohort(views: list[RunView], budget: Budget) -> Recommendation | None:
+    """The recommendation among one cohort's runs (None: none of them has the measurements)."""
     judge = _judge(budget, views)
-    judged = [(v, judge(v)) for v in views]
-    measured = [Candidate(v, e) for v, e in judged if e]
+    measured = [Candidate(v, e) for v in views if (e := judge(v))]
     if not measured:
-        raise ReportError(f"no stored run has the measurements for the budget ({budget.describe()})")
+        return None
+    first = views[0]
     fitting = [c for c in measured if _fits(budget, c.view)]
     met = sorted((c for c in fitting if c.met), key=lambda c: (*_size(c), c.excess))
-    rec = Recommendation(budget, met[0] if met else None, candidates=len(fitting))
+    rec = Recommendation(budget, met[0] if met else None, candidates=len(fitting), cohort=first.cohort_id,
+                         model=first.record.model, protocol=first.protocol.describe(), runs=len(views))
     if rec.choice is not None and not rec.choice.sure:
         rec.sure_choice = next((c for c in met if c.sure), None)
     if rec.choice is None:
         rec.nearest = sorted(fitting or measured, key=lambda c: (c.excess, *_size(c)))[:3]
     return rec
+
+
+def recommend_each(views: list[RunView], budget: Budget) -> list[Recommendation]:
+    """One recommendation per cohort whose runs have the measurements the budget needs, in store order.
+
+    Raises:
+        ReportError: No run has the measurements the budget needs (or the named task).
+
+    """
+    _check_task(budget, views)
+    recs = [r for members in by_cohort(views) if (r := _recommend_cohort(members, budget)) is not None]
+    if not recs:
+        raise ReportError(f"no stored run has the measurements for the budget ({budget.describe()})")
+    return recs
+
+
+def recommend(views: list[RunView], budget: Budget) -> Recommendation:
+    """The smallest run meeting ``budget`` among runs of one cohort (see the module docstring).
+
+    Raises:
+        ReportError: No run has the measurements the budget needs (or the named task), or runs of several
+            cohorts do (the message names them and the ``--where cohort=ID`` that picks one).
+
+    """
+    recs = recommend_each(views, budget)
+    if len(recs) > 1:
+        raise ReportError(several_cohorts(views, recs))
+    return recs[0]
+
+
+def several_cohorts(views: list[RunView], recs: list[Recommendation]) -> str:
+    """The message for a budget that runs of several cohorts could answer: each cohort and how to pick it."""
+    wanted = {r.cohort for r in recs}
+    lines = [f"runs of {len(recs)} cohorts (model and evaluation protocol) have the measurements; "
+             "a recommendation ranks runs of one: add --where cohort=ID"]
+    for members in by_cohort(views):
+        if members[0].cohort_id in wanted:
+            lines.append(f"  cohort={members[0].cohort_id}: {cohort_label(members[0])} ({len(members)} runs)")
+    return "\n".join(lines)

@@ -2,13 +2,18 @@
 
 A filter is clauses joined by ``,`` (all must hold), each ``KEY OP VALUE`` with OP one of ``=``, ``!=``,
 ``<``, ``<=``, ``>``, ``>=``. KEY is a run label (``id``, ``model``, ``sweep``, ``target``, ``method``,
-``bits``, ``lorc``, ``granularity``, ``symmetric``) or a dotted config path (``scheme.weight.bits``,
-``evaluate.seqlen``). VALUE is read as YAML (``4``, ``true``, ``null``); ``=`` and ``!=`` on text take
-shell patterns (``model=smollm2*``).
+``bits``, ``lorc``, ``granularity``, ``symmetric``), ``cohort`` or ``protocol`` (the short ids that
+``recommend`` and ``compare`` print: a cohort is one model under one evaluation protocol), a field of the
+run's protocol (``protocol.corpora``, ``protocol.seqlen``, ``protocol.windows``, ``protocol.tasks``,
+``protocol.limit``, ``protocol.fewshot``; a list is matched as its items joined by ``+``, e.g.
+``protocol.corpora=wikitext2`` or ``protocol.tasks=*piqa*``) or a dotted config path
+(``scheme.weight.bits``, ``evaluate.seqlen``). VALUE is read as YAML (``4``, ``true``, ``null``); ``=`` and
+``!=`` on text take shell patterns (``model=smollm2*``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import operator
 import re
@@ -19,7 +24,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .runs import RunView
+from .runs import Protocol, RunView
 
 __all__ = ["Clause", "apply_filter", "parse_filter"]
 
@@ -27,7 +32,8 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<=": operator.le, ">=": operator.ge, "!=": operator.ne, "=": operator.eq, "<": operator.lt, ">": operator.gt,
 }
 _CLAUSE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|!=|=|<|>)\s*(.*?)\s*$")
-LABELS = ("id", "model", "sweep", "target", "method", "bits", "lorc", "granularity", "symmetric")
+LABELS = ("id", "model", "sweep", "target", "method", "bits", "lorc", "granularity", "symmetric", "cohort", "protocol")
+PROTOCOL_FIELDS = tuple(f.name for f in dataclasses.fields(Protocol))
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class Clause:
     key: str
     op: str
     value: Any
+    text: str | None = None  # the value as written: what ``=`` matches text against (an id like 12345678)
 
     def holds(self, view: RunView) -> bool:
         """Whether the run satisfies the clause (a missing key or incomparable values do not)."""
@@ -48,8 +55,9 @@ class Clause:
         return self._compare(actual)
 
     def _compare(self, actual: Any) -> bool:
-        if self.op in ("=", "!=") and isinstance(actual, str) and isinstance(self.value, str):
-            match = fnmatch.fnmatchcase(actual, self.value)
+        if self.op in ("=", "!=") and isinstance(actual, str) and (isinstance(self.value, str) or self.text):
+            pattern = self.value if isinstance(self.value, str) else str(self.text)
+            match = fnmatch.fnmatchcase(actual, pattern)
             return match if self.op == "=" else not match
         try:
             return bool(_OPS[self.op](actual, self.value))
@@ -73,7 +81,7 @@ def parse_filter(text: str | None) -> list[Clause]:
             raise ConfigError(f"--where: cannot read {part.strip()!r}; write KEY OP VALUE, e.g. scheme.weight.bits<=4")
         key, op, raw = m.groups()
         value = yaml.safe_load(raw) if raw else None
-        clauses.append(Clause(key, op, value))
+        clauses.append(Clause(key, op, value, raw or None))
     return clauses
 
 
@@ -88,7 +96,15 @@ def _lookup(view: RunView, key: str) -> tuple[bool, Any]:
             return True, view.record.model
         if key == "sweep":
             return True, view.sweeps
+        if key == "cohort":
+            return True, view.cohort_id
+        if key == "protocol":
+            return True, view.protocol.id
         return True, getattr(view, key)
+    head, _, name = key.partition(".")
+    if head == "protocol" and name in PROTOCOL_FIELDS:
+        value = getattr(view.protocol, name)
+        return True, "+".join(str(x) for x in value) if isinstance(value, tuple) else value
     node: Any = view.record.config
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:

@@ -1,22 +1,70 @@
 """The report's tables, built from run views: ZeroQuant-V2's quality tables and qllm-eval's degradation tables.
 
-Every row is one stored run (or one scheme with and without LoRC) and names the runs behind its numbers.
-Cells hold raw values (numbers stay numbers for CSV and sorting); :mod:`.render` formats them.
+Tables are split by evaluation protocol (:class:`Section`): no row, column or cell holds runs of two
+protocols, and each table's caption gives its protocol and sample sizes (windows, items, samples).
+
+- ZeroQuant-V2's layout: rows are schemes (bits, granularity, symmetry, method), columns are models (one
+  column set when the store holds one model), cells ``Δ ppl ± se (class)``.
+- qllm-eval's layout: rows are a model's schemes with the bit width left open (``Wb g64 asym [rtn]``: the
+  ``b`` is the column) and a measure; columns are bit widths, cells ``Δ ± se`` against FP. W4A8 and W4A4
+  are different rows (``Wb g64 asym + A8 token asym`` and ``Wb ... + Ab ...``).
+
+Labels always say the symmetry of an integer grid and name the weight rounding (``[rtn]`` when the recipe
+names no quantizer). Cells hold raw values (numbers stay numbers for CSV and sorting); a :class:`Merge`
+tells :mod:`.render` which columns it shows as one ``x ± se (class)`` cell.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..metrics import MetricName, parse_name, task_name
-from .runs import ZQ_CORPORA, Change, RunView, is_task_accuracy, quality, zq_class
+from ..metrics import parse_name, task_name
+from .runs import (
+    ZQ_CORPORA,
+    Change,
+    Protocol,
+    RunView,
+    describe_sizes,
+    quality,
+    quality_difference,
+    section_bits,
+    zq_class,
+)
 
-__all__ = ["Table", "build_tables"]
+__all__ = ["Merge", "Section", "Table", "build_tables", "model_label", "model_labels", "model_params",
+           "protocol_sections", "recipe_steps", "run_label", "sample_sizes", "series_label", "swept_bits"]
 
 Cell = str | float | int | None
+
+# Recipe steps that choose the quantized weights themselves (AWQ: its clipping search); any other recipe
+# rounds the weights with RTN after its transforms (ptqlab.methods.recipe.build_recipe; a test checks both
+# agree), so the label says ``rtn`` there too.
+QUANTIZING_STEPS = ("rtn", "gptq", "awq", "squeezellm")
+TRANSFORM_STEPS = ("rotation", "smoothquant")  # steps that run before the quantizer
+DIVERGENCE_ORDER = ("kl", "top1", "top5")
+TARGET_ORDER = ("FP", "W", "A", "KV", "W+A", "W+KV", "A+KV", "W+A+KV")
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Columns shown as one cell, ``value ± se (tag)``; CSV keeps them apart.
+
+    Attributes:
+        value: The column of the value (its name heads the merged column).
+        se: The column of its standard error, if any.
+        tag: A column shown in parentheses after it (ZeroQuant-V2's class), if any.
+        signed: Whether the value is a change, written with its sign.
+
+    """
+
+    value: str
+    se: str | None = None
+    tag: str | None = None
+    signed: bool = False
 
 
 @dataclass
@@ -29,166 +77,541 @@ class Table:
     rows: list[list[Cell]] = field(default_factory=list)
     runs: list[list[str]] = field(default_factory=list)
     note: str = ""
+    merges: list[Merge] = field(default_factory=list)
+    section: int = 1
+    protocol: str = ""
+    sizes: str = ""
 
     def add(self, cells: list[Cell], runs: Iterable[str]) -> None:
         """Append a row and the runs it comes from."""
         self.rows.append(cells)
         self.runs.append(list(runs))
 
-
-def _bits(b: int | None) -> Cell:
-    return 16 if b is None else b
-
-
-def _quality_cells(q: Change | None) -> list[Cell]:
-    """Mean ppl, its increase over FP, the standard error of the increase, the class."""
-    if q is None:
-        return [None, None, None, None]
-    return [q.value, q.delta, q.stderr, zq_class(q.delta)]
+    @property
+    def caption(self) -> str:
+        """The note, the protocol and the sample sizes, as one caption."""
+        parts = [self.note, f"Protocol: {self.protocol}." if self.protocol else "",
+                 f"Sample sizes: {self.sizes}." if self.sizes else ""]
+        return " ".join(p for p in parts if p)
 
 
-def _delta_class(q: Change | None) -> list[Cell]:
-    return [None, None] if q is None else [q.delta, zq_class(q.delta)]
+# ---- protocol sections and models --------------------------------------------------------------------------
 
 
-QUALITY_COLUMNS = ["mean ppl", "Δ ppl", "± (se)", "class"]
+@dataclass
+class Section:
+    """The runs of one evaluation protocol; ``only`` when the report has no other."""
+
+    index: int
+    protocol: Protocol
+    views: list[RunView]
+    only: bool = True
+
+    @property
+    def suffix(self) -> str:
+        """What table and figure keys of the section end with: ``""`` for the only one, else ``-p<index>``."""
+        return "" if self.only else f"-p{self.index}"
+
+    @property
+    def name(self) -> str:
+        """``protocol 1``."""
+        return f"protocol {self.index}"
+
+    @property
+    def title_suffix(self) -> str:
+        """What titles of the section end with (nothing for the only one)."""
+        return "" if self.only else f", {self.name}"
 
 
-def _order(v: RunView) -> tuple[Any, ...]:
-    return (-(v.w_bits or 16), -(v.a_bits or 16), -(v.kv_bits or 16), v.granularity, v.symmetric, v.method, v.id)
+def protocol_sections(views: Sequence[RunView]) -> list[Section]:
+    """The views split by evaluation protocol, in the order protocols first appear (views oldest first)."""
+    groups: dict[str, list[RunView]] = {}
+    protocols: dict[str, Protocol] = {}
+    for v in views:
+        key = v.protocol.key
+        groups.setdefault(key, []).append(v)
+        protocols.setdefault(key, v.protocol)
+    only = len(groups) == 1
+    return [Section(i, protocols[k], g, only) for i, (k, g) in enumerate(groups.items(), start=1)]
 
 
-def _weight_only(views: list[RunView]) -> Table:
-    t = Table("zq-weight", "ZeroQuant-V2: weight-only (RTN)", ["W bits", "granularity", "symmetry", "bits/weight",
-                                                              *QUALITY_COLUMNS])
-    for v in sorted((v for v in views if v.target == "W" and v.method == "rtn" and not v.lorc), key=_order):
-        t.add([v.w_bits, v.granularity, v.symmetric, v.weight_bits, *_quality_cells(quality(v))], [v.id])
+def model_params(views: Iterable[RunView]) -> dict[str, int]:
+    """``{model fingerprint: parameter count}`` from the runs that keep every weight in FP.
+
+    Such a run's ``size.model_bytes`` counts every parameter at 16 bits, so the count is its size / 2.
+    A model with no such run in ``views`` is left out.
+    """
+    out: dict[str, int] = {}
+    for v in views:
+        if v.w_bits is None and not v.lorc and v.size_bytes:
+            out.setdefault(v.record.model_fingerprint, round(v.size_bytes / 2))
+    return out
+
+
+def _params_text(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def model_labels(views: Iterable[RunView]) -> dict[str, str]:
+    """``{fingerprint: name}``: the model's name, with its fingerprint where two models share a name."""
+    names: dict[str, str] = {}
+    for v in views:
+        names.setdefault(v.record.model_fingerprint, v.record.model)
+    count: dict[str, int] = {}
+    for name in names.values():
+        count[name] = count.get(name, 0) + 1
+    return {fp: name if count[name] == 1 else f"{name} [{fp[:8]}]" for fp, name in names.items()}
+
+
+def model_label(fingerprint: str, labels: Mapping[str, str], params: Mapping[str, int]) -> str:
+    """``smollm2-135m (135M parameters)``, or the name alone when the count is unknown."""
+    name = labels.get(fingerprint, fingerprint[:8])
+    n = params.get(fingerprint)
+    return name if n is None else f"{name} ({_params_text(n)} parameters)"
+
+
+def _by_model(views: Iterable[RunView]) -> dict[str, list[RunView]]:
+    out: dict[str, list[RunView]] = {}
+    for v in views:
+        out.setdefault(v.record.model_fingerprint, []).append(v)
+    return out
+
+
+def _model_order(models: Iterable[str], params: Mapping[str, int], labels: Mapping[str, str]) -> list[str]:
+    return sorted(models, key=lambda fp: (params.get(fp, 0), labels.get(fp, fp)))
+
+
+# ---- labels --------------------------------------------------------------------------------------------------
+
+
+def recipe_steps(steps: Sequence[str], weights_quantized: bool) -> list[str]:
+    """The recipe's steps with ``rtn`` where the pipeline rounds the weights without naming it.
+
+    A recipe that names no quantizer (:data:`QUANTIZING_STEPS`) rounds quantized weights with RTN after
+    its transforms, as :func:`ptqlab.methods.recipe.build_recipe` does.
+    """
+    out = list(steps)
+    if weights_quantized and not any(s in QUANTIZING_STEPS for s in out):
+        out.insert(sum(1 for s in out if s in TRANSFORM_STEPS), "rtn")
+    return out
+
+
+def _granularity(prefix: str, section: Mapping[str, Any]) -> str:
+    default = {"W": "channel", "A": "token", "KV": "head"}[prefix]
+    gran = section.get("granularity") or default
+    if gran == "group":
+        return f"g{section.get('group_size')}"
+    return "row" if prefix == "W" and gran == "channel" else str(gran)
+
+
+def _part(prefix: str, section: Mapping[str, Any] | None, open_bits: int | None = None) -> str | None:
+    """``W4 g64 asym`` (``Wb g64 asym`` when the part's bits are ``open_bits``); None for a part in FP."""
+    bits = section_bits(section)
+    if section is None or bits is None:
+        return None
+    fmt = section.get("format") or "int"
+    size = ("b" if bits == open_bits else str(bits)) if fmt == "int" else fmt
+    words = [f"{prefix}{size}", _granularity(prefix, section)]
+    if fmt == "int":
+        words.append("sym" if section.get("symmetric") else "asym")
+    clipping = section.get("clipping") or "minmax"
+    if clipping != "minmax":
+        words.append(f"clip {clipping}")
+    if (section.get("clip_ratio") or 1.0) != 1.0:
+        words.append(f"clip ×{section['clip_ratio']:g}")
+    if prefix == "A" and section.get("dynamic") is False:
+        words.append("static")
+    return " ".join(words)
+
+
+def _label(v: RunView, open_bits: int | None = None) -> str:
+    scheme = v.scheme
+    parts = [_part(p, scheme.get(k), open_bits) for p, k in (("W", "weight"), ("A", "activation"), ("KV", "kv_cache"))]
+    text = " + ".join(p for p in parts if p) or "FP"
+    if scheme.get("overrides"):
+        n = len(scheme["overrides"])
+        text += f" ({n} override{'s' if n > 1 else ''})"
+    if scheme.get("outliers"):
+        text += " + FP16 outliers"
+    steps = recipe_steps(v.steps, v.w_bits is not None)
+    return text + (f" [{'+'.join(steps)}]" if steps else "")
+
+
+def run_label(v: RunView) -> str:
+    """A run's scheme and recipe: ``W4 row sym [rtn]``, ``W4 g64 asym + A8 token asym [smoothquant+rtn]``."""
+    return _label(v)
+
+
+def swept_bits(v: RunView) -> int | None:
+    """The bits a run sits at on a bit-width axis: the weights', else the activations', else the KV cache's."""
+    return next((b for b in (v.w_bits, v.a_bits, v.kv_bits) if b is not None), None)
+
+
+def series_label(v: RunView) -> str:
+    """The run's scheme with its swept bit width open, ``b``: ``Wb g64 asym + A8 token asym [rtn]``.
+
+    Runs of one series differ only in ``b``: W8A8 and W4A4 are one series (``Wb ... + Ab ...``), W4A8 another.
+    """
+    return _label(v, swept_bits(v))
+
+
+def _target_rank(v: RunView) -> int:
+    return TARGET_ORDER.index(v.target) if v.target in TARGET_ORDER else len(TARGET_ORDER)
+
+
+def sample_sizes(views: Iterable[RunView], kinds: Iterable[str] | None = None) -> str:
+    """The sample sizes behind ``views``' numbers (windows, items, samples), for a caption.
+
+    ``kinds``: only measurements of these metric kinds (``ppl``, ``lm_eval``, ``kl``, ``retrieval``...).
+    """
+    wanted = None if kinds is None else set(kinds)
+    views = list(views)
+
+    def keep(name: str) -> bool:
+        return wanted is None or parse_name(name).kind in wanted
+
+    text = describe_sizes(_only_metrics(views, keep))
+    div = sorted({(m.corpus, m.seqlen, m.windows) for v in views for n in v.metrics
+                  if (m := parse_name(n)).kind in ("kl", "top1", "top5") and keep(n)})
+    if div:
+        text = "; ".join(x for x in (text, "divergence windows: " + ", ".join(
+            f"{c} {w} of {s} tokens" for c, s, w in div)) if x)
+    return text
+
+
+def _only_metrics(views: list[RunView], keep: Callable[[str], bool]) -> list[RunView]:
+    """Shallow copies of ``views`` with only the metrics ``keep`` accepts (for :func:`describe_sizes`)."""
+    return [dataclasses.replace(v, metrics={n: x for n, x in v.metrics.items() if keep(n)}) for v in views]
+
+
+# ---- ZeroQuant-V2: schemes by models --------------------------------------------------------------------------
+
+
+@dataclass
+class _Pivot:
+    """Rows keyed by scheme, a set of columns per model (one set, unsuffixed, when there is one model)."""
+
+    key_columns: list[str]
+    names: list[str]
+    merges: list[Merge]
+    cells: Callable[[RunView | None, bool], list[Cell]]
+    runs_of: Callable[[RunView], list[str]] | None = None
+
+
+def _pivot(t: Table, views: list[RunView], row_key: Callable[[RunView], tuple[Any, ...]],
+           order: Callable[[tuple[Any, ...]], Any], spec: _Pivot, labels: Mapping[str, str],
+           params: Mapping[str, int], models: list[str]) -> Table:
+    multi = len(models) > 1
+    names = [*spec.key_columns]
+    for fp in models:
+        suffix = f" · {model_label(fp, labels, params)}" if multi else ""
+        names += [n + suffix for n in spec.names]
+        t.merges += [Merge(m.value + suffix, m.se and m.se + suffix, m.tag and m.tag + suffix, m.signed)
+                     for m in spec.merges]
+    t.columns = names
+    groups: dict[tuple[Any, ...], dict[str, list[RunView]]] = {}
+    for v in views:
+        groups.setdefault(row_key(v), {}).setdefault(v.record.model_fingerprint, []).append(v)
+    for key in sorted(groups, key=order):
+        by_model = groups[key]
+        for i in range(max(len(rs) for rs in by_model.values())):
+            cells: list[Cell] = list(key)
+            runs: list[str] = []
+            for fp in models:
+                found = by_model.get(fp, [])
+                run = found[i] if i < len(found) else None
+                cells += spec.cells(run, multi)
+                if run is not None:
+                    runs += spec.runs_of(run) if spec.runs_of is not None else [run.id]
+            t.add(cells, runs)
     return t
 
 
-def _activation_only(views: list[RunView]) -> Table:
-    t = Table("zq-activation", "ZeroQuant-V2: activation-only", ["A bits", "granularity", "symmetry", *QUALITY_COLUMNS])
-    for v in sorted((v for v in views if v.target == "A"), key=_order):
-        act = v.scheme.get("activation") or {}
-        sym = "sym" if act.get("symmetric") else "asym"
-        t.add([v.a_bits, act.get("granularity") or "token", sym, *_quality_cells(quality(v))], [v.id])
-    return t
+def _quality_cells(bits: bool) -> Callable[[RunView | None, bool], list[Cell]]:
+    """(bits/weight and) mean ppl for one model, then the increase over FP, its standard error and the class."""
+    def cells(v: RunView | None, multi: bool) -> list[Cell]:
+        q = quality(v) if v is not None else None
+        head: list[Cell] = [] if multi else [None if q is None else q.value]
+        if bits and not multi:
+            head.insert(0, None if v is None else v.weight_bits)
+        if q is None:
+            return [*head, None, None, None]
+        return [*head, q.delta, q.stderr, zq_class(q.delta)]
+    return cells
 
 
-def _weight_activation(views: list[RunView]) -> Table:
-    t = Table("zq-weight-activation", "ZeroQuant-V2: weights and activations",
-              ["W bits", "A bits", "granularity", "symmetry", "method", *QUALITY_COLUMNS])
-    for v in sorted((v for v in views if v.target == "W+A"), key=_order):
-        t.add([v.w_bits, v.a_bits, v.granularity, v.symmetric, v.method, *_quality_cells(quality(v))], [v.id])
-    return t
+QUALITY_NAMES = ["bits/weight", "mean ppl", "Δ ppl", "± (se)", "class"]
+QUALITY_MERGE = Merge("Δ ppl", "± (se)", "class", signed=True)
 
 
-def _methods(views: list[RunView]) -> Table:
+def _quality_spec(key_columns: list[str], multi: bool, bits: bool = True) -> _Pivot:
+    names = QUALITY_NAMES[2:] if multi else QUALITY_NAMES if bits else QUALITY_NAMES[1:]
+    return _Pivot(key_columns, names, [QUALITY_MERGE], _quality_cells(bits))
+
+
+def _w_order(k: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(-(x or 16) if isinstance(x, int) or x is None else x for x in k)
+
+
+def _act_part(v: RunView) -> tuple[str, str]:
+    act = v.scheme.get("activation") or {}
+    return _granularity("A", act), "sym" if act.get("symmetric") else "asym"
+
+
+def _zq_tables(sec: Section, views: list[RunView], labels: Mapping[str, str], params: Mapping[str, int],
+               models: list[str]) -> list[Table]:
+    multi = len(models) > 1
+    sfx, tsfx = sec.suffix, sec.title_suffix
+    weight = _pivot(Table(f"zq-weight{sfx}", f"ZeroQuant-V2: weight-only (RTN){tsfx}", []),
+                    [v for v in views if v.target == "W" and v.method == "rtn" and not v.lorc],
+                    lambda v: (v.w_bits, v.granularity, v.symmetric), _w_order,
+                    _quality_spec(["W bits", "granularity", "symmetry"], multi), labels, params, models)
+    act = _pivot(Table(f"zq-activation{sfx}", f"ZeroQuant-V2: activation-only{tsfx}", []),
+                 [v for v in views if v.target == "A"],
+                 lambda v: (v.a_bits, *_act_part(v), "+".join(v.steps) or "-"), _w_order,
+                 _quality_spec(["A bits", "granularity", "symmetry", "method"], multi, bits=False), labels, params,
+                 models)
+    wa = _pivot(Table(f"zq-weight-activation{sfx}", f"ZeroQuant-V2: weights and activations{tsfx}", []),
+                [v for v in views if v.target == "W+A"],
+                lambda v: (v.w_bits, v.a_bits, v.granularity, v.symmetric, _act_part(v)[1],
+                           "+".join(recipe_steps(v.steps, True))), _w_order,
+                _quality_spec(["W bits", "A bits", "granularity", "symmetry", "A symmetry", "method"], multi),
+                labels, params, models)
+    return [weight, act, wa, _methods(sec, views, labels, params, models)]
+
+
+def _methods(sec: Section, views: list[RunView], labels: Mapping[str, str], params: Mapping[str, int],
+             models: list[str]) -> Table:
     """Per weight scheme and method: quality without and with LoRC, and what LoRC gains."""
-    t = Table("zq-methods", "ZeroQuant-V2: methods, without and with LoRC",
-              ["W bits", "granularity", "symmetry", "method", "Δ ppl", "class", "Δ ppl +LoRC", "class +LoRC",
-               "LoRC gain"])
-    t.note = "LoRC gain: the increase over FP without LoRC minus the increase with it (positive: LoRC helps)."
-    groups: dict[tuple[Any, ...], dict[bool, RunView]] = {}
+    t = Table(f"zq-methods{sec.suffix}", f"ZeroQuant-V2: methods, without and with LoRC{sec.title_suffix}", [])
+    t.note = ("LoRC gain: the increase over FP without LoRC minus the increase with it (positive: LoRC helps), "
+              "its standard error paired over the windows both runs share.")
+    pairs: dict[tuple[Any, ...], dict[bool, RunView]] = {}
     for v in views:
         if v.target == "W" and quality(v) is not None:
-            groups.setdefault((v.w_bits, v.granularity, v.symmetric, v.method), {}).setdefault(v.lorc, v)
-    for key in sorted(groups, key=lambda k: (-(k[0] or 16), k[1], k[2], k[3])):
-        pair = groups[key]
-        plain, lorc = (pair.get(False), pair.get(True))
+            key = (v.w_bits, v.granularity, v.symmetric, v.method, v.record.model_fingerprint)
+            pairs.setdefault(key, {}).setdefault(v.lorc, v)
+    plain_views = [p.get(False) or p[True] for p in pairs.values()]
+    partner = {id(p.get(False) or p[True]): p for p in pairs.values()}
+
+    def cells(v: RunView | None, multi: bool) -> list[Cell]:
+        if v is None:
+            return [None] * 8
+        pair = partner[id(v)]
+        plain, lorc = pair.get(False), pair.get(True)
         qp = quality(plain) if plain else None
         ql = quality(lorc) if lorc else None
-        gain = qp.delta - ql.delta if qp and ql else None
-        t.add([*key, *_delta_class(qp), *_delta_class(ql), gain], [v.id for v in (plain, lorc) if v is not None])
+        gain: Cell = None
+        gain_se: Cell = None
+        if qp is not None and ql is not None and plain is not None and lorc is not None:
+            gain = qp.delta - ql.delta
+            diff = quality_difference(plain, lorc)
+            gain_se = None if diff is None else diff.stderr
+        return [*_dcs(qp), *_dcs(ql), gain, gain_se]
+
+    def runs_of(v: RunView) -> list[str]:
+        return [x.id for x in (partner[id(v)].get(False), partner[id(v)].get(True)) if x is not None]
+
+    spec = _Pivot(["W bits", "granularity", "symmetry", "method"],
+                  ["Δ ppl", "± (se)", "class", "Δ ppl +LoRC", "± +LoRC", "class +LoRC", "LoRC gain", "± gain"],
+                  [Merge("Δ ppl", "± (se)", "class", True), Merge("Δ ppl +LoRC", "± +LoRC", "class +LoRC", True),
+                   Merge("LoRC gain", "± gain", None, True)], cells, runs_of)
+    return _pivot(t, plain_views, lambda v: (v.w_bits, v.granularity, v.symmetric, v.method), _w_order, spec,
+                  labels, params, models)
+
+
+def _dcs(q: Change | None) -> list[Cell]:
+    return [None, None, None] if q is None else [q.delta, q.stderr, zq_class(q.delta)]
+
+
+# ---- qllm-eval: bit widths as columns -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Measure:
+    """A row measure: its words, its metric, and whether cells are changes from FP (else the values)."""
+
+    words: str
+    metric: str
+    change: bool = True
+
+
+def _metric_names(views: list[RunView], keep: Callable[[str], bool]) -> list[str]:
+    return sorted({n for v in views for n in v.metrics if keep(n)})
+
+
+def _bits_pivot(t: Table, views: list[RunView], measures: list[_Measure], labels: Mapping[str, str],
+                params: Mapping[str, int], models: list[str]) -> Table:
+    """Rows: (measure, model, series); columns: the series' open bit width ``b``; cells ``Δ ± se``."""
+    multi = len(models) > 1
+    quantized = [v for v in views if swept_bits(v) is not None]
+    widths = sorted({b for v in quantized if (b := swept_bits(v)) is not None}, reverse=True)
+    head = ["measure", *(["model"] if multi else []), "scheme (b: the column's bits)", "FP"]
+    t.columns = head.copy()
+    signed = any(m.change for m in measures)
+    for b in widths:
+        t.columns += [f"b={b}", f"± b={b}"]
+        t.merges.append(Merge(f"b={b}", f"± b={b}", None, signed=signed))
+    rows: dict[tuple[str, str, str], dict[int, list[RunView]]] = {}
+    for m in measures:
+        for v in quantized:
+            if m.metric in v.metrics:
+                rows.setdefault((m.metric, v.record.model_fingerprint, series_label(v)), {}) \
+                    .setdefault(swept_bits(v) or 0, []).append(v)
+    order = {m.metric: i for i, m in enumerate(measures)}
+    words = {m.metric: m for m in measures}
+    rank = {fp: i for i, fp in enumerate(models)}
+    first: dict[str, tuple[int, str]] = {}
+    for v in quantized:
+        first.setdefault(series_label(v), (_target_rank(v), v.target))
+
+    def sort_key(k: tuple[str, str, str]) -> tuple[Any, ...]:
+        return order[k[0]], rank.get(k[1], 0), first[k[2]], k[2]
+
+    for key in sorted(rows, key=sort_key):
+        metric, fp, series = key
+        m = words[metric]
+        cols = rows[key]
+        for i in range(max(len(rs) for rs in cols.values())):
+            base = None
+            cells: list[Cell] = []
+            runs: list[str] = []
+            for b in widths:
+                found = cols.get(b, [])
+                if i >= len(found):
+                    cells += [None, None]
+                    continue
+                run = found[i]
+                c = run.change(metric)
+                base = base or c
+                if m.change:
+                    cells += [None, None] if c is None else [c.delta, c.stderr]
+                else:
+                    cells += [run.metrics[metric], run.stderr.get(metric)]
+                runs.append(run.id)
+            label = series if i == 0 else f"{series} #{i + 1}"
+            lead: list[Cell] = [m.words, *([model_label(fp, labels, params)] if multi else []), label,
+                                None if base is None else base.fp]
+            t.add([*lead, *cells], runs)
     return t
 
 
-def _qllm(views: list[RunView], key: str, title: str, measures: list[tuple[str, Callable[[RunView], Cell]]],
-          keep: Callable[[RunView], bool]) -> Table:
-    t = Table(key, title, ["target", "bits", "scheme", *[m for m, _ in measures]])
-    chosen = [v for v in views if keep(v)]
-    for v in sorted(chosen, key=lambda v: (v.target != "FP", v.target, -(v.bits or 16), v.label, v.id)):
-        t.add([v.target, _bits(v.bits), v.label, *[f(v) for _, f in measures]], [v.id])
-    return t
+def _qllm_tables(sec: Section, views: list[RunView], labels: Mapping[str, str], params: Mapping[str, int],
+                 models: list[str]) -> list[Table]:
+    sfx, tsfx = sec.suffix, sec.title_suffix
+    corpus_rank = {c: i for i, c in enumerate(sec.protocol.corpora)}
+    ppl = sorted(_metric_names(views, lambda n: parse_name(n).kind == "ppl" and parse_name(n).corpus is not None),
+                 key=lambda n: (corpus_rank.get(str(parse_name(n).corpus), 99), n))
+    accs = _metric_names(views, lambda n: _is_accuracy(n))
+    agree = [task_name(str(parse_name(n).task), "agree_fp") for n in accs]
+    div = sorted(_metric_names(views, lambda n: parse_name(n).kind in DIVERGENCE_ORDER),
+                 key=lambda n: (DIVERGENCE_ORDER.index(parse_name(n).kind), n))
+    ret = sorted(_metric_names(views, lambda n: parse_name(n).kind == "retrieval"),
+                 key=lambda n: parse_name(n).length or 0)
+    note = ("Each row is one scheme with its bit width open (b); each column gives b. Cells: the change from "
+            "FP ± its standard error; FP: the full-precision value.")
+    specs: list[tuple[str, str, list[_Measure], str]] = [
+        ("qllm-perplexity", "qllm-eval: perplexity change by bit width",
+         [_Measure(f"Δ ppl {parse_name(n).corpus}", n) for n in ppl], note),
+        ("qllm-tasks", "qllm-eval: basic tasks, accuracy change by bit width",
+         [_Measure(f"Δ acc {parse_name(n).task}", n) for n in accs],
+         note + " The standard error is paired over the items where the run stored its answers against FP's."),
+        ("qllm-agreement", "qllm-eval: basic tasks, agreement with FP's answers",
+         [_Measure(f"agreement {parse_name(n).task}", n, change=False) for n in agree if _any(views, n)],
+         "Cells: the share of items answered as FP answered them."),
+        ("qllm-divergence", "qllm-eval: divergence from FP by bit width",
+         [_Measure(_div_words(n), n, change=False) for n in div],
+         "Cells: the divergence of the quantized model's next-token distribution from FP's (KL: nats per "
+         "token; top-k: the share of tokens whose FP top-1 is among the quantized top-k)."),
+        ("qllm-long-context", "qllm-eval: long-context retrieval, accuracy change by bit width",
+         [_Measure(f"Δ retrieval acc, {parse_name(n).length} tokens", n) for n in ret],
+         note + " Standard errors from Wilson intervals of each accuracy, combined as independent."),
+    ]
+    out = []
+    for key, title, measures, text in specs:
+        if not measures:
+            continue
+        t = _bits_pivot(Table(key + sfx, title + tsfx, [], note=text), views, measures, labels, params, models)
+        kinds = {parse_name(m.metric).kind for m in measures}
+        t.sizes = sample_sizes([v for v in views if any(m.metric in v.metrics for m in measures)], kinds)
+        out.append(t)
+    return out
 
 
-def _names(views: list[RunView], keep: Callable[[MetricName], bool]) -> list[str]:
-    return sorted({n for v in views for n in v.metrics if keep(parse_name(n))})
+def _is_accuracy(name: str) -> bool:
+    m = parse_name(name)
+    return m.kind == "lm_eval" and m.measure == "acc" and m.shots is None
 
 
-def _change(name: str, *, se: bool = False) -> Callable[[RunView], Cell]:
-    """The run's change from FP on metric ``name`` (or its standard error)."""
-    def cell(v: RunView) -> Cell:
-        c = v.change(name)
-        return None if c is None else c.stderr if se else c.delta
-    return cell
+def _any(views: list[RunView], name: str) -> bool:
+    return any(name in v.metrics for v in views)
 
 
-def _value(name: str) -> Callable[[RunView], Cell]:
-    return lambda v: v.metrics.get(name)
+def _div_words(name: str) -> str:
+    m = parse_name(name)
+    kind = {"kl": "KL", "top1": "top-1 agreement", "top5": "top-5 agreement"}.get(m.kind, m.kind)
+    return f"{kind} {m.corpus}"
 
 
-def _qllm_tables(views: list[RunView]) -> list[Table]:
-    tables = []
-    ppl = _names(views, lambda m: m.kind == "ppl" and m.corpus is not None)  # one column per protocol
-    if ppl:
-        measures: list[tuple[str, Callable[[RunView], Cell]]] = []
-        for name in ppl:
-            measures += [(f"Δ {name}", _change(name)), (f"± {parse_name(name).corpus}", _change(name, se=True))]
-        tables.append(_qllm(views, "qllm-perplexity", "qllm-eval: perplexity change by target and bits", measures,
-                            lambda v: any(n in v.metrics for n in ppl)))
-    accs = _names(views, is_task_accuracy)
-    if accs:
-        measures = []
-        for name in accs:
-            task = str(parse_name(name).task)
-            measures += [(f"Δ acc {task}", _change(name)), (f"± {task}", _change(name, se=True)),
-                         (f"agree {task}", _value(task_name(task, "agree_fp")))]
-        tables.append(_qllm(views, "qllm-tasks", "qllm-eval: basic tasks (accuracy change, paired with FP)", measures,
-                            lambda v: any(n in v.metrics for n in accs)))
-    kls = _names(views, lambda m: m.kind == "kl") + _names(views, lambda m: m.kind == "top1")
-    if kls:
-        tables.append(_qllm(views, "qllm-divergence", "qllm-eval: divergence from FP",
-                            [(n, _value(n)) for n in kls], lambda v: any(n in v.metrics for n in kls)))
-    ret = sorted(_names(views, lambda m: m.kind == "retrieval"), key=_retrieval_length)
-    if ret:
-        measures = []
-        for n in ret:
-            length = f"len{parse_name(n).length}"
-            measures += [(f"{length} acc", _value(n)), (f"± {length}", _binomial_se(n)), (f"Δ {length}", _change(n))]
-        tables.append(_qllm(views, "qllm-long-context", "qllm-eval: long-context retrieval accuracy", measures,
-                            lambda v: any(n in v.metrics for n in ret)))
-    return tables
-
-
-def _binomial_se(name: str) -> Callable[[RunView], Cell]:
-    """The standard error of a retrieval accuracy over its ``n<samples>`` samples (binomial)."""
-    samples = parse_name(name).samples or 0
-
-    def cell(v: RunView) -> Cell:
-        p = v.metrics.get(name)
-        return None if p is None or samples < 2 else math.sqrt(p * (1 - p) / samples)
-    return cell
-
-
-def _retrieval_length(name: str) -> int:
-    return parse_name(name).length or 0
+# ---- all tables -----------------------------------------------------------------------------------------------
 
 
 def build_tables(views: list[RunView]) -> list[Table]:
-    """Every table the runs have data for (a table with no row is left out).
+    """Every table the runs have data for, per evaluation protocol (a table with no row is left out).
 
-    ZeroQuant-V2's tables hold the runs with its three corpora when there are any, else every run with a
-    perplexity (their quality is then the mean over their own corpora, as the tables' note says).
+    ZeroQuant-V2's tables are built for the protocols with its three corpora when there are any, else for
+    every protocol with perplexities (their quality is then the mean over the protocol's own corpora, as
+    the tables' note says).
     """
-    zq = [v for v in views if v.quality(ZQ_CORPORA) is not None]
-    note = "Quality: mean perplexity over wikitext2, ptb_new and c4local_new"
-    if not zq:
-        zq = [v for v in views if quality(v) is not None]
-        corpora = sorted({c for v in zq for c in v.perplexities()})
-        note = f"Quality: mean perplexity over the runs' corpora ({', '.join(corpora)})"
-    note += "; class by the increase over FP (<= 0.1: 1, <= 0.5: 2, else 3)."
-    tables = [_weight_only(zq), _activation_only(zq), _weight_activation(zq), _methods(zq)]
-    for t in tables:
-        t.note = " ".join(x for x in (note, t.note) if x)
-    return [t for t in [*tables, *_qllm_tables(views)] if t.rows]
+    sections = protocol_sections(views)
+    labels, params = model_labels(views), model_params(views)
+    zq_sections = [s for s in sections if set(ZQ_CORPORA) <= set(s.protocol.corpora)] or sections
+    tables: list[Table] = []
+    for sec in sections:
+        models = _model_order(_by_model(sec.views), params, labels)
+        found: list[Table] = []
+        if sec in zq_sections:
+            zq = [v for v in sec.views if quality(v) is not None]
+            corpora = ", ".join(sec.protocol.corpora) or "the runs' corpora"
+            note = (f"Quality: mean perplexity over {corpora}; class by the increase over FP (<= 0.1: 1, "
+                    f"<= 0.5: 2, else 3). Cells: Δ ppl ± its standard error (class).")
+            for t in _zq_tables(sec, zq, labels, params, models):
+                t.note = " ".join(x for x in (note, t.note) if x)
+                t.sizes = sample_sizes(zq, ["ppl"])
+                found.append(t)
+        found += _qllm_tables(sec, sec.views, labels, params, models)
+        found += _fidelity_tables(sec)
+        for t in found:
+            t.section, t.protocol = sec.index, sec.protocol.describe()
+        tables += [t for t in found if t.rows]
+    return tables
+
+
+def _fidelity_tables(sec: Section) -> list[Table]:
+    """The fidelity statistics of :mod:`.fidelity` for one protocol section, labelled as every other table."""
+    try:
+        from .fidelity import fidelity_tables
+    except ImportError:  # the fidelity statistics are an addition to the layout, not part of it
+        return []
+    by_id = {v.id: v for v in sec.views}
+    out = []
+    for t in fidelity_tables(sec.views):
+        t.key, t.title = t.key + sec.suffix, t.title + sec.title_suffix
+        if t.columns and t.columns[0] == "run":  # the run's label with its symmetry and rounding
+            t.columns[0] = "scheme [recipe]"
+            for cells, runs in zip(t.rows, t.runs, strict=True):
+                if runs and runs[0] in by_id:
+                    cells[0] = run_label(by_id[runs[0]])
+        t.merges += [Merge(v, e) for v, e in (("KL", "± se"), ("ppl ratio", "± ratio"))
+                     if v in t.columns and e in t.columns]
+        t.sizes = sample_sizes(sec.views, ["ppl", "kl", "lm_eval"])
+        out.append(t)
+    return out
+
+
+def slug(text: str) -> str:
+    """``smollm2-135m``: lower case, runs of other characters as one ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
