@@ -25,6 +25,8 @@ command -v "$PY_BASE" >/dev/null 2>&1 || PY_BASE=python3
 TORCH_VERSION="2.13.0"
 TRANSFORMERS_VERSIONS=("4.47.1" "4.46.3" "4.45.2")
 VPY="$VENV/bin/python"
+# shellcheck source=bench/peers/cpu_torch_venv.sh
+source "$REPO/bench/peers/cpu_torch_venv.sh"
 
 # The venv "works" when: torch is the CPU build, transformers is 4.45-4.47 and its Llama decoder layer still
 # accepts the reference's call (position_ids only, returns a tuple) on a tiny random model.
@@ -66,21 +68,8 @@ if [ "${FORCE:-0}" != "1" ] && check_venv; then
     exit 0
 fi
 
-if [ "${FORCE:-0}" = "1" ] || [ ! -x "$VPY" ]; then
-    rm -rf "$VENV"
-    "$PY_BASE" -m venv "$VENV"
-fi
-PIP=("$VPY" -m pip install --disable-pip-version-check)
-"${PIP[@]}" -q --upgrade pip setuptools wheel
-
-# 1. torch first: the CPU build from the local wheel.
-"${PIP[@]}" "torch==$TORCH_VERSION"
-"$VPY" -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.endswith('+cpu') else 1)" \
-    || { echo "ERROR: torch is not a +cpu build" >&2; exit 1; }
-
-# 2. Constraints: keep exactly this torch build for everything that follows.
-CONSTRAINTS="$VENV/constraints.txt"
-echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
+# 1-2. torch first (the CPU build from the local wheel), pinned for everything that follows.
+cpu_torch_venv
 
 # 3. An old transformers the reference's llama.py runs with, plus safetensors.
 installed=""
@@ -93,7 +82,6 @@ for v in "${TRANSFORMERS_VERSIONS[@]}"; do
 done
 [ -n "$installed" ] || { echo "ERROR: no transformers 4.45-4.47 works here" >&2; exit 1; }
 
-"$VPY" -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.endswith('+cpu') else 1)" \
-    || { echo "ERROR: torch was replaced by a non-CPU build" >&2; exit 1; }
+assert_cpu_torch  # not replaced by a CUDA build
 echo "gptq reference venv ready (transformers==$installed)."
 report

