@@ -35,8 +35,6 @@ from .lm import Request, Score, score_logits, split_blockers
 from .perplexity import batch_nll, perplexity_of
 from .plan import EvalPlan
 from .reference import Reference
-from .result import Evaluation
-from .suite import evaluate
 from .tasks import run_shots
 
 log = logging.getLogger(__name__)
@@ -205,49 +203,6 @@ class LayerMajorModel:
             self._div = _tail_divergence(runner, div_set, self.last, div.top_k, ref)
         self.timings["eval.streamed_s"] = time.perf_counter() - t0
         return self._nll
-
-
-@dataclass
-class StreamedResult:
-    """What the layer-major pass measured: the quantized model's evaluation and the FP reference."""
-
-    evaluation: Evaluation
-    reference: Reference
-
-
-def evaluate_streamed(
-    model: nn.Module,
-    adapter: Adapter,
-    plan: EvalPlan,
-    fp: Checkpoint,
-    q: Checkpoint | None = None,
-    *,
-    tokenizer: Any = None,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: bool = True,
-) -> StreamedResult:
-    """:func:`~.suite.evaluate` of the model in ``q`` against the FP model in ``fp``, both read layer-major.
-
-    Args:
-        model: The skeleton of the model (its parameters on the meta device).
-        adapter: Its family adapter.
-        plan: The evaluation (see :func:`~.measures.check_layer_major`).
-        fp: The FP checkpoint.
-        q: The quantized checkpoint (None: the FP model is evaluated as itself).
-        tokenizer: The model's tokenizer (needed for tasks).
-        device: Where layers run.
-        dtype: The compute dtype.
-        progress: Show a progress bar over the layers.
-
-    Returns:
-        The evaluation (metrics named as the resident path names them, window NLLs beside the FP ones) and
-        the FP reference (window NLLs, top-k log-probabilities, task answers).
-
-    """
-    ref = Reference()
-    access = LayerMajorModel(model, adapter, fp, q, device=device, dtype=dtype, progress=progress)
-    return StreamedResult(evaluate(access, tokenizer, plan, ref, progress=progress), ref)
 
 
 def _nll_of(runner: LayerMajor, s: _Set, source: str, chunk: int = 256) -> list[float]:

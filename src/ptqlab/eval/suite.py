@@ -22,9 +22,9 @@ from .access import ModelAccess, ResidentModel
 from .measures import Context, planned
 from .plan import EvalPlan
 from .reference import Reference
-from .result import Evaluation, WindowNLL, record_tasks, task_metrics
+from .result import Evaluation, WindowNLL
 
-__all__ = ["Evaluation", "WindowNLL", "evaluate", "record_tasks", "task_metrics"]
+__all__ = ["Evaluation", "WindowNLL", "evaluate"]
 
 log = logging.getLogger(__name__)
 

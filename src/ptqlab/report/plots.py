@@ -113,6 +113,13 @@ class _Cohort:
     def title(self, text: str) -> str:
         return f"{text}: {self.model}{self.section.title_suffix}"
 
+    def figure(self, plt: Any, fig: Any, out: Path, base: str, title: str, caption: str,
+               runs: list[str]) -> Figure:
+        """Write ``fig`` under this cohort's key for ``base``; the figure with its title and caption."""
+        key = self.key(base)
+        png, svg = _save(plt, fig, out, key)
+        return Figure(key, self.title(title), caption, png, svg, runs, self.section.index)
+
     def caption(self, text: str, shown: Sequence[RunView], kinds: Sequence[str], missing: int = 0) -> str:
         sizes = sample_sizes(shown, kinds)
         parts = [text, f"Model: {self.model}.", f"Protocol: {self.section.protocol.describe()}."]
@@ -174,15 +181,13 @@ def _pareto(plt: Any, c: _Cohort, out: Path) -> Figure | None:
         ax.legend(fontsize=7)
         shown += [p[3] for p in pts]
     fig.suptitle(c.model, fontsize=9)
-    key = c.key("pareto")
-    png, svg = _save(plt, fig, out, key)
-    return Figure(key, c.title("Quality against effective bits, Pareto front per target"),
-                  c.caption("Quality: the mean perplexity over the protocol's corpora. Each point is a run with its "
-                            "95 % interval (1.96 standard errors, paired with FP over the windows); the red line "
-                            "joins the runs no other run beats on both bits and quality (point estimates). W+A "
-                            "panels are split by activation bits. " + SYMLOG_NOTE,
-                            shown, ["ppl"], missing),
-                  png, svg, [v.id for v in shown], c.section.index)
+    return c.figure(plt, fig, out, "pareto", "Quality against effective bits, Pareto front per target",
+                    c.caption("Quality: the mean perplexity over the protocol's corpora. Each point is a run with its "
+                              "95 % interval (1.96 standard errors, paired with FP over the windows); the red line "
+                              "joins the runs no other run beats on both bits and quality (point estimates). W+A "
+                              "panels are split by activation bits. " + SYMLOG_NOTE,
+                              shown, ["ppl"], missing),
+                    [v.id for v in shown])
 
 
 def _series_lines(views: Sequence[RunView], value: Callable[[RunView], tuple[float, float | None] | None]
@@ -244,13 +249,11 @@ def _loss_by_bits(plt: Any, c: _Cohort, out: Path) -> Figure | None:
         ax.set_title(f"target {target}")
         ax.legend(fontsize=6, title="scheme", title_fontsize=6)
     fig.suptitle(c.model, fontsize=9)
-    key = c.key("loss-by-bits")
-    png, svg = _save(plt, fig, out, key)
-    return Figure(key, c.title("Perplexity increase against bits, one line per scheme"),
-                  c.caption("RTN runs without LoRC; each line is one scheme with its bit width b open (W4A8 and "
-                            "W4A4 are different lines), each point its mean perplexity increase over FP with the "
-                            "95 % interval. " + SYMLOG_NOTE, shown, ["ppl"], missing),
-                  png, svg, [v.id for v in shown], c.section.index)
+    return c.figure(plt, fig, out, "loss-by-bits", "Perplexity increase against bits, one line per scheme",
+                    c.caption("RTN runs without LoRC; each line is one scheme with its bit width b open (W4A8 and "
+                              "W4A4 are different lines), each point its mean perplexity increase over FP with the "
+                              "95 % interval. " + SYMLOG_NOTE, shown, ["ppl"], missing),
+                    [v.id for v in shown])
 
 
 def _task_accuracies(views: Sequence[RunView]) -> list[str]:
@@ -295,13 +298,11 @@ def _accuracy_by_bits(plt: Any, c: _Cohort, out: Path) -> Figure | None:
                title_fontsize=6)
     fig.suptitle(c.model, fontsize=9)
     fig.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(texts) / 2), 1, 1))
-    key = c.key("accuracy-by-bits")
-    png, svg = _save(plt, fig, out, key)
-    return Figure(key, c.title("Task accuracy change against bits, per task"),
-                  c.caption("Each line is one scheme with its bit width b open, each point its accuracy change from "
-                            "FP with the 95 % interval (paired over the items where the run stored its answers "
-                            "against FP's, else the two Wilson intervals combined).", shown, ["lm_eval"], missing),
-                  png, svg, sorted({v.id for v in shown}), c.section.index)
+    return c.figure(plt, fig, out, "accuracy-by-bits", "Task accuracy change against bits, per task",
+                    c.caption("Each line is one scheme with its bit width b open, each point its accuracy change from "
+                              "FP with the 95 % interval (paired over the items where the run stored its answers "
+                              "against FP's, else the two Wilson intervals combined).", shown, ["lm_eval"], missing),
+                    sorted({v.id for v in shown}))
 
 
 def _shots_of(views: Sequence[RunView]) -> dict[str, list[int]]:
@@ -359,14 +360,13 @@ def _fewshot(plt: Any, c: _Cohort, out: Path, texts: Mapping[str, Mapping[str, s
             ax.set_xticks(shots)
         ax_acc.legend(fontsize=6)
     fig.suptitle(c.model, fontsize=9)
-    key = c.key("fewshot")
-    png, svg = _save(plt, fig, out, key)
-    return Figure(key, c.title("Few-shot curve: accuracy and calibration error against shots, per scheme"),
-                  c.caption("Each line is one run. Accuracy bars: 1.96 times lm-eval's standard error. Calibration "
-                            "error bars: 1.96 times a binomial standard error of each confidence bin's accuracy, "
-                            "combined over the bins with the confidences taken as fixed.",
-                            list(shown.values()), ["lm_eval"], missing),
-                  png, svg, list(shown), c.section.index)
+    return c.figure(plt, fig, out, "fewshot",
+                    "Few-shot curve: accuracy and calibration error against shots, per scheme",
+                    c.caption("Each line is one run. Accuracy bars: 1.96 times lm-eval's standard error. Calibration "
+                              "error bars: 1.96 times a binomial standard error of each confidence bin's accuracy, "
+                              "combined over the bins with the confidences taken as fixed.",
+                              list(shown.values()), ["lm_eval"], missing),
+                    list(shown))
 
 
 def _retrieval_length(name: str) -> int:
@@ -394,12 +394,11 @@ def _long_context(plt: Any, c: _Cohort, out: Path) -> Figure | None:
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=6)
     ax.set_title(c.model, fontsize=9)
-    key = c.key("long-context")
-    png, svg = _save(plt, fig, out, key)
-    return Figure(key, c.title("Long-context retrieval accuracy against length per KV-cache config"),
-                  c.caption("Pass-key retrieval accuracy of the FP and KV-quantized runs, with 95 % Wilson intervals.",
-                            chosen, ["retrieval"]),
-                  png, svg, [v.id for v in chosen], c.section.index)
+    return c.figure(plt, fig, out, "long-context",
+                    "Long-context retrieval accuracy against length per KV-cache config",
+                    c.caption("Pass-key retrieval accuracy of the FP and KV-quantized runs, with 95 % Wilson "
+                              "intervals.", chosen, ["retrieval"]),
+                    [v.id for v in chosen])
 
 
 def _kl_vs_acc(plt: Any, c: _Cohort, out: Path) -> Figure | None:
@@ -430,14 +429,12 @@ def _kl_vs_acc(plt: Any, c: _Cohort, out: Path) -> Figure | None:
     ax.legend(title="target", fontsize=7)
     ax.set_title(c.model, fontsize=9)
     kl_se = any(p[1] is not None for p in pts)
-    key = c.key("kl-vs-accuracy")
-    png, svg = _save(plt, fig, out, key)
-    return Figure(key, c.title("KL divergence against accuracy change"),
-                  c.caption("Each point is a run with both measurements: the mean accuracy change over the tasks with "
-                            "its 95 % interval" + (" and the KL with its own." if kl_se else
-                                                   "; the KL has no standard error stored (no horizontal bar)."),
-                            [p[4] for p in pts], ["lm_eval", "kl"], missing),
-                  png, svg, [p[4].id for p in pts], c.section.index)
+    return c.figure(plt, fig, out, "kl-vs-accuracy", "KL divergence against accuracy change",
+                    c.caption("Each point is a run with both measurements: the mean accuracy change over the tasks "
+                              "with its 95 % interval" + (" and the KL with its own." if kl_se else
+                                                     "; the KL has no standard error stored (no horizontal bar)."),
+                              [p[4] for p in pts], ["lm_eval", "kl"], missing),
+                    [p[4].id for p in pts])
 
 
 # ---- sensitivity heatmaps --------------------------------------------------------------------------------------

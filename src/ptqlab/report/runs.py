@@ -484,14 +484,7 @@ class RunView:
         names = self.perplexities(corpora)
         if not corpora or len(names) != len(corpora):
             return None
-        changes = [self.change(names[c]) for c in corpora]
-        found = [c for c in changes if c is not None]
-        if len(found) != len(corpora):
-            return None
-        n = len(found)
-        errs = [c.stderr for c in found]
-        se = None if any(e is None for e in errs) else math.sqrt(sum(e * e for e in errs if e is not None)) / n
-        return Quality(sum(c.value for c in found) / n, sum(c.fp for c in found) / n, se, corpora)
+        return _mean_over(corpora, [self.change(names[c]) for c in corpora])
 
 
 def _is_proportion(name: str) -> bool:
@@ -607,14 +600,18 @@ def quality_difference(a: RunView, b: RunView) -> Quality | None:
     names_a, names_b = a.perplexities(corpora), b.perplexities(corpora)
     if len(names_a) != len(corpora) or names_a != names_b:
         return None
-    found = [difference(a, b, names_a[c]) for c in corpora]
-    diffs = [d for d in found if d is not None]
-    if len(diffs) != len(corpora):
+    return _mean_over(corpora, [difference(a, b, names_a[c]) for c in corpora])
+
+
+def _mean_over(corpora: tuple[str, ...], changes: list[Change | None]) -> Quality | None:
+    """The mean of one change per corpus (None if any is missing); the corpora's errors taken as independent."""
+    found = [c for c in changes if c is not None]
+    if len(found) != len(corpora):
         return None
-    n = len(diffs)
-    errs = [d.stderr for d in diffs]
+    n = len(found)
+    errs = [c.stderr for c in found]
     se = None if any(e is None for e in errs) else math.sqrt(sum(e * e for e in errs if e is not None)) / n
-    return Quality(sum(d.value for d in diffs) / n, sum(d.fp for d in diffs) / n, se, corpora)
+    return Quality(sum(c.value for c in found) / n, sum(c.fp for c in found) / n, se, corpora)
 
 
 def load_views(store: Store, runs: list[RunRecord] | None = None) -> list[RunView]:
