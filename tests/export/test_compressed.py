@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from ptqlab.errors import ConfigError
-from ptqlab.export.compressed import linear_tensors, pack_codes
 from ptqlab.export.run import export_config
+from ptqlab.formats.compressed import linear_tensors, pack_codes
 from ptqlab.pipeline.driver import WeightGrid
 from ptqlab.quant.core import choose_qparams, fake_quantize
 from ptqlab.quant.spec import QuantSpec

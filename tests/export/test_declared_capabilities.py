@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ptqlab.errors import ConfigError
-from ptqlab.export.common import refuse_off_grid_recipe, refuse_runtime_ops
+from ptqlab.formats.common import refuse_off_grid_recipe, refuse_runtime_ops
 from ptqlab.methods import RTN, Recipe, ResidualRotation, RotationConfig, WeightResult
 from ptqlab.models.adapter import Adapter
 from ptqlab.models.registry import get_adapter

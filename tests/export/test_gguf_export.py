@@ -157,7 +157,7 @@ def test_other_architectures_and_partial_blocks_are_refused(tmp_path: Path, tmp_
 
 
 def test_a_weight_off_its_block_grid_is_an_error_not_a_requantization() -> None:
-    from ptqlab.export.gguf import _quantized
+    from ptqlab.formats.gguf import _quantized
     from ptqlab.pipeline.driver import WeightGrid
     from ptqlab.quant.core import choose_qparams, fake_quantize
     from ptqlab.quant.spec import QuantSpec

@@ -393,7 +393,7 @@ def test_a_dense_layer_among_sparse_ones_is_refused() -> None:
 
 
 def test_streaming_and_compressed_tensors_export_refuse_fused_experts() -> None:
-    from ptqlab.export.compressed import check_compressed
+    from ptqlab.formats.compressed import check_compressed
     from ptqlab.pipeline.stream import check_quantization_streamable
 
     model = tiny_model("mixtral")

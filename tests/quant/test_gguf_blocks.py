@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ptqlab.errors import ConfigError
-from ptqlab.export.gguf_blocks import pack
+from ptqlab.formats.gguf_blocks import pack
 from ptqlab.methods.gptq import GPTQ
 from ptqlab.methods.rtn import RTN
 from ptqlab.quant.core import choose_qparams, dequantize, fake_quantize, quantize

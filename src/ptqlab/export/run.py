@@ -21,13 +21,13 @@ from typing import Any
 
 from ..compile import bind, compile_config
 from ..errors import ConfigError
+from ..formats.registry import EXPORTERS, Exporter, Written, exporter_for
 from ..models.loading import load_model, model_fingerprint, resolve_device
 from ..schema import RunConfig
 from ..store import RunRecord, Store, run_id
 from ..store.qmodels import QuantizedModels
 from ..study.resident import quantize_or_restore, quantized_weights_key
 from ..study.streamed import StreamChoice, choose_stream, prepare_streamed
-from .formats import EXPORTERS, Exporter, Written, exporter_for
 from .hf import model_card
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def export_config(cfg: RunConfig, fmt: str, out: str | Path, *, overwrite: bool 
 
     Args:
         cfg: The run's configuration.
-        fmt: A registered format (:mod:`ptqlab.export.formats`): ``hf`` (fake-quantized safetensors any
+        fmt: A registered format (:mod:`ptqlab.formats.registry`): ``hf`` (fake-quantized safetensors any
             transformers user loads with ``from_pretrained``), ``compressed-tensors`` (``pack-quantized`` INT
             weights, the format vLLM loads) or ``gguf`` (llama.cpp's block types, ``model.gguf`` in ``out``).
         out: The directory to create.
