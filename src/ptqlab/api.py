@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,9 @@ from .compile import compile_evaluate, compile_quantization, compile_scheme
 from .errors import ConfigError
 from .eval import EvalPlan, Evaluation, Reference, build_reference
 from .eval import evaluate as _evaluate
+from .eval.measures import RuntimeFiles
 from .eval.reference import self_reference
+from .formats.gguf import write_gguf
 from .pipeline.driver import QuantizeReport
 from .pipeline.plan import QuantizationPlan, RunOptions
 from .pipeline.quantize import is_quantized
@@ -94,11 +97,12 @@ def quantize(
         progress: Show a progress bar.
 
     Returns:
-        Per-linear records (relative output error, seconds), timings, size metrics.
+        Per-linear records (relative output error, seconds), timings, size metrics, and each quantized
+        linear's grid (what :func:`evaluate` writes when it times the model in llama.cpp).
 
     """
     plan = plan_quantization(model, scheme, recipe, calibration, tokenizer)
-    return _quantize(model, plan, device=device, progress=progress)
+    return _quantize(model, plan, device=device, progress=progress, options=RunOptions(keep_grids=True))
 
 
 def reference(
@@ -161,6 +165,7 @@ def evaluate(
     evaluate_config: Evaluate | Mapping[str, Any] | None = None,
     *,
     reference: Reference | nn.Module | None = None,
+    report: QuantizeReport | None = None,
     progress: bool = True,
 ) -> Evaluation:
     """Evaluate a (quantized) model in memory: every key of the ``evaluate`` section, as ``ptqlab run`` does.
@@ -174,6 +179,9 @@ def evaluate(
             the FP model itself. Left out, an unquantized ``model`` is its own reference; for a model
             quantized by ptqlab, asking for the divergence or the sensitivity is then an error, and the
             paired task measures, the FP window NLLs and the default sensitivity are left out.
+        report: What :func:`quantize` returned for ``model``: ``evaluate.speed`` in llama.cpp writes the model
+            as GGUF from its grids (an unquantized model needs none). KV-cache schemes are passed to llama.cpp
+            by ``ptqlab run``, not here.
         progress: Show progress bars.
 
     Returns:
@@ -183,7 +191,21 @@ def evaluate(
     """
     plan = compile_evaluate(evaluate_config, tokenizer, model)
     plan, ref = _reference_for(model, tokenizer, plan, reference, progress)
-    return _evaluate(model, tokenizer, plan, ref, progress=progress)
+    return _evaluate(model, tokenizer, plan, ref, progress=progress, files=_gguf_files(model, tokenizer, report))
+
+
+def _gguf_files(model: nn.Module, tokenizer: Any, report: QuantizeReport | None) -> RuntimeFiles | None:
+    """How the API writes ``model`` as GGUF: from its report's grids, or as it is when it is not quantized."""
+    if is_quantized(model) and (report is None or not report.grids):
+        return None  # evaluate refuses the speed in llama.cpp, before any work
+    if report is not None and report.runtime is not None and report.runtime.installed:
+        return None
+    grids = {} if report is None else report.grids
+
+    def write(path: Path, float_type: str) -> None:
+        write_gguf(model, tokenizer, path, grids, float_type=float_type)
+
+    return RuntimeFiles(write)
 
 
 def sweep(

@@ -27,6 +27,8 @@ from torch import nn
 from .data.calibration import calibration_windows
 from .errors import ConfigError
 from .eval.plan import EvalPlan, check_evaluate, plan_evaluation
+from .eval.speed import check_llama_cpp, llama_cpp_cache_types
+from .formats.gguf import check_gguf
 from .memory import parse_size, return_freed
 from .methods import Recipe, build_recipe
 from .models.registry import get_adapter
@@ -44,7 +46,7 @@ from .pipeline.plan import (
 )
 from .quant.outliers import OutlierRule
 from .quant.spec import QuantSpec
-from .schema import Calibration, Evaluate, RunConfig, Scheme, coerce
+from .schema import Calibration, Evaluate, KVCacheScheme, RunConfig, Scheme, SpeedConfig, coerce
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,11 @@ def compile_quantization(
     _check_codebooks(targets, scheme.recipe)
     for transform in scheme.recipe.model_transforms:
         transform.check(model, adapter)
+    cal = None if calibration is None or isinstance(calibration, torch.Tensor) else \
+        coerce(Calibration, calibration, "calibration")
     plan = QuantizationPlan(adapter=adapter, targets=targets, recipe=scheme.recipe, activations=activations,
-                            attention=scheme.attention, kv=scheme.kv, kv_tokens=kv_tokens, outliers=scheme.outliers)
+                            attention=scheme.attention, kv=scheme.kv, kv_tokens=kv_tokens, outliers=scheme.outliers,
+                            layer_errors=cal is not None and cal.layer_errors)
     if not plan.needs_calibration:
         return plan
     if calibration is None:
@@ -196,7 +201,7 @@ def compile_quantization(
         raise ConfigError(f"{what} calibration data, but none was given")
     if isinstance(calibration, torch.Tensor):
         return dataclasses.replace(plan, calibration=calibration)
-    cal = coerce(Calibration, calibration, "calibration")
+    assert cal is not None
     if tokenizer is None:
         raise ConfigError("calibration given as a config needs the tokenizer")
     windows = calibration_windows(tokenizer, cal.dataset, cal.samples, cal.seqlen, cal.seed, cal.path)
@@ -230,8 +235,37 @@ def bind(compiled: CompiledConfig, model: nn.Module, tokenizer: Any) -> RunPlan:
     max_memory = None if rt.max_memory is None else parse_size(rt.max_memory)
     options = RunOptions(layer_pass=rt.layer_pass, max_memory=max_memory, offload_dir=rt.offload_dir)
     evaluation = plan_evaluation(cfg.evaluate, tokenizer, model)
+    check_speed(cfg.evaluate.speed, quantization, cfg.scheme.kv_cache, model)
     return_freed()  # the tokenizer's transient buffers (about 170 MB for wikitext2's test split)
     return RunPlan(quantization, evaluation, options)
+
+
+def check_speed(speed: SpeedConfig | None, plan: QuantizationPlan, kv_cache: KVCacheScheme | None,
+                model: nn.Module) -> None:
+    """Refuse, before any work, a speed measurement its runtime cannot make of this run.
+
+    llama.cpp runs the run written as GGUF (what :func:`ptqlab.formats.gguf.check_gguf` refuses, it cannot
+    time), with the KV-cache scheme as its cache types (one it has no type for is refused); vLLM needs a
+    CUDA device.
+
+    Raises:
+        ConfigError: Naming the setting.
+
+    """
+    if speed is None or speed.runtime == "torch":
+        return
+
+    if speed.runtime == "vllm":
+        if not torch.cuda.is_available():
+            raise ConfigError("evaluate.speed runtime vllm times a compressed-tensors export in vLLM on a CUDA "
+                              "device, and this machine has none; use runtime llama.cpp or torch")
+        raise ConfigError("evaluate.speed runtime vllm is not measured by ptqlab yet; use runtime llama.cpp or torch")
+    check_llama_cpp()
+    try:
+        check_gguf(dataclasses.replace(plan, kv=None), getattr(model, "config", None))  # KV: llama.cpp's cache types
+    except ConfigError as e:
+        raise ConfigError(f"evaluate.speed runtime llama.cpp runs the model written as GGUF: {e}") from e
+    llama_cpp_cache_types(kv_cache)
 
 
 def compile_evaluate(evaluate: Evaluate | Mapping[str, Any] | None, tokenizer: Any, model: nn.Module) -> EvalPlan:

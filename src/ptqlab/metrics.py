@@ -14,6 +14,9 @@ SIZE_MODEL_BYTES = "size.model_bytes"
 BITS_WEIGHT = "bits.weight"
 BITS_ACTIVATION = "bits.activation"
 BITS_KV = "bits.kv"
+BITS_SOURCE = "bits.source"
+"""Bits per weight of the decoder linears in the file the model was read from (a GGUF's: its FP reference is the
+dequantized file, not FP16); absent when the weights came in floating point (safetensors)."""
 DIALOGUE_ANSWERS = "dialogue.answers"
 DIALOGUE_JUDGE = "dialogue.judge.score"
 DIALOGUE_UNRATED = "dialogue.judge.unrated"
@@ -84,6 +87,34 @@ def adaptive_name(measure: str) -> str:
     if measure not in ADAPTIVE_MEASURES:
         raise ValueError(f"unknown adaptive measure {measure!r}; known: {', '.join(ADAPTIVE_MEASURES)}")
     return f"adaptive.{measure}"
+
+
+SPEED_RUNTIMES = ("llama_cpp", "torch", "vllm")
+"""The runtimes a run's speed is measured in, as they appear in metric names (``llama.cpp`` is ``llama_cpp``)."""
+SPEED_KINDS = ("pp", "tg")
+"""``pp``: prompt processing (tokens/s over a prompt of N tokens in one batch); ``tg``: generation (tokens/s
+over N tokens generated one at a time), as llama.cpp's ``llama-bench`` names them (``pp512``, ``tg128``)."""
+
+
+def speed_name(runtime: str, kind: str, tokens: int) -> str:
+    """``speed.<runtime>.<kind><tokens>``, e.g. ``speed.llama_cpp.tg128``: tokens per second (median of repeats)."""
+    if runtime not in SPEED_RUNTIMES:
+        raise ValueError(f"unknown speed runtime {runtime!r}; known: {', '.join(SPEED_RUNTIMES)}")
+    if kind not in SPEED_KINDS:
+        raise ValueError(f"unknown speed kind {kind!r}; known: {', '.join(SPEED_KINDS)}")
+    return f"speed.{runtime}.{kind}{tokens}"
+
+
+def file_size_name(fmt: str) -> str:
+    """``size.file.<fmt>``: the bytes of the file a runtime loads (``size.file.gguf``)."""
+    return f"size.file.{fmt}"
+
+
+def peak_memory_name(runtime: str) -> str:
+    """``memory.<runtime>.peak``: the peak resident memory (bytes) of the process that ran the model."""
+    if runtime not in SPEED_RUNTIMES:
+        raise ValueError(f"unknown speed runtime {runtime!r}; known: {', '.join(SPEED_RUNTIMES)}")
+    return f"memory.{runtime}.peak"
 
 
 SIZED_KINDS = ("ppl", *DIVERGENCE_KINDS)

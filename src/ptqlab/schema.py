@@ -125,7 +125,12 @@ class Scheme(_Strict):
 
 
 class Calibration(_Strict):
-    """Calibration data: ``c4local`` (documents 1100-1999) or ``file`` with ``path``."""
+    """Calibration data: ``c4local`` (documents 1100-1999) or ``file`` with ``path``.
+
+    ``layer_errors``: also measure each linear's relative output error on this data when the recipe needs
+    none (RTN, LoRC after RTN): one calibration pass through the layers, the weights unchanged. Calibrated
+    recipes (GPTQ, AWQ, ...) always measure it; the report's heatmaps draw it.
+    """
 
     dataset: str = "c4local"
     samples: int = Field(default=128, ge=1)
@@ -133,6 +138,7 @@ class Calibration(_Strict):
     seed: int = 0
     path: str | None = None
     batch_size: int = Field(default=8, ge=1)
+    layer_errors: bool = False
 
 
 class DivergenceConfig(_Strict):
@@ -168,6 +174,27 @@ class SensitivityConfig(_Strict):
     windows: int = Field(default=1, ge=1)
 
 
+class SpeedConfig(_Strict):
+    """Speed and size in a runtime: prompt and generation tokens/s, the file's bytes, the peak memory.
+
+    ``runtime``: ``llama.cpp`` (the run written as GGUF and timed through llama-cpp-python, the extra
+    ``[llamacpp]``; a KV-cache scheme llama.cpp holds is passed as its cache types), ``torch`` (ptqlab's own
+    fake-quantized model, timed the same way: what fake quantization costs) or ``vllm`` (a
+    compressed-tensors export on a CUDA device). ``prompt`` tokens are processed in one batch and
+    ``generate`` tokens generated one at a time, each ``repeats`` times after one warm-up; ``threads``: the
+    runtime's threads (None: ptqlab's own thread count). ``float_type``: the GGUF type of the tensors a run
+    keeps in full precision (``auto``: as the model holds them; an FP run written as ``f16`` is llama.cpp's
+    F16 row).
+    """
+
+    runtime: Literal["llama.cpp", "torch", "vllm"] = "llama.cpp"
+    prompt: int = Field(default=512, ge=1)
+    generate: int = Field(default=128, ge=1)
+    repeats: int = Field(default=5, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+    float_type: Literal["auto", "f32", "f16", "bf16"] = "auto"
+
+
 class SampleConfig(_Strict):
     """A fixed greedy generation sample stored with the run (``sample: null`` to skip it)."""
 
@@ -190,7 +217,7 @@ class AdaptiveConfig(_Strict):
     seed: int = 0
 
 
-EVALUATIONS = ("perplexity", "tasks", "divergence", "long_context", "sample", "sensitivity", "dialogue")
+EVALUATIONS = ("perplexity", "tasks", "divergence", "long_context", "sample", "sensitivity", "dialogue", "speed")
 """The keys of ``evaluate`` that name an evaluation; the others are settings."""
 
 DEFAULT_EVALUATIONS: dict[str, Any] = {"perplexity": ["wikitext2"], "sample": {}, "sensitivity": {}}
@@ -251,6 +278,7 @@ class Evaluate(_Strict):
     adaptive: AdaptiveConfig | None = None
     dialogue: DialogueConfig | None = None
     judge: JudgeConfig | None = None
+    speed: SpeedConfig | None = None
 
     _defaulted: bool = PrivateAttr(default=False)
 
@@ -297,7 +325,7 @@ class Evaluate(_Strict):
         on = {"perplexity": bool(self.perplexity), "tasks": bool(self.tasks),
               "divergence": self.divergence_config() is not None, "long_context": self.long_context is not None,
               "sample": self.sample is not None, "sensitivity": self.sensitivity is not None,
-              "dialogue": self.dialogue is not None}
+              "dialogue": self.dialogue is not None, "speed": self.speed is not None}
         return [k for k in EVALUATIONS if on[k]]
 
     @property

@@ -251,7 +251,36 @@ def test_heatmaps_share_one_colour_scale_in_layer_order(store: Store, tmp_path: 
     ax = heat["sensitivity-w4row"].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["q_proj", "o_proj", "down_proj"]
     caption = next(f for f in report.figures if f.key == "sensitivity-w4row").caption
-    assert "shared by every heatmap" in caption and "RTN runs are not drawn" in caption
+    assert "shared by every heatmap of this report of the same kind" in caption and "evaluate.sensitivity" in caption
+
+
+def _layer_errors(scale: float) -> list[dict[str, Any]]:
+    """Layer records of a 2-layer run: each linear's error on its calibration inputs."""
+    return [{"layer": e["layer"], "module": e["module"], "bits": 3, "rel_error": e["rel_error"], "seconds": 0.1}
+            for e in module_errors(scale)]
+
+
+def test_heatmaps_put_rtn_beside_gptq_on_one_scheme_from_their_calibration_errors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RTN with calibration.layer_errors has per-layer errors as GPTQ has: the default heatmaps pair them."""
+    store = Store(tmp_path / "h.db")
+    specs = [("fp", {}, (), 0.0, None), ("w3rtn", weight(3), ("rtn",), 0.5, 0.05),
+             ("w3gptq", weight(3), ("gptq",), 0.3, 0.03), ("w3lorc", weight(3), ("rtn", "lorc"), 0.2, 0.02),
+             ("w4gptq", weight(4), ("gptq",), 0.1, 0.01)]
+    for n, (rid, w, recipe, d, scale) in enumerate(specs):
+        run = make_run(rid, w=w or None, recipe=recipe, d=d, bits_weight=3.03 if w else 16.0, n=n)
+        if scale is not None:
+            run.layers = _layer_errors(scale)
+        store.save(run)
+    cap = _Capture(monkeypatch)
+    report = write_report(store.path, tmp_path / "rep")
+    heat = {k: f for k, f in cap.figs.items() if k.startswith("sensitivity-")}
+    assert set(heat) == {"sensitivity-w3rtn", "sensitivity-w3gptq"}
+    errors = [e["rel_error"] for scale in (0.05, 0.03) for e in module_errors(scale)]
+    clims = {f.axes[0].images[0].get_clim() for f in heat.values()}
+    assert len(clims) == 1 and next(iter(clims)) == pytest.approx((min(errors), max(errors)))
+    caption = next(f for f in report.figures if f.key == "sensitivity-w3rtn").caption
+    assert "calibration.layer_errors" in caption and "on its own inputs" in caption
 
 
 def test_two_models_get_model_columns_with_parameter_counts(tmp_path: Path) -> None:

@@ -271,3 +271,16 @@ def test_every_run_combination_of_views_is_stable(store: Store) -> None:
     assert {(v.target) for v in load_views(store)} == {"FP", "W", "A", "W+A", "KV"}
     assert list(itertools.islice((v.id for v in load_views(store)), 1)) == ["fp"]
     assert make_run("x").id == "x"
+
+
+def test_a_scheme_whose_overrides_set_weights_is_labelled_mixed():
+    """A searched or GGUF-mix run names its base weight spec and how many linears it overrides."""
+    from ptqlab.report import describe_scheme
+
+    base = {"format": "gguf_q4_0"}
+    over = [{"match": r"model\.layers\.0\.mlp\.down_proj", "weight": {"format": "gguf_q8_0"}},
+            {"match": r"model\.layers\.1\.mlp\.down_proj", "weight": {"format": "gguf_q8_0"}}]
+    assert describe_scheme({"weight": base}) == "Wgguf_q4_0"
+    assert describe_scheme({"weight": base, "overrides": over}) == "Wgguf_q4_0 mixed (2 overrides)"
+    assert describe_scheme({"weight": base, "overrides": over[:1]}) == "Wgguf_q4_0 mixed (1 override)"
+    assert describe_scheme({"weight": base, "overrides": [{"match": "x", "activation": None}]}) == "Wgguf_q4_0"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import PtqlabError
-from . import export, report, study
+from . import export, report, search, study
 from .runs import DEFAULT_STORE, cmd_ls, cmd_run, cmd_show, describe_scheme
 
 __all__ = ["build_parser", "describe_scheme", "main"]
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run", help="run id (a unique prefix is enough)")
     show.add_argument("--json", action="store_true", help="print as JSON")
     show.set_defaults(func=cmd_show)
-    for command in (run, ls, show, *study.add_commands(sub), *report.add_commands(sub), *export.add_commands(sub)):
+    for command in (run, ls, show, *study.add_commands(sub), *report.add_commands(sub), *export.add_commands(sub),
+                    *search.add_commands(sub)):
         _global_options(command, defaults=False)
     return parser
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..metrics import DIALOGUE_ANSWERS, DIALOGUE_JUDGE, DIALOGUE_UNRATED, Metric, perplexity_name, retrieval_name
 from ..models.registry import get_adapter
+from ..schema import KVCacheScheme
 from .access import ModelAccess
 from .adaptive import adaptive_perplexity, outcome_metrics
 from .dialogue import load_conversations, run_dialogue
@@ -29,13 +32,32 @@ from .reference import Reference
 from .result import Evaluation, record_tasks
 from .retrieval import retrieval_accuracy
 from .sensitivity import compare
+from .speed import llama_cpp_cache_types, llama_cpp_speed, torch_speed
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RuntimeFiles:
+    """How a run writes its quantized model for a runtime (the run holds the grids; evaluation does not).
+
+    Attributes:
+        write_gguf: Write the model as GGUF to a path, with the tensors it keeps in full precision in a
+            ``evaluate.speed.float_type`` (``auto``, ``f32``, ``f16``, ``bf16``).
+        kv_cache: The run's ``scheme.kv_cache`` (llama.cpp holds some as its cache types), or None.
+
+    """
+
+    write_gguf: Callable[[Path, str], None]
+    kv_cache: KVCacheScheme | None = None
+
+
 @dataclass
 class Context:
-    """What a measure works with: the model's access, its tokenizer, the plan, the FP side and the result."""
+    """What a measure works with: the model's access, its tokenizer, the plan, the FP side and the result.
+
+    ``files``: how the run writes its model for a runtime (the speed measure in llama.cpp), or None.
+    """
 
     access: ModelAccess
     tokenizer: Any
@@ -44,6 +66,7 @@ class Context:
     result: Evaluation
     progress: bool
     peers: Sequence[tuple[float, float]]
+    files: RuntimeFiles | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +191,37 @@ def _sensitivity(ctx: Context) -> None:
     ctx.result.timings["sensitivity_s"] = time.perf_counter() - t0
 
 
+def _speed(ctx: Context) -> None:
+    """Prompt and generation tokens/s in the runtime asked for, with the file's bytes and the peak memory."""
+    cfg = ctx.plan.config.speed
+    assert cfg is not None
+    t0 = time.perf_counter()
+    if cfg.runtime == "torch":
+        sample = torch_speed(ctx.access.model, prompt=cfg.prompt, generate=cfg.generate, repeats=cfg.repeats,
+                             threads=cfg.threads, seed=ctx.plan.config.seed)
+    elif cfg.runtime == "llama.cpp":
+        assert ctx.files is not None  # check_files
+        cache_k, cache_v = llama_cpp_cache_types(ctx.files.kv_cache)
+        with tempfile.TemporaryDirectory(prefix="ptqlab-speed-") as tmp:
+            path = Path(tmp) / "model.gguf"
+            ctx.files.write_gguf(path, cfg.float_type)
+            sample = llama_cpp_speed(path, prompt=cfg.prompt, generate=cfg.generate, repeats=cfg.repeats,
+                                     threads=cfg.threads, cache_type_k=cache_k, cache_type_v=cache_v,
+                                     seed=ctx.plan.config.seed)
+    else:
+        raise ConfigError(f"evaluate.speed runtime {cfg.runtime} is not measured here; use llama.cpp or torch")
+    ctx.result.metrics += sample.metrics()
+    ctx.result.timings["speed_s"] = time.perf_counter() - t0
+    log.info("speed in %s: pp%d %.1f t/s, tg%d %.1f t/s", cfg.runtime, cfg.prompt, _median(sample.pp),
+             cfg.generate, _median(sample.tg))
+
+
+def _median(values: Sequence[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
 MEASURES: tuple[Measure, ...] = (
     Measure("perplexity", lambda p: p.config.adaptive is None and bool(p.windows), _perplexity, layer_major=True),
     Measure("adaptive", lambda p: p.config.adaptive is not None, _adaptive, layer_major=False),
@@ -179,8 +233,23 @@ MEASURES: tuple[Measure, ...] = (
     Measure("tasks", lambda p: bool(p.config.tasks), _tasks, layer_major=True, inference=False),
     Measure("sensitivity", lambda p: p.sensitivity is not None, _sensitivity, layer_major=False, inference=False,
             optional_default=True),
+    Measure("speed", lambda p: p.config.speed is not None, _speed, layer_major=False, inference=False),
 )
 """Every measure, in the order an evaluation runs them."""
+
+
+def check_files(plan: EvalPlan, files: RuntimeFiles | None) -> None:
+    """Raise, before any work, when a measure needs the run's model written for a runtime and cannot have it.
+
+    Raises:
+        ConfigError: ``evaluate.speed`` in llama.cpp without the run's GGUF writer.
+
+    """
+    speed = plan.config.speed
+    if speed is not None and speed.runtime == "llama.cpp" and files is None:
+        raise ConfigError("evaluate.speed runtime llama.cpp times the model written as GGUF from its grids: run "
+                          "the configuration with `ptqlab run`, or from the Python API pass report= (what "
+                          "ptqlab.quantize returned; a model with activation or KV quantizers is timed by ptqlab run)")
 
 
 def planned(plan: EvalPlan, layer_major: bool) -> list[Measure]:

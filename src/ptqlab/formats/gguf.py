@@ -2,9 +2,10 @@
 
 A linear quantized in one of the GGUF weight formats (``gguf_q4_0``, ... see :mod:`ptqlab.quant.gguf`) is
 written as that llama.cpp block type from its codes; every other tensor in full precision (F32, F16 or
-BF16 as the model holds it; norms F32). Before writing, each packed tensor is read back with gguf-py's own
-dequantizer and must give the run's weight bit for bit, so the file llama.cpp runs is the model the study
-measured.
+BF16 as the model holds it, or as ``float_type`` sets it; 1-D tensors such as norms F32). Before writing,
+each packed tensor is read back with gguf-py's own dequantizer and must give the run's weight bit for bit,
+so the file llama.cpp runs is the model the study measured (with ``float_type`` set, the full-precision
+tensors are rounded to it).
 
 The file follows llama.cpp's ``llama`` architecture: its tensor names, the query and key rows permuted the
 way llama.cpp's converter does (rotary halves interleaved per head), the hyperparameters under ``llama.*``,
@@ -40,6 +41,10 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
 
 _FLOAT_TYPES = {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGMLQuantizationType.F16,
                 torch.bfloat16: gguf.GGMLQuantizationType.BF16}
+
+FLOAT_TYPES: dict[str, torch.dtype | None] = {"auto": None, "f32": torch.float32, "f16": torch.float16,
+                                              "bf16": torch.bfloat16}
+"""``float_type`` of :func:`write_gguf` -> the dtype of the 2-D tensors kept in full precision (None: the model's)."""
 
 
 def check_gguf(plan: QuantizationPlan, config: Any) -> None:
@@ -88,7 +93,7 @@ def _closest(spec: QuantSpec) -> str:
 
 
 def write_gguf(model: nn.Module, tokenizer: Any, path: Path, grids: dict[str, WeightGrid],
-               source: str | None = None) -> None:
+               source: str | None = None, float_type: str = "auto") -> None:
     """Write ``model`` (quantized in place, its grids in ``grids``) to the GGUF file ``path``.
 
     Args:
@@ -97,11 +102,18 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: Path, grids: dict[str, We
         path: The file to create.
         grids: The quantized linears' grids, by module name.
         source: Where the model was loaded from: a GGUF source's pre-tokenizer name is kept.
+        float_type: The GGUF type of the 2-D tensors kept in full precision (the embedding, the output
+            head, every linear without a grid): ``auto`` (the model's own dtype), ``f32``, ``f16`` or
+            ``bf16`` (an FP model written as ``f16`` is llama.cpp's F16 file). The quantized linears keep
+            their block types and 1-D tensors (norms) are F32 whatever it says.
 
     Raises:
-        ConfigError: A weight not on its grid, or a tokenizer gguf-py cannot read.
+        ConfigError: A weight not on its grid, a tokenizer gguf-py cannot read, an unknown ``float_type``,
+            or a tensor whose values exceed the range of ``float_type``.
 
     """
+    if float_type not in FLOAT_TYPES:
+        raise ConfigError(f"float_type={float_type!r} is not a GGUF float type; use one of {', '.join(FLOAT_TYPES)}")
     config: Any = model.config
     writer = gguf.GGUFWriter(str(path), ARCHITECTURES[config.model_type])
     _hyperparameters(writer, config, path.stem)
@@ -115,7 +127,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: Path, grids: dict[str, We
         module = name.removesuffix(".weight")
         grid = grids.get(module)
         if grid is None:
-            data, raw = _float(tensor, key, config)
+            data, raw = _float(tensor, key, config, FLOAT_TYPES[float_type])
         else:
             data, raw = _quantized(module, modules[module], grid, key, config)
         writer.add_tensor(key, data, raw_dtype=raw)
@@ -212,9 +224,16 @@ def _permute(rows: np.ndarray | torch.Tensor, key: str, config: Any) -> Any:
     return rows[order]
 
 
-def _float(tensor: torch.Tensor, key: str, config: Any) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """A tensor kept in full precision: F32 for 1-D ones, else the model's own float type."""
+def _float(tensor: torch.Tensor, key: str, config: Any,
+           dtype: torch.dtype | None = None) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A tensor kept in full precision: F32 for 1-D ones, else ``dtype`` (None: the model's own float type)."""
     t = tensor.detach().cpu()
+    if t.dim() > 1 and dtype is not None and t.dtype != dtype:
+        converted = t.to(dtype)
+        if not torch.isfinite(converted).all() and torch.isfinite(t).all():
+            raise ConfigError(f"tensor {key} has values beyond the range of {str(dtype).removeprefix('torch.')}; "
+                              "write it as f32 or bf16")
+        t = converted
     t = t.float() if t.dim() == 1 or t.dtype not in _FLOAT_TYPES else t
     t = _permute(t, key, config)
     raw = _FLOAT_TYPES[t.dtype]

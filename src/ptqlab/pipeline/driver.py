@@ -135,7 +135,7 @@ def quantize_weights(
     if not plan.targets and not recipe.layer_transforms:
         return
     later = LaterSteps(model, recipe)
-    if not recipe.needs_calibration:
+    if not recipe.needs_calibration and not plan.measures_layer_errors:
         _quantize_data_free(model, plan, options, later, report, progress, stream)
     else:
         if plan.calibration is None or plan.calibration.numel() == 0:

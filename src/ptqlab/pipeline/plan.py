@@ -99,6 +99,8 @@ class QuantizationPlan:
         kv: KV cache quantization, or None.
         kv_tokens: Tokens per range for KV ``channel`` granularity, for the size accounting.
         outliers: The outlier decomposition rule (``scheme.outliers``), or None.
+        layer_errors: Measure each linear's output error on the calibration data also when the recipe needs
+            none (``calibration.layer_errors``): the layer loop runs on the data, the weights are the same.
 
     """
 
@@ -112,6 +114,7 @@ class QuantizationPlan:
     kv: KVSpec | None = None
     kv_tokens: int = 2048
     outliers: OutlierRule | None = None
+    layer_errors: bool = False
 
     @property
     def changes_weights(self) -> bool:
@@ -125,9 +128,14 @@ class QuantizationPlan:
         return weights and self.recipe.needs_calibration
 
     @property
+    def measures_layer_errors(self) -> bool:
+        """Whether a recipe that needs no data runs the calibrated layer loop to measure each linear's error."""
+        return self.layer_errors and bool(self.targets) and not self.recipe_needs_calibration
+
+    @property
     def needs_calibration(self) -> bool:
-        """Whether the recipe (on the planned weights) or a static activation range needs calibration data."""
-        return (self.recipe_needs_calibration or self.outliers is not None
+        """Whether the recipe (on the planned weights), a static activation range or the layer errors need data."""
+        return (self.recipe_needs_calibration or self.outliers is not None or self.measures_layer_errors
                 or any(not a.dynamic for _, _, a in self.activations))
 
     def size_metrics(self, model: nn.Module, kv_tokens: int | None = None,

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import ReportError
 from ..metrics import parse_name
@@ -28,13 +29,15 @@ from .html import page
 from .plots import Figure, draw_figures
 from .render import to_csv, to_latex, to_markdown
 from .runs import RunView, json_ready, load_views
+from .search import search_texts
 from .select import apply_filter, parse_filter
+from .sizes import reference_notes, size_figures
 from .tables import Section, Table, build_tables, protocol_sections
 
 __all__ = ["Report", "open_store", "select_views", "write_report"]
 
 log = logging.getLogger(__name__)
-HEATMAPS = 2  # runs per cohort drawn as sensitivity heatmaps when none are named: those with the fewest weight bits
+HEATMAPS = 2  # runs per cohort drawn as sensitivity heatmaps when none are named: methods side by side, RTN first
 
 
 @dataclass
@@ -85,17 +88,45 @@ def _heatmap_records(store: Store, views: list[RunView], names: Sequence[str] | 
         if missing:
             raise ReportError(f"--heatmap: no single stored run has id {', '.join(missing)}")
         return [r for r in records if r is not None]
-    quantized = sorted((v for v in views if v.w_bits is not None), key=lambda v: (v.w_bits or 16, v.id))
-    out: list[RunRecord] = []
-    per_cohort: dict[tuple[str, str], int] = {}
-    for v in quantized:
-        if per_cohort.get(v.cohort, 0) == HEATMAPS:
-            continue
+    with_errors: dict[tuple[str, str], list[tuple[RunView, RunRecord]]] = {}
+    for v in sorted((v for v in views if v.w_bits is not None), key=lambda v: v.id):
         record = store.get(v.id)
         if record is not None and any(r.get("rel_error") is not None for r in [*record.sensitivity, *record.layers]):
-            out.append(record)
-            per_cohort[v.cohort] = per_cohort.get(v.cohort, 0) + 1
-    return out
+            with_errors.setdefault(v.cohort, []).append((v, record))
+    return [record for runs in with_errors.values() for record in _heatmap_pick(runs)]
+
+
+_METHOD_ORDER = ("rtn", "gptq")
+
+
+def _heatmap_pick(runs: list[tuple[RunView, RunRecord]]) -> list[RunRecord]:
+    """Up to :data:`HEATMAPS` runs of one cohort: methods side by side on one weight scheme, RTN first.
+
+    The scheme is the one with the fewest weight bits among those most methods measured (so RTN and GPTQ
+    on W3 per row, not two W3 runs of one method); within it, RTN, GPTQ, then the others by name; slots
+    left are filled by the other runs, fewest weight bits first.
+    """
+    def scheme(v: RunView) -> tuple[Any, ...]:
+        return (v.w_bits, v.granularity, v.symmetric, v.a_bits, v.kv_bits)
+
+    def recipe(v: RunView) -> str:
+        return "+".join(v.steps) or "rtn"
+
+    def method_rank(v: RunView) -> tuple[int, str]:
+        return (_METHOD_ORDER.index(recipe(v)) if recipe(v) in _METHOD_ORDER else len(_METHOD_ORDER), recipe(v))
+
+    methods: dict[tuple[Any, ...], set[str]] = {}
+    for v, _ in runs:
+        methods.setdefault(scheme(v), set()).add(recipe(v))
+    best = min(methods, key=lambda k: (k[0] or 16, -len(methods[k]), str(k)))
+    order = sorted(runs, key=lambda p: (scheme(p[0]) != best, p[0].w_bits or 16, method_rank(p[0]), p[0].id))
+    picked: list[RunRecord] = []
+    seen: set[tuple[Any, ...]] = set()
+    for v, record in order:
+        if (scheme(v), recipe(v)) not in seen and len(picked) < HEATMAPS:
+            picked.append(record)
+            seen.add((scheme(v), recipe(v)))
+    return picked
 
 
 def _fewshot_texts(store: Store, views: list[RunView]) -> dict[str, dict[str, str]]:
@@ -166,7 +197,7 @@ def write_report(store_path: str | Path, out: str | Path, where: str | None = No
     store = open_store(store_path)
     views = select_views(store, where)
     records = _heatmap_records(store, views, heatmaps)
-    texts = _fewshot_texts(store, views)
+    texts = search_texts(store, views, _fewshot_texts(store, views))
     models = sorted({v.record.model for v in views})
     intro = (f"{len(views)} finished runs of {', '.join(models)} from {store.path}"
              f"{f' where {where}' if where else ''}; written {dt.date.today().isoformat()}.")
@@ -201,8 +232,9 @@ def _findings_json(findings: list[Finding]) -> str:
 def _write(folder: Path, title: str, intro: str, views: list[RunView], records: list[RunRecord],
            texts: dict[str, dict[str, str]]) -> Report:
     tables, findings = build_tables(views), check_findings(views)
+    reference_notes(tables, views)  # a model read from a GGUF: its FP is the dequantized file, at its bits per weight
     sections = protocol_sections(views)
-    figures = draw_figures(views, records, folder / "figures", texts)
+    figures = draw_figures(views, records, folder / "figures", texts) + size_figures(views, folder / "figures")
     (folder / "tables").mkdir()
     for t in tables:
         (folder / "tables" / f"{t.key}.md").write_text(to_markdown(t))

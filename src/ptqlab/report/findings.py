@@ -38,6 +38,7 @@ from .runs import (
     quality_difference,
     wilson,
 )
+from .sizes import ModelSize, SizeSeries, matched_runs, params_text, relative_loss, size_series
 
 __all__ = ["CONTRADICTS", "FLOOR", "HOLDS", "MIXED", "NOT_ENOUGH", "NOT_HOLDS", "PATTERN", "SIMILAR_BITS",
            "SUPPORTS", "WITHIN_NOISE", "Finding", "Pair", "check_findings", "class_flag", "loss_category", "noise",
@@ -78,6 +79,8 @@ class Pair:
         interval: The 95 % interval of ``diff`` (at least ``diff ± 0.01``).
         expected: The range of ``diff`` the claim predicts (None: unbounded).
         outcome: ``supports``, ``contradicts`` or ``within_noise`` (:func:`outcome_of`).
+        scope: For a pair of two models (the size findings): ``within <family>`` or ``across <family> and
+            <family>``; None for a pair of one model.
 
     """
 
@@ -93,13 +96,15 @@ class Pair:
     interval: tuple[float, float]
     expected: Range
     outcome: str
+    scope: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The pair as JSON-ready values (lists for tuples, None for an unbounded end)."""
+        """The pair as JSON-ready values (lists for tuples, None for an unbounded end; ``scope`` where set)."""
         return json_ready({"what": self.what, "runs": list(self.runs), "protocol": self.protocol,
                            "model": self.model, "bits": list(self.bits), "delta": list(self.delta),
                            "measure": self.measure, "diff": self.diff, "se": self.se, "interval": list(self.interval),
-                           "expected": list(self.expected), "outcome": self.outcome})
+                           "expected": list(self.expected), "outcome": self.outcome,
+                           **({"scope": self.scope} if self.scope is not None else {})})
 
     def text(self, cohort: bool = False) -> str:
         """One line of evidence (naming the model and protocol when ``cohort``)."""
@@ -377,38 +382,52 @@ def _coarse_beats_fine(views: list[RunView]) -> Finding:
     return _finish(f, pairs, notes)
 
 
-def _pattern(views: list[RunView]) -> Finding:
-    f = Finding("qllm-pattern", "W8, W8A8, KV8 are lossless; W4, KV4 lose a little; W3, KV3 clearly; W2, KV2 and "
-                "W4A4 collapse.", "qllm-eval")
+def _bands() -> dict[str, Range]:
+    """Each of the pattern's words as the range of the relative perplexity increase it allows."""
     bands: dict[str, Range] = {}
     low: float | None = None
     for bound, name in CATEGORIES:
         bands[name] = (low, None if math.isinf(bound) else bound)
         low = bound
+    return bands
+
+
+def _pattern_pairs(group: list[RunView]) -> list[Pair]:
+    """The pattern's pairs of one cohort: per config of :data:`PATTERN`, its best RTN run against FP."""
+    bands = _bands()
+    fp = _fp_run(group)
     pairs = []
-    for group in cohorts(views).values():
-        fp = _fp_run(group)
-        for (target, bits), expected in PATTERN.items():
-            runs = [v for v in group if v.target == target and v.method in ("rtn", "-") and not v.lorc
-                    and (v.bits == bits if target != "W+A" else (v.w_bits, v.a_bits) == (bits, bits))]
-            found = [(v, q) for v in runs if (q := quality(v)) is not None and q.fp > 0]
-            if not found:
-                continue
-            v, q = min(found, key=lambda vq: vq[1].delta)  # the best run of the config
-            ref = fp or v  # no FP run in the cohort: the run's FP values are its own (its FP window NLLs)
-            name = f"W{bits}A{bits}" if target == "W+A" else f"{target}{bits}"
-            rel, half = q.delta / q.fp, noise(q.stderr) / q.fp
-            zq = class_flag(q)
-            what = (f"{name} (best RTN run): {loss_category(q)}, expected {expected}; ZeroQuant-V2 class "
-                    f"{1 if q.delta <= 0.1 else 2 if q.delta <= 0.5 else 3}{f' ({zq})' if zq else ''}")
-            pairs.append(_pair(what, ref, v, (16.0, float(bits)), (q.fp, q.value), PATTERN_MEASURE, rel,
-                               None if q.stderr is None else q.stderr / q.fp, (rel - half, rel + half),
-                               bands[expected], floor=0.0))  # the floor is in the interval already, in ppl
+    for (target, bits), expected in PATTERN.items():
+        runs = [v for v in group if v.target == target and v.method in ("rtn", "-") and not v.lorc
+                and (v.bits == bits if target != "W+A" else (v.w_bits, v.a_bits) == (bits, bits))]
+        found = [(v, q) for v in runs if (q := quality(v)) is not None and q.fp > 0]
+        if not found:
+            continue
+        v, q = min(found, key=lambda vq: vq[1].delta)  # the best run of the config
+        ref = fp or v  # no FP run in the cohort: the run's FP values are its own (its FP window NLLs)
+        name = f"W{bits}A{bits}" if target == "W+A" else f"{target}{bits}"
+        rel, half = q.delta / q.fp, noise(q.stderr) / q.fp
+        zq = class_flag(q)
+        what = (f"{name} (best RTN run): {loss_category(q)}, expected {expected}; ZeroQuant-V2 class "
+                f"{1 if q.delta <= 0.1 else 2 if q.delta <= 0.5 else 3}{f' ({zq})' if zq else ''}")
+        pairs.append(_pair(what, ref, v, (16.0, float(bits)), (q.fp, q.value), PATTERN_MEASURE, rel,
+                           None if q.stderr is None else q.stderr / q.fp, (rel - half, rel + half),
+                           bands[expected], floor=0.0))  # the floor is in the interval already, in ppl
+    return pairs
+
+
+def _pattern_note() -> str:
     bounds = ", ".join(f"{name} < {100 * b:g}%" for b, name in CATEGORIES[:-1])
-    notes = [f"the difference is the relative perplexity increase of the best RTN run, (Δppl ± max(1.96 se, 0.01))"
-             f" / FP ppl; categories: {bounds}, else collapse; a config supports the pattern when its whole interval"
-             " lies in its category and contradicts it when the whole interval lies outside"]
-    return _finish(f, pairs, notes)
+    return (f"the difference is the relative perplexity increase of the best RTN run, (Δppl ± max(1.96 se, 0.01))"
+            f" / FP ppl; categories: {bounds}, else collapse; a config supports the pattern when its whole interval"
+            " lies in its category and contradicts it when the whole interval lies outside")
+
+
+def _pattern(views: list[RunView]) -> Finding:
+    f = Finding("qllm-pattern", "W8, W8A8, KV8 are lossless; W4, KV4 lose a little; W3, KV3 clearly; W2, KV2 and "
+                "W4A4 collapse.", "qllm-eval")
+    pairs = [p for group in cohorts(views).values() for p in _pattern_pairs(group)]
+    return _finish(f, pairs, [_pattern_note()])
 
 
 @dataclass(frozen=True)
@@ -502,10 +521,133 @@ def _long_context_kv(views: list[RunView]) -> Finding:
     return _finish(f, pairs, notes)
 
 
+# ---- size findings: one protocol, models of several sizes ---------------------------------------------------
+
+SIZE_MEASURE = "Δppl / FP ppl (relative perplexity increase, each run against its own model's FP)"
+
+
+def _scope(a: ModelSize, b: ModelSize) -> str:
+    return f"within {a.family}" if a.family == b.family else f"across {a.family} and {b.family}"
+
+
+def _size_pair(what: str, good: RunView, bad: RunView, scope: str, bits: Callable[[RunView], float | None]) -> Pair:
+    """The claim that ``good`` loses a smaller share of its own model's FP perplexity than ``bad`` does.
+
+    The two runs are of one protocol and of two models; each side is a run against its own model's FP (within
+    its cohort), so the difference of the relative increases is ``Δppl_bad / FP_bad - Δppl_good / FP_good``
+    with the two paired standard errors combined as independent; the interval is ``diff ± max(1.96 se, 0.01)``.
+    """
+    if good.protocol.key != bad.protocol.key:  # the callers pair within a protocol; this guards the rule itself
+        raise ValueError(f"runs {good.id} and {bad.id} are of different protocols and cannot be paired")
+    lg, lb = relative_loss(good), relative_loss(bad)
+    if lg is None or lb is None:
+        raise ValueError(f"runs {good.id} and {bad.id} need a relative loss each")
+    diff, se = lb[0] - lg[0], _combined(lg[1], lb[1])
+    interval = (diff - noise(se), diff + noise(se))
+    return Pair(what, (good.id, bad.id), good.protocol.describe(), f"{good.record.model} vs {bad.record.model}",
+                (bits(good), bits(bad)), (lg[0], lb[0]), SIZE_MEASURE, diff, se, interval, ABOVE_ZERO,
+                outcome_of(interval, ABOVE_ZERO), scope)
+
+
+def _size_notes(series: list[SizeSeries], pairs: list[Pair], what: str) -> list[str]:
+    """Which models were compared, which pairs lie within a family, and the verdict within and across families."""
+    if not series:
+        return ["needs one protocol measured on two model sizes or more (with an FP run or a run that keeps the "
+                "weights in FP, for the parameter count): the store has none"]
+    notes = [f"{what}; the models' tokenizers may differ, so relative losses are compared, never perplexities"]
+    for s in series:
+        fams = "; ".join(f"{fam}: {', '.join(m.name for m in ms)}" for fam, ms in s.families().items())
+        notes.append(f"models of {s.section.name}: {', '.join(m.label for m in s.models)} (families: {fams})")
+    for scope in sorted({p.scope for p in pairs if p.scope}):
+        mine = [p for p in pairs if p.scope == scope]
+        c = tally(mine)
+        notes.append(f"{scope}: {verdict_of(mine)} ({len(mine)} pairs: {c[SUPPORTS]} for, {c[CONTRADICTS]} against, "
+                     f"{c[WITHIN_NOISE]} within noise)")
+    return notes
+
+
+def _by_size(views: list[RunView], keep: Callable[[RunView], bool], larger_better: bool,
+             bits: Callable[[RunView], float | None]) -> tuple[list[SizeSeries], list[Pair]]:
+    """Pairs of one scheme and recipe on two models of different sizes, the better expected one first."""
+    series = size_series(views)
+    pairs = []
+    for s in series:
+        for label, runs in matched_runs(s, keep).items():
+            models = [m for m in s.models if m.fingerprint in runs]
+            for i, small in enumerate(models):
+                for large in models[i + 1:]:
+                    if small.params == large.params:
+                        continue
+                    good, bad = (large, small) if larger_better else (small, large)
+                    what = (f"{label}: {good.name} ({params_text(good.params or 0)}) against {bad.name} "
+                            f"({params_text(bad.params or 0)}), {_scope(small, large)}")
+                    pairs.append(_size_pair(what, runs[good.fingerprint], runs[bad.fingerprint],
+                                            _scope(small, large), bits))
+    return series, pairs
+
+
+def _larger_lose_less(views: list[RunView]) -> Finding:
+    f = Finding("size-weights", "Larger models lose less under weight quantization.", "ZeroQuant-V2")
+    series, pairs = _by_size(views, lambda v: v.target == "W", True, _effective)
+    return _finish(f, pairs, _size_notes(series, pairs, "pairs: the same weight-only scheme and recipe on a larger "
+                                         "and a smaller model; the difference is the smaller model's relative "
+                                         "perplexity increase minus the larger's"))
+
+
+def _activation_only(v: RunView) -> bool:
+    """Activation quantization alone, or with weights at 8 bits or more (lossless: W8A8 is an activation test)."""
+    return v.target == "A" or (v.target == "W+A" and (v.w_bits or 16) >= 8)
+
+
+def _smaller_tolerate_activations(views: list[RunView]) -> Finding:
+    f = Finding("size-activations", "Smaller models tolerate activation quantization better than larger ones.",
+                "ZeroQuant-V2")
+    series, pairs = _by_size(views, _activation_only, False, _nominal)
+    return _finish(f, pairs, _size_notes(series, pairs, "pairs: the same activation-only (or W8+A) scheme and "
+                                         "recipe on a smaller and a larger model; the difference is the larger "
+                                         "model's relative perplexity increase minus the smaller's"))
+
+
+def _pattern_across_sizes(views: list[RunView]) -> Finding:
+    f = Finding("size-pattern", "The qllm-eval pattern (W8 ≈ lossless; W4, KV4 small; W3, KV3 clear; W2, KV2, W4A4 "
+                "collapse) holds across sizes.", "qllm-eval")
+    series = size_series(views)
+    pairs: list[Pair] = []
+    notes = [_pattern_note(), "the pattern's pairs of each model size of a protocol measured on two sizes or more; "
+             "it holds across sizes when some config supports it and none contradicts it, on every size"]
+    for s in series:
+        per_model = []
+        for m in s.models:
+            mine = _pattern_pairs([v for v in s.views if v.record.model_fingerprint == m.fingerprint])
+            if mine:
+                per_model.append((m, mine))
+        if len(per_model) < 2:
+            notes.append(f"{s.section.name}: the pattern's configs were measured on "
+                         f"{len(per_model)} model size{'s' if len(per_model) != 1 else ''}: two are needed")
+            continue
+        for m, mine in per_model:
+            c = tally(mine)
+            notes.append(f"{m.label}: {verdict_of(mine)} ({c[SUPPORTS]} for, {c[CONTRADICTS]} against, "
+                         f"{c[WITHIN_NOISE]} within noise)")
+            pairs += mine
+        fams = s.families()
+        notes.append("within a family: " + ("; ".join(f"{fam} ({', '.join(x.name for x in ms)})"
+                                                      for fam, ms in fams.items() if len(ms) > 1) or "none")
+                     + f"; {len(fams)} famil{'ies' if len(fams) > 1 else 'y'} in all")
+    if not series:
+        notes.append("needs one protocol measured on two model sizes or more: the store has none")
+    return _finish(f, pairs, notes)
+
+
+SIZE_CHECKS = (_larger_lose_less, _smaller_tolerate_activations, _pattern_across_sizes)
 CHECKS = (_activation_vs_weight, _groups_beat_rows, _gptq_beats_rtn, _coarse_beats_fine, _pattern, _lorc_lowest_bits,
-          _long_context_kv)
+          _long_context_kv, *SIZE_CHECKS)
 
 
 def check_findings(views: list[RunView]) -> list[Finding]:
-    """Every seed finding, checked on ``views``."""
-    return [check(views) for check in CHECKS]
+    """Every seed finding, checked on ``views``; the size findings only when ``views`` hold two models or more.
+
+    With one model a size claim does not apply (it is not an unsettled measurement), so it is not listed.
+    """
+    several = len({v.record.model_fingerprint for v in views}) > 1
+    return [check(views) for check in CHECKS if several or check not in SIZE_CHECKS]

@@ -14,10 +14,11 @@ from html import escape
 from typing import Any
 
 from .cite import shared_and_own
+from .cost import generation_speed, measured_size, run_size
 from .findings import Finding
 from .plots import Figure
 from .render import fmt, shown
-from .runs import quality
+from .runs import RunView, quality
 from .tables import Cell, Section, Table, run_label
 
 __all__ = ["page"]
@@ -114,20 +115,33 @@ def _finding(f: Finding) -> str:
             f'{escape(f.verdict)}</span> ({escape(f.source)})</p><ul>{items}</ul>{runs}</section>')
 
 
+def _cost_cells(v: RunView, file: bool, tg: bool) -> list[Cell]:
+    """The run's measured file MiB and generation speed, for the columns the report has (None: not measured)."""
+    size, speed = run_size(v, measured_only=True), generation_speed(v)
+    return ([None if size is None else size.mib] if file else []) + \
+        ([None if speed is None else f"{speed.value:.4g} ({speed.metric.words})"] if tg else [])
+
+
 def _runs(sections: Sequence[Section]) -> str:
+    views = [v for sec in sections for v in sec.views]
+    file = any(measured_size(v) is not None for v in views)
+    tg = any(generation_speed(v) is not None for v in views)
     rows = []
     for sec in sections:
         for v in sec.views:
             q = quality(v)
             cells = [_cell(x) for x in (v.record.model, sec.index, run_label(v), ", ".join(v.sweeps) or None,
-                                        v.weight_bits, None if q is None else q.value)]
+                                        v.weight_bits, None if q is None else q.value, *_cost_cells(v, file, tg))]
             rows.append(f'<tr id="run-{escape(v.id)}"><td data-v="{escape(v.id)}"><code>{escape(v.id)}</code></td>'
                         f'{"".join(cells)}</tr>')
-    head = "".join(f"<th>{h}</th>" for h in ("run", "model", "protocol", "scheme [recipe]", "sweeps", "bits/weight",
-                                            "quality (ppl)"))
+    names = ("run", "model", "protocol", "scheme [recipe]", "sweeps", "bits/weight", "quality (ppl)",
+             *(["file MiB"] if file else []), *(["generation t/s"] if tg else []))
+    head = "".join(f"<th>{h}</th>" for h in names)
+    cost = (" File MiB: the measured GGUF file; generation t/s: tokens per second generated (the median of "
+            "repeats; llama.cpp's where several runtimes timed the run).") if file or tg else ""
     return (f'<section id="runs"><h2>Runs</h2><p>Quality: the mean perplexity over the run\'s own protocol\'s '
-            f'corpora (comparable only within a protocol).</p><table class="sortable"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></section>')
+            f'corpora (comparable only within a protocol).{cost}</p><table class="sortable"><thead><tr>{head}</tr>'
+            f'</thead><tbody>{"".join(rows)}</tbody></table></section>')
 
 
 def _protocols(sections: Sequence[Section]) -> str:

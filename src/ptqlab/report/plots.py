@@ -10,8 +10,9 @@ never clipped.
 Figures: quality against effective bits with the Pareto front; perplexity increase against bits (one line
 per scheme with its bit width open: W4A8 and W4A4 are on different lines); task accuracy change against
 bits, per task; the few-shot curve (accuracy and calibration error against shots, per scheme);
-long-context retrieval against length; KL against accuracy change; and per-module sensitivity heatmaps,
-in layer order, on one colour scale shared by every heatmap of the report.
+long-context retrieval against length; KL against accuracy change; quality against the model file's size
+and against generation speed, with their Pareto fronts, where runs measured them; and per-module
+sensitivity heatmaps, in layer order, on one colour scale shared by every heatmap of the report.
 
 Each figure is written as PNG and SVG (text as paths, no date: the same runs give the same files).
 """
@@ -27,7 +28,9 @@ from typing import Any
 
 from ..metrics import BITS_ACTIVATION, BITS_KV, BITS_WEIGHT, parse_name, task_name
 from ..store import RunRecord
+from .cost import SpeedMetric, measured_size, run_size, speed, speed_metrics, speed_settings
 from .runs import Z95, RunView, quality, wilson
+from .search import search_figures
 from .tables import (
     Section,
     model_label,
@@ -41,7 +44,7 @@ from .tables import (
     swept_bits,
 )
 
-__all__ = ["Figure", "draw_figures", "pareto_front", "sensitivity_grid"]
+__all__ = ["CostPanel", "Figure", "cost_panels", "draw_figures", "pareto_front", "sensitivity_grid"]
 
 LINTHRESH = 0.1  # the symmetric-log axes of perplexity increases are linear within ±0.1 (ZeroQuant-V2's class 1)
 TARGET_BITS = {"W": BITS_WEIGHT, "W+A": BITS_WEIGHT, "W+KV": BITS_WEIGHT, "W+A+KV": BITS_WEIGHT,
@@ -66,13 +69,15 @@ class Figure:
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes (smaller is better on both), by x.
 
-    A point is dominated when another is at most as large on both axes and smaller on one.
+    A point is dominated when another is at most as large on both axes and smaller on one; two equal points
+    do not dominate each other, so both are on the front when one is. To prefer larger values on an axis,
+    pass it negated.
     """
     order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
     front: list[int] = []
     best = math.inf
     for i in order:
-        if points[i][1] < best:
+        if points[i][1] < best or (front and points[i] == points[front[-1]]):
             front.append(i)
             best = points[i][1]
     return front
@@ -437,17 +442,165 @@ def _kl_vs_acc(plt: Any, c: _Cohort, out: Path) -> Figure | None:
                     [p[4].id for p in pts])
 
 
+# ---- quality against cost ------------------------------------------------------------------------------------
+
+LABEL_ALL = 12  # a cost panel with at most this many runs labels every point; a larger one labels its front
+
+
+@dataclass(frozen=True)
+class _Point:
+    """A run on a cost panel: x (MiB or tokens/s) with its 95 % half-width, quality's change with its se."""
+
+    x: float
+    x_half: float | None
+    y: float
+    y_se: float | None
+    view: RunView
+
+
+@dataclass
+class CostPanel:
+    """One panel of the cost figure: quality against size (``size``) or generation speed (``speed``).
+
+    ``axis`` is the x axis in words; :attr:`front` the points on the Pareto front (smaller size, or higher
+    speed, and lower quality change).
+    """
+
+    name: str
+    points: list[_Point]
+    axis: str
+
+    @property
+    def front(self) -> list[int]:
+        """The indices of the points on the Pareto front, by x (smaller size, or faster, first)."""
+        return pareto_front([(-p.x if self.name == "speed" else p.x, p.y) for p in self.points])
+
+    @property
+    def front_runs(self) -> list[str]:
+        """The run ids on the front, by x."""
+        return [self.points[i].view.id for i in self.front]
+
+
+def _size_panel(views: Sequence[RunView]) -> CostPanel:
+    """The runs' quality against their file's MiB; the estimated size only when no run has a measured one."""
+    measured = any(measured_size(v) is not None for v in views)
+    pts = []
+    for v in views:
+        q, size = quality(v), run_size(v, measured_only=measured)
+        if q is not None and size is not None:
+            pts.append(_Point(size.mib, None, q.delta, q.stderr, v))
+    return CostPanel("size", pts, "measured GGUF file size (MiB)" if measured else
+                     "size estimated from effective bits (MiB)")
+
+
+def _generation_metric(views: Sequence[RunView]) -> SpeedMetric | None:
+    """The generation speed most runs have (llama.cpp's first among equals)."""
+    found = speed_metrics(views, "tg")
+    counts = {s: sum(1 for v in views if s.name in v.metrics) for s in found}
+    return min(found, key=lambda s: (-counts[s], s.order)) if found else None
+
+
+def _speed_panel(views: Sequence[RunView], metric: SpeedMetric | None) -> CostPanel:
+    pts = []
+    for v in views:
+        q, found = quality(v), None if metric is None else speed(v, metric)
+        if q is not None and found is not None:
+            pts.append(_Point(found.value, found.half_width, q.delta, q.stderr, v))
+    return CostPanel("speed", pts, f"generation speed, {metric.words if metric else ''} (tokens/s)")
+
+
+def cost_panels(views: Sequence[RunView]) -> list[CostPanel]:
+    """The panels of one cohort's cost figure: each with at least 2 runs; none unless a cost was measured.
+
+    The size panel uses the measured GGUF files, or the estimates when no run of ``views`` has a measured
+    file (then only beside a speed panel); the speed panel the generation speed most runs have.
+    """
+    size, fast = _size_panel(views), _speed_panel(views, _generation_metric(views))
+    measured = any(measured_size(v) is not None for v in views)
+    if len(fast.points) < 2 and not (measured and len(size.points) >= 2):
+        return []
+    return [p for p in (size, fast) if len(p.points) >= 2]
+
+
+def _front_panel(ax: Any, panel: CostPanel) -> int:
+    """Draw the runs with their 95 % bars and the Pareto front; how many have no standard error on quality."""
+    pts, front = panel.points, panel.front
+    yerr, missing = _yerr([p.y_se for p in pts])
+    xerr = [p.x_half or 0.0 for p in pts]
+    ax.errorbar([p.x for p in pts], [p.y for p in pts], yerr=yerr, xerr=xerr, fmt="o", ms=4, color="0.55",
+                ecolor="0.7", capsize=2, label="runs")
+    ax.errorbar([pts[i].x for i in front], [pts[i].y for i in front], yerr=[yerr[i] for i in front],
+                xerr=[xerr[i] for i in front], fmt="o-", ms=5, color="C3", capsize=2, label="Pareto front")
+    for i in range(len(pts)) if len(pts) <= LABEL_ALL else front:
+        ax.annotate(run_label(pts[i].view), (pts[i].x, pts[i].y), fontsize=5, xytext=(3, 3),
+                    textcoords="offset points")
+    _symlog(ax, [p.y for p in pts], yerr)
+    ax.set_xlabel(panel.axis)
+    ax.set_ylabel("Δ perplexity over FP (quality)")
+    ax.legend(fontsize=7)
+    return missing
+
+
+def _cost_caption(panels: list[CostPanel]) -> str:
+    what = {"size": "smaller and better is down and to the left",
+            "speed": "faster and better is down and to the right (tokens/s: the median of repeats)"}
+    against = " and ".join(f"against {p.axis}: {what[p.name]}" for p in panels)
+    estimated = any("estimated" in p.axis for p in panels)
+    every = all(len(p.points) <= LABEL_ALL for p in panels)
+    return (f"Quality (the mean perplexity over the protocol's corpora, as its increase over FP; lower is better) "
+            f"{against}."
+            + (" No run of this cohort has a measured file: sizes are estimated from the effective bits per weight."
+               if estimated else "")
+            + " Each point is a run with its 95 % intervals (1.96 standard errors of its quality, paired with FP "
+            "over the windows, and of its speed); the red line joins the Pareto front, the runs no other run beats "
+            "on both axes (point estimates). "
+            + ("Every run is labelled. " if every else f"Panels of more than {LABEL_ALL} runs label their front. ")
+            + SYMLOG_NOTE)
+
+
+def _unmeasured(c: _Cohort, panel: CostPanel) -> str:
+    lack = sum(1 for v in c.views if quality(v) is not None) - len(panel.points)
+    runs = f"{lack} run{'s' if lack > 1 else ''}"
+    return f"{runs} with a quality but no {panel.name} measurement not drawn in its panel." if lack > 0 else ""
+
+
+def _cost(plt: Any, c: _Cohort, out: Path) -> Figure | None:
+    """Quality against file size and against generation speed, with the Pareto fronts (>= 2 measured runs)."""
+    panels = cost_panels(c.views)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    missing = sum(_front_panel(ax, panel) for ax, panel in zip(axes[0], panels, strict=True))
+    fig.suptitle(c.model, fontsize=9)
+    shown = list({p.view.id: p.view for panel in panels for p in panel.points}.values())
+    text = " ".join(x for x in (_cost_caption(panels), *(_unmeasured(c, p) for p in panels),
+                                speed_settings(shown)) if x)
+    return c.figure(plt, fig, out, "pareto-cost", "Quality against file size and generation speed, Pareto fronts",
+                    c.caption(text, shown, ["ppl"], missing), [v.id for v in shown])
+
+
 # ---- sensitivity heatmaps --------------------------------------------------------------------------------------
+
+
+def heatmap_source(record: RunRecord) -> str:
+    """Which per-module errors a run's heatmap draws: ``calibration`` or ``sensitivity``.
+
+    ``calibration``: the run's layer records (each linear's error on its own inputs, as quantized), else
+    ``sensitivity``: the ``evaluate.sensitivity`` records (outputs against FP on evaluation tokens, errors
+    accumulated through the layers). Two different quantities: a colour scale is shared within one only.
+    """
+    return "calibration" if any(r.get("rel_error") is not None for r in record.layers) else "sensitivity"
 
 
 def sensitivity_grid(record: RunRecord) -> tuple[list[int], list[str], list[list[float]]]:
     """Layers, linears (the last part of the module name) and ``grid[layer][linear]`` of relative errors.
 
-    From the run's sensitivity records, else its layer records (NaN where a linear has none). Layers are in
-    order and linears in the order the run met them in a layer (q, k, v, o, up, gate, down...).
+    From the records :func:`heatmap_source` names (NaN where a linear has none). Layers are in order and
+    linears in the order the run met them in a layer (q, k, v, o, up, gate, down...).
     """
-    rows = [r for r in record.sensitivity if r.get("rel_error") is not None] or \
-           [r for r in record.layers if r.get("rel_error") is not None]
+    source = record.layers if heatmap_source(record) == "calibration" else \
+        [r for r in record.sensitivity if r.get("kind", "linear") == "linear"]
+    rows = [r for r in source if r.get("rel_error") is not None]
     layers = sorted({int(r["layer"]) for r in rows})
     modules: list[str] = []
     for r in sorted(rows, key=lambda r: int(r["layer"])):  # stable: the run's own order within a layer
@@ -486,11 +639,17 @@ def _heatmap(plt: Any, record: RunRecord, grid: tuple[list[int], list[str], list
     fig.colorbar(im, ax=ax, label="relative output error")
     key = f"sensitivity-{record.id}"
     png, svg = _save(plt, fig, out, key)
+    if heatmap_source(record) == "calibration":
+        what = (f"Relative error of each linear's output, ||X (Q - W)^T|| / ||X W^T||, on its own inputs X from the "
+                f"run's calibration data ({_calibration(record)}) as the layer loop met them (RTN runs measure it "
+                f"with calibration.layer_errors)")
+    else:
+        what = ("Relative error of each linear's output against FP on the evaluation tokens of "
+                "evaluate.sensitivity (errors accumulated through the layers: not comparable with the calibration "
+                "heatmaps)")
     return Figure(key, f"Per-module sensitivity: {label}",
-                  f"Relative error of each linear's output against FP, on the run's calibration data "
-                  f"({_calibration(record)}); layers top to bottom, linears in the order they run. The colour scale "
-                  f"({scale[0]:.3g} to {scale[1]:.3g}) is shared by every heatmap of this report. RTN runs are not "
-                  f"drawn: they quantize without calibration data and store no per-layer error.",
+                  f"{what}; layers top to bottom, linears in the order they run. The colour scale "
+                  f"({scale[0]:.3g} to {scale[1]:.3g}) is shared by every heatmap of this report of the same kind.",
                   png, svg, [record.id], section)
 
 
@@ -520,16 +679,18 @@ def draw_figures(views: list[RunView], heatmaps: Sequence[RunRecord], out: Path,
         for fp, members in sorted(models.items(), key=lambda kv: (params.get(kv[0], 0), labels.get(kv[0], ""))):
             c = _Cohort(sec, members, model_label(fp, labels, params), slug(labels.get(fp, fp)), len(models) > 1)
             found = [_pareto(plt, c, out), _loss_by_bits(plt, c, out), _accuracy_by_bits(plt, c, out),
-                     _fewshot(plt, c, out, texts or {}), _long_context(plt, c, out), _kl_vs_acc(plt, c, out)]
+                     _fewshot(plt, c, out, texts or {}), _long_context(plt, c, out), _kl_vs_acc(plt, c, out),
+                     _cost(plt, c, out), *search_figures(plt, c, out, texts or {})]
             figures += [f for f in found if f is not None]
     by_id = {v.id: v for v in views}
     grids = [(r, sensitivity_grid(r)) for r in heatmaps]
-    scale = _scale([g[2] for _, g in grids])
+    scales = {kind: _scale([g[2] for r, g in grids if heatmap_source(r) == kind])
+              for kind in {heatmap_source(r) for r in heatmaps}}
     sections = {v.id: s.index for s in protocol_sections(views) for v in s.views}
     for record, grid in grids:
         view = by_id.get(record.id)
         label = f"{run_label(view)}, {record.model}" if view is not None else f"{record.id}, {record.model}"
-        f = _heatmap(plt, record, grid, label, scale, out, sections.get(record.id, 1))
+        f = _heatmap(plt, record, grid, label, scales[heatmap_source(record)], out, sections.get(record.id, 1))
         if f is not None:
             figures.append(f)
     return figures

@@ -2,9 +2,13 @@
 
 A budget bounds one kind of loss against FP: the ZeroQuant-V2 class or the increase of mean perplexity
 (quality), the accuracy drop on lm-eval tasks, or the KL divergence from FP. A size bound (effective bits
-per weight or bytes) narrows the candidates. The choice is the smallest run whose point estimate meets
-the budget; it is *sure* when the whole 95% interval (delta ± 1.96 se) does, and flagged when the budget
-is met only inside the interval or there is no interval (the smallest sure run is then named as well).
+per weight or bytes: the measured GGUF file where the run has one, else the estimate from effective bits)
+and a speed bound (generation tokens/s, llama.cpp's where several runtimes timed the run) narrow the
+candidates; a run without the measurement a bound needs cannot meet it, and each recommendation counts
+the runs left out so. The choice is the smallest run whose point estimate meets the budget (by measured
+file size when every candidate has one, else by the estimate); it is *sure* when the whole 95% interval
+(delta ± 1.96 se) does, and flagged when the budget is met only inside the interval or there is no
+interval (the smallest sure run is then named as well).
 When nothing meets the budget, the runs closest to it are named.
 
 Runs are judged and ranked only within one cohort (one model, one evaluation protocol: see
@@ -23,9 +27,12 @@ from typing import Any
 
 from ..errors import ReportError
 from ..metrics import parse_name, task_name
+from .cost import ESTIMATED, MEASURED, Size, Speed, generation_speed, run_size
 from .runs import Change, RunView, by_cohort, cohort_label, is_task_accuracy, json_ready, quality
+from .sizes import model_sizes, params_text
 
-__all__ = ["Budget", "Candidate", "Evidence", "Recommendation", "recommend", "recommend_each", "several_cohorts"]
+__all__ = ["Budget", "Candidate", "Evidence", "Recommendation", "SizeChoice", "nearest_size", "recommend",
+           "recommend_each", "several_cohorts"]
 
 CLASS_BOUNDS = {1: 0.1, 2: 0.5, 3: math.inf}
 
@@ -41,6 +48,7 @@ class Budget:
     max_kl: float | None = None
     max_bits: float | None = None
     max_bytes: float | None = None
+    min_tps: float | None = None
 
     def describe(self) -> str:
         """The budget in words."""
@@ -56,7 +64,8 @@ class Budget:
             what = f"KL from FP <= {self.max_kl:g}"
         size = (f", bits/weight <= {self.max_bits:g}" if self.max_bits is not None else
                 f", size <= {self.max_bytes:.0f} bytes" if self.max_bytes is not None else "")
-        return what + size
+        speed = f", generation >= {self.min_tps:g} tokens/s" if self.min_tps is not None else ""
+        return what + size + speed
 
 
 @dataclass
@@ -113,6 +122,16 @@ class Candidate:
         return all(e.sure for e in self.evidence)
 
     @property
+    def size(self) -> Size | None:
+        """The run's size: the measured GGUF file where it has one, else the estimate from effective bits."""
+        return run_size(self.view)
+
+    @property
+    def speed(self) -> Speed | None:
+        """The run's generation speed (llama.cpp's where several runtimes timed it), or None."""
+        return generation_speed(self.view)
+
+    @property
     def excess(self) -> float:
         """How far the worst measurement is over its limit (<= 0 when met)."""
         return max(e.loss - e.limit for e in self.evidence)
@@ -121,7 +140,9 @@ class Candidate:
         """JSON-ready mapping."""
         v = self.view
         return json_ready({"id": v.id, "label": v.label, "model": v.record.model, "cohort": v.cohort_id,
-                           "bits_weight": v.weight_bits, "size_bytes": v.size_bytes, "met": self.met,
+                           "bits_weight": v.weight_bits, "size_bytes": v.size_bytes,
+                           "size": self.size.to_json() if self.size else None,
+                           "speed": self.speed.to_json() if self.speed else None, "met": self.met,
                            "sure": self.sure, "evidence": [e.to_json() for e in self.evidence]})
 
 
@@ -129,7 +150,10 @@ class Candidate:
 class Recommendation:
     """The choice within one cohort (None when nothing meets the budget), how sure it is, and the alternatives.
 
-    ``cohort`` is the cohort's short id, ``protocol`` its evaluation protocol in words.
+    ``cohort`` is the cohort's short id, ``protocol`` its evaluation protocol in words; ``ranked_by`` the
+    size runs were ranked by (the measured GGUF file when every candidate has one, else the estimate);
+    ``left_out`` how many runs with the quality measurements lacked the measurement a bound needs
+    (``speed`` with ``--min-tps``, ``size`` with ``--max-bytes``).
     """
 
     budget: Budget
@@ -141,6 +165,8 @@ class Recommendation:
     model: str = ""
     protocol: str = ""
     runs: int = 0
+    ranked_by: str = ESTIMATED
+    left_out: dict[str, int] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -151,6 +177,7 @@ class Recommendation:
         """JSON-ready mapping (strict JSON); ``choice.id`` is the chosen run."""
         return json_ready({"budget": self.budget.describe(), "cohort": self.cohort, "model": self.model,
                            "protocol": self.protocol, "runs": self.runs, "candidates": self.candidates,
+                           "ranked_by": f"size: {self.ranked_by}", "left_out_unmeasured": self.left_out,
                            "choice": self.choice.to_json() if self.choice else None,
                            "flagged": bool(self.choice and not self.choice.sure),
                            "sure_choice": self.sure_choice.to_json() if self.sure_choice else None,
@@ -216,13 +243,32 @@ def _judge(budget: Budget, views: list[RunView]) -> Callable[[RunView], list[Evi
 def _fits(budget: Budget, v: RunView) -> bool:
     if budget.max_bits is not None and (v.weight_bits is None or v.weight_bits > budget.max_bits):
         return False
-    return not (budget.max_bytes is not None and (v.size_bytes is None or v.size_bytes > budget.max_bytes))
+    size, speed = run_size(v), generation_speed(v)
+    if budget.max_bytes is not None and (size is None or size.bytes > budget.max_bytes):
+        return False
+    return not (budget.min_tps is not None and (speed is None or speed.value < budget.min_tps))
 
 
-def _size(c: Candidate) -> tuple[float, float]:
-    v = c.view
-    size = v.size_bytes if v.size_bytes is not None else math.inf
-    return size, v.weight_bits if v.weight_bits is not None else math.inf
+def _left_out(budget: Budget, measured: list[Candidate]) -> dict[str, int]:
+    """How many runs with the quality measurements lack the measurement a size or speed bound needs."""
+    out = {}
+    if budget.min_tps is not None:
+        out["speed"] = sum(1 for c in measured if c.speed is None)
+    if budget.max_bytes is not None:
+        out["size"] = sum(1 for c in measured if c.size is None)
+    return out
+
+
+def _ranking(candidates: list[Candidate]) -> tuple[str, Callable[[Candidate], tuple[float, float]]]:
+    """What sizes rank ``candidates``: their measured files when every one has one, else the estimates."""
+    measured = bool(candidates) and all(c.size is not None and c.size.measured for c in candidates)
+
+    def key(c: Candidate) -> tuple[float, float]:
+        v = c.view
+        size = c.size.bytes if measured and c.size is not None else v.size_bytes
+        return (size if size is not None else math.inf, v.weight_bits if v.weight_bits is not None else math.inf)
+
+    return (MEASURED if measured else ESTIMATED), key
 
 
 def _recommend_cohort(views: list[RunView], budget: Budget) -> Recommendation | None:
@@ -233,13 +279,15 @@ def _recommend_cohort(views: list[RunView], budget: Budget) -> Recommendation | 
         return None
     first = views[0]
     fitting = [c for c in measured if _fits(budget, c.view)]
-    met = sorted((c for c in fitting if c.met), key=lambda c: (*_size(c), c.excess))
+    ranked_by, size = _ranking(fitting or measured)
+    met = sorted((c for c in fitting if c.met), key=lambda c: (*size(c), c.excess))
     rec = Recommendation(budget, met[0] if met else None, candidates=len(fitting), cohort=first.cohort_id,
-                         model=first.record.model, protocol=first.protocol.describe(), runs=len(views))
+                         model=first.record.model, protocol=first.protocol.describe(), runs=len(views),
+                         ranked_by=ranked_by, left_out=_left_out(budget, measured))
     if rec.choice is not None and not rec.choice.sure:
         rec.sure_choice = next((c for c in met if c.sure), None)
     if rec.choice is None:
-        rec.nearest = sorted(fitting or measured, key=lambda c: (c.excess, *_size(c)))[:3]
+        rec.nearest = sorted(fitting or measured, key=lambda c: (c.excess, *size(c)))[:3]
     return rec
 
 
@@ -280,3 +328,57 @@ def several_cohorts(views: list[RunView], recs: list[Recommendation]) -> str:
         if members[0].cohort_id in wanted:
             lines.append(f"  cohort={members[0].cohort_id}: {cohort_label(members[0])} ({len(members)} runs)")
     return "\n".join(lines)
+
+
+# ---- model size: the recommendation for a model of N parameters ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SizeChoice:
+    """Which measured model ``recommend --params N`` answers for, and why.
+
+    ``model`` is None when the store holds fewer than two model sizes: the recommendation is then for the
+    measured model(s) only, as ``note`` says.
+    """
+
+    asked: float
+    model: str | None
+    params: int | None
+    measured: tuple[tuple[str, int], ...]
+    inside: bool
+    note: str
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready mapping."""
+        return json_ready({"asked": self.asked, "model": self.model, "params": self.params,
+                           "measured": [{"model": m, "params": n} for m, n in self.measured],
+                           "within_measured_range": self.inside, "note": self.note})
+
+
+def nearest_size(views: list[RunView], params: float) -> tuple[list[RunView], SizeChoice]:
+    """The runs of the measured model nearest ``params`` (on a log scale) when the store holds several sizes.
+
+    With fewer than two model sizes of known parameter count, ``views`` come back unchanged and the choice says
+    the recommendation is for the measured model only. A size outside the measured range takes the nearest end
+    (nothing is extrapolated), and the note says so.
+    """
+    sizes = model_sizes(views)
+    known = sorted((m for m in sizes.values() if m.params), key=lambda m: (m.params or 0, m.name))
+    measured = tuple((m.name, int(m.params or 0)) for m in known)
+    unknown = [m.name for m in sizes.values() if not m.params]
+    left = f"; without a parameter count (no run keeps its weights in FP): {', '.join(unknown)}" if unknown else ""
+    if len({m.params for m in known}) < 2:
+        names = ", ".join(m.label for m in sizes.values())
+        note = (f"the store holds one model size ({names}): the recommendation is for the measured model only, "
+                f"not for a model of {params_text(params)} parameters{left}")
+        return views, SizeChoice(params, None, None, measured, False, note)
+    best = min(known, key=lambda m: (abs(math.log((m.params or 1) / params)), m.params or 0))
+    lo, hi = known[0].params or 0, known[-1].params or 0
+    inside = lo <= params <= hi
+    where = ("within the measured range" if inside else
+             f"outside the measured range ({params_text(lo)} to {params_text(hi)}): the nearest end, not an "
+             "extrapolation")
+    note = (f"for {params_text(params)} parameters: the nearest measured size, {best.label}, {where}; measured: "
+            f"{', '.join(f'{n} ({params_text(p)})' for n, p in measured)}{left}")
+    chosen = [v for v in views if v.record.model_fingerprint == best.fingerprint]
+    return chosen, SizeChoice(params, best.name, best.params, measured, inside, note)

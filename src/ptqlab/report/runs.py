@@ -61,6 +61,7 @@ __all__ = ["Z95", "Change", "Protocol", "Quality", "RunView", "by_cohort", "coho
 ZQ_CORPORA = ("wikitext2", "ptb_new", "c4local_new")
 Z95 = 1.96  # the one multiplier: every interval of the report is delta ± 1.96 se (95 %)
 ACCURACY_MEASURES = ("acc", "acc_norm", "exact_match")
+COST_KINDS = ("speed", "size", "memory")  # metric kinds a run measures on itself, with no FP counterpart
 
 
 def is_task_accuracy(name: str | MetricName) -> bool:
@@ -199,9 +200,16 @@ def part_label(prefix: str, section: Mapping[str, Any] | None) -> str | None:
 
 
 def describe_scheme(scheme: Mapping[str, Any]) -> str:
-    """A short description of a scheme, e.g. ``W4 group64 + A8 token + KV4 head`` (``FP`` if none)."""
+    """A short description of a scheme, e.g. ``W4 group64 + A8 token + KV4 head`` (``FP`` if none).
+
+    A scheme whose ``overrides`` give some linears another weight spec (a searched mixed-precision run, a GGUF
+    mix) says so after its base weight part: ``Wgguf_q4_0 mixed (12 overrides)``.
+    """
     keys = (("W", "weight"), ("A", "activation"), ("KV", "kv_cache"))
     parts = [part_label(prefix, scheme.get(key)) for prefix, key in keys]
+    mixed = sum(1 for o in scheme.get("overrides") or () if isinstance(o, Mapping) and "weight" in o)
+    if mixed:
+        parts[0] = f"{parts[0] or 'WFP'} mixed ({mixed} override{'s' if mixed > 1 else ''})"
     return " + ".join(p for p in parts if p) or "FP"
 
 
@@ -568,7 +576,8 @@ def difference(a: RunView, b: RunView, name: str) -> Change | None:
 
     None when either lacks the metric or the runs are of different cohorts (never paired across
     protocols). The standard error is paired over the windows both stored (the per-window NLL
-    differences), else the two runs' standard errors against FP combined, else None.
+    differences); for a cost (speed, file size, memory: measured on each run alone) the two runs' own
+    standard errors combined; else the two runs' standard errors against FP combined; else None.
     """
     if not same_cohort(a, b) or name not in a.metrics or name not in b.metrics:
         return None
@@ -577,6 +586,9 @@ def difference(a: RunView, b: RunView, name: str) -> Change | None:
     if paired_windows(a, b, name):
         diffs = [y - x for x, y in zip(a.windows[name]["nll"], b.windows[name]["nll"], strict=True)]
         se = vb * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    elif parse_name(name).kind in COST_KINDS:  # measured on each run alone, with no FP side
+        sa, sb = a.stderr.get(name), b.stderr.get(name)
+        se = None if sa is None or sb is None else math.hypot(sa, sb)
     else:
         ca, cb = a.change(name), b.change(name)
         if ca is not None and cb is not None and ca.stderr is not None and cb.stderr is not None:

@@ -5,6 +5,9 @@ protocols, and each table's caption gives its protocol and sample sizes (windows
 
 - ZeroQuant-V2's layout: rows are schemes (bits, granularity, symmetry, method), columns are models (one
   column set when the store holds one model), cells ``Δ ppl ± se (class)``.
+- Costs: the ZeroQuant-V2 tables gain a ``file MiB`` column (the measured GGUF file) and a column per
+  speed (``llama.cpp tg128 t/s``: tokens per second ± its standard error) where a run of the table has
+  them, and each protocol with measured costs has a table of its runs' quality, size and speed.
 - qllm-eval's layout: rows are a model's schemes with the bit width left open (``Wb g64 asym [rtn]``: the
   ``b`` is the column) and a measure; columns are bit widths, cells ``Δ ± se`` against FP. W4A8 and W4A4
   are different rows (``Wb g64 asym + A8 token asym`` and ``Wb ... + Ab ...``).
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..metrics import parse_name, task_name
+from .cost import MIB, SpeedMetric, has_cost, measured_size, run_size, speed, speed_metrics, speed_settings
 from .runs import (
     ZQ_CORPORA,
     Change,
@@ -364,23 +368,106 @@ def _act_part(v: RunView) -> tuple[str, str]:
 def _zq_tables(sec: Section, views: list[RunView], labels: Mapping[str, str], params: Mapping[str, int],
                models: list[str]) -> list[Table]:
     multi = len(models) > 1
-    sfx, tsfx = sec.suffix, sec.title_suffix
-    weight = _pivot(Table(f"zq-weight{sfx}", f"ZeroQuant-V2: weight-only (RTN){tsfx}", []),
-                    [v for v in views if v.target == "W" and v.method == "rtn" and not v.lorc],
-                    lambda v: (v.w_bits, v.granularity, v.symmetric), _w_order,
-                    _quality_spec(["W bits", "granularity", "symmetry"], multi), labels, params, models)
-    act = _pivot(Table(f"zq-activation{sfx}", f"ZeroQuant-V2: activation-only{tsfx}", []),
-                 [v for v in views if v.target == "A"],
-                 lambda v: (v.a_bits, *_act_part(v), "+".join(v.steps) or "-"), _w_order,
-                 _quality_spec(["A bits", "granularity", "symmetry", "method"], multi, bits=False), labels, params,
-                 models)
-    wa = _pivot(Table(f"zq-weight-activation{sfx}", f"ZeroQuant-V2: weights and activations{tsfx}", []),
-                [v for v in views if v.target == "W+A"],
-                lambda v: (v.w_bits, v.a_bits, v.granularity, v.symmetric, _act_part(v)[1],
-                           "+".join(recipe_steps(v.steps, True))), _w_order,
-                _quality_spec(["W bits", "A bits", "granularity", "symmetry", "A symmetry", "method"], multi),
-                labels, params, models)
+
+    def table(key: str, title: str, chosen: list[RunView], row_key: Callable[[RunView], tuple[Any, ...]],
+              columns: list[str], bits: bool = True) -> Table:
+        spec, note = _with_cost(_quality_spec(columns, multi, bits), chosen)
+        return _pivot(Table(key + sec.suffix, title + sec.title_suffix, [], note=note), chosen, row_key, _w_order,
+                      spec, labels, params, models)
+
+    weight = table("zq-weight", "ZeroQuant-V2: weight-only (RTN)",
+                   [v for v in views if v.target == "W" and v.method == "rtn" and not v.lorc],
+                   lambda v: (v.w_bits, v.granularity, v.symmetric), ["W bits", "granularity", "symmetry"])
+    act = table("zq-activation", "ZeroQuant-V2: activation-only", [v for v in views if v.target == "A"],
+                lambda v: (v.a_bits, *_act_part(v), "+".join(v.steps) or "-"),
+                ["A bits", "granularity", "symmetry", "method"], bits=False)
+    wa = table("zq-weight-activation", "ZeroQuant-V2: weights and activations", [v for v in views if v.target == "W+A"],
+               lambda v: (v.w_bits, v.a_bits, v.granularity, v.symmetric, _act_part(v)[1],
+                          "+".join(recipe_steps(v.steps, True))),
+               ["W bits", "A bits", "granularity", "symmetry", "A symmetry", "method"])
     return [weight, act, wa, _methods(sec, views, labels, params, models)]
+
+
+# ---- costs: the measured file size and speeds beside the quality ---------------------------------------------
+
+COST_NOTE = ("file MiB: the measured GGUF file; t/s: tokens per second in the runtime named (the median of "
+             "repeats) ± its standard error, as every cell of the tables.")
+
+
+@dataclass(frozen=True)
+class _CostColumns:
+    """A table's cost columns: the file size where a run has one measured, and each speed a run has."""
+
+    file: bool
+    speeds: list[SpeedMetric]
+
+    @classmethod
+    def of(cls, views: Iterable[RunView]) -> _CostColumns:
+        views = list(views)
+        return cls(any(measured_size(v) is not None for v in views), speed_metrics(views))
+
+    @property
+    def names(self) -> list[str]:
+        head = ["file MiB"] if self.file else []
+        return head + [n for s in self.speeds for n in (s.header, f"± se {s.words}")]
+
+    @property
+    def merges(self) -> list[Merge]:
+        return [Merge(s.header, f"± se {s.words}") for s in self.speeds]
+
+    def cells(self, v: RunView | None) -> list[Cell]:
+        if v is None:
+            return [None] * len(self.names)
+        size = run_size(v, measured_only=True)
+        head: list[Cell] = [None if size is None else size.mib] if self.file else []
+        for s in self.speeds:
+            found = speed(v, s)
+            head += [None, None] if found is None else [found.value, found.stderr]
+        return head
+
+    def note(self, views: Iterable[RunView]) -> str:
+        return " ".join(x for x in (COST_NOTE, speed_settings(views)) if x) if self.names else ""
+
+
+def _with_cost(spec: _Pivot, views: list[RunView]) -> tuple[_Pivot, str]:
+    """``spec`` with the cost columns ``views`` have (none: ``spec`` itself) and the note that explains them."""
+    cols = _CostColumns.of(views)
+    if not cols.names:
+        return spec, ""
+
+    def cells(v: RunView | None, multi: bool) -> list[Cell]:
+        return [*spec.cells(v, multi), *cols.cells(v)]
+
+    return (_Pivot(spec.key_columns, [*spec.names, *cols.names], [*spec.merges, *cols.merges], cells, spec.runs_of),
+            cols.note(views))
+
+
+def _cost_table(sec: Section, labels: Mapping[str, str], params: Mapping[str, int], models: list[str]) -> Table:
+    """One row per run of the protocol with a measured cost: its quality, estimated and measured size, speeds."""
+    rank = {fp: i for i, fp in enumerate(models)}
+    chosen = sorted((v for v in sec.views if has_cost(v)),
+                    key=lambda v: (rank.get(v.record.model_fingerprint, 0), _bytes(v), run_label(v)))
+    multi = len(models) > 1
+    cols = _CostColumns.of(chosen)
+    corpora = ", ".join(sec.protocol.corpora) or "the runs' corpora"
+    t = Table(f"cost{sec.suffix}", f"Quality, size and speed of each run{sec.title_suffix}",
+              [*(["model"] if multi else []), "scheme [recipe]", "bits/weight", "Δ ppl", "± (se)", "est. MiB",
+               *cols.names], merges=[Merge("Δ ppl", "± (se)", None, True), *cols.merges],
+              note=(f"One row per run with a measured cost. Δ ppl: the mean perplexity over {corpora} against FP "
+                    f"± its standard error; est. MiB: the size estimated from the effective bits per weight; "
+                    + cols.note(chosen)))
+    for v in chosen:
+        q = quality(v)
+        lead: list[Cell] = [model_label(v.record.model_fingerprint, labels, params)] if multi else []
+        t.add([*lead, run_label(v), v.weight_bits, None if q is None else q.delta, None if q is None else q.stderr,
+               None if v.size_bytes is None else v.size_bytes / MIB, *cols.cells(v)], [v.id])
+    t.sizes = sample_sizes(chosen, ["ppl"])
+    return t
+
+
+def _bytes(v: RunView) -> float:
+    size = run_size(v)
+    return size.bytes if size is not None else float("inf")
 
 
 def _methods(sec: Section, views: list[RunView], labels: Mapping[str, str], params: Mapping[str, int],
@@ -583,7 +670,7 @@ def build_tables(views: list[RunView]) -> list[Table]:
                 t.sizes = sample_sizes(zq, ["ppl"])
                 found.append(t)
         found += _qllm_tables(sec, sec.views, labels, params, models)
-        found += _fidelity_tables(sec)
+        found += [_cost_table(sec, labels, params, models), *_fidelity_tables(sec)]
         for t in found:
             t.section, t.protocol = sec.index, sec.protocol.describe()
         tables += [t for t in found if t.rows]

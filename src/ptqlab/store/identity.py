@@ -22,9 +22,26 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+_ADDED_KEYS: tuple[tuple[str, str, Any], ...] = (
+    ("scheme", "outliers", None),
+    ("evaluate", "dialogue", None),
+    ("evaluate", "judge", None),
+    ("calibration", "layer_errors", False),
+    ("evaluate", "speed", None),
+)
+"""Keys added after stores of runs existed, with their defaults: left out of a config at their default, so
+configs written before them keep their run ids and weights keys (a new key left at its default changes no
+number)."""
+
+
 def normalized(cfg: RunConfig) -> dict[str, Any]:
-    """The configuration with every default filled in, as plain JSON data."""
-    return cfg.model_dump(mode="json")
+    """The configuration with every default filled in, as plain JSON data (but :data:`_ADDED_KEYS` at default)."""
+    data = cfg.model_dump(mode="json")
+    for section, key, default in _ADDED_KEYS:
+        part = data.get(section)
+        if isinstance(part, dict) and key in part and part[key] == default:
+            del part[key]
+    return data
 
 
 def run_id(cfg: RunConfig, fingerprint: str) -> str:

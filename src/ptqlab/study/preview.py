@@ -55,7 +55,9 @@ def preview_run(cfg: RunConfig, store: Store | None) -> Preview:
     plan = plan_evaluation(cfg.evaluate, tokenizer)
     ev = cfg.evaluate
     choice = choose_stream(cfg)
-    steps = [("quantize", _scheme_line(cfg, compiled.scheme.recipe.needs_calibration or _static(cfg))),
+    needs_data = compiled.scheme.recipe.needs_calibration or _static(cfg)
+    errors_only = not needs_data and cfg.calibration.layer_errors and cfg.scheme.weight is not None
+    steps = [("quantize", _scheme_line(cfg, needs_data or errors_only, errors_only)),
              ("runtime", _runtime_line(cfg, choice))]
     ppl_tokens = sum(int(ids.numel()) for ids in plan.windows.values())
     cached = reference_cached(plan.windows, fingerprint, resolve_device(cfg.device).type, cfg.dtype)
@@ -125,7 +127,7 @@ def _static(cfg: RunConfig) -> bool:
     return act is not None and not act.dynamic
 
 
-def _scheme_line(cfg: RunConfig, calibrated: bool) -> str:
+def _scheme_line(cfg: RunConfig, calibrated: bool, errors_only: bool = False) -> str:
     sections = (("W", cfg.scheme.weight), ("A", cfg.scheme.activation), ("KV", cfg.scheme.kv_cache))
     parts = [_describe(target, section) for target, section in sections if section is not None]
     recipe = ", ".join(next(iter(step)) for step in cfg.recipe) or "rtn"
@@ -133,6 +135,8 @@ def _scheme_line(cfg: RunConfig, calibrated: bool) -> str:
     if calibrated:
         cal = cfg.calibration
         line += f"; calibration {cal.samples} x {cal.seqlen} tokens from {cal.dataset}"
+        if errors_only:
+            line += " (only to measure each linear's error: calibration.layer_errors)"
     return line
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,13 +19,15 @@ from torch import nn
 
 from ..compile import RunPlan
 from ..eval import evaluate
+from ..eval.measures import RuntimeFiles
 from ..eval.reference import Reference
 from ..eval.result import Evaluation
+from ..formats.gguf import write_gguf
 from ..methods.recipe import foreign_source
 from ..pipeline.driver import QuantizeReport
 from ..pipeline.plan import QuantizationPlan, RunOptions
 from ..pipeline.quantize import quantize, restore
-from ..schema import RunConfig
+from ..schema import KVCacheScheme, RunConfig
 from ..store import weights_key
 from ..store.qmodels import QuantizedModels
 
@@ -49,6 +52,8 @@ class ResidentRun:
         reuse: Restore kept quantized weights instead of quantizing again (they are replaced either way).
         progress: Show progress bars.
         on_quantized: Called with whether the weights were restored (True) or quantized (False).
+        source: Where the FP model was loaded from (a GGUF source's pre-tokenizer is kept in a GGUF written).
+        kv_cache: The run's ``scheme.kv_cache`` (a runtime that holds it is told, as llama.cpp's cache types).
 
     """
 
@@ -66,6 +71,8 @@ class ResidentRun:
     reuse: bool = True
     progress: bool = True
     on_quantized: Callable[[bool], None] | None = None
+    source: str | None = None
+    kv_cache: KVCacheScheme | None = None
 
     def quantize(self) -> QuantizeReport:
         """Quantize the model, or restore the quantized weights a run with the same weights key kept."""
@@ -79,9 +86,14 @@ class ResidentRun:
         return report
 
     def evaluate(self, report: QuantizeReport, peers: Sequence[tuple[float, float]]) -> Evaluation:
-        """Evaluate the quantized model in memory against its FP reference."""
-        return evaluate(self.model, self.tokenizer, self.plan.evaluation, self.reference, progress=self.progress,
-                        peers=peers)
+        """Evaluate the quantized model in memory against its FP reference (a runtime reads it from its grids)."""
+        model, tokenizer = self.model, self.tokenizer
+
+        def write(path: Path, float_type: str) -> None:
+            write_gguf(model, tokenizer, path, report.grids, self.source, float_type=float_type)
+
+        return evaluate(model, tokenizer, self.plan.evaluation, self.reference, progress=self.progress,
+                        peers=peers, files=RuntimeFiles(write, self.kv_cache))
 
     def release(self) -> None:
         """Drop the quantized model (and the GPU's cached blocks)."""

@@ -32,6 +32,7 @@ from ..eval import build_reference
 from ..eval.reference import Reference
 from ..eval.result import Evaluation
 from ..models.loading import LoadedModel, load_model, model_fingerprint, resolve_device
+from ..models.source_bits import model_source_metrics
 from ..nn.capture import InputCache
 from ..pipeline.driver import QuantizeReport
 from ..pipeline.quantize import place
@@ -196,7 +197,8 @@ class Worker:
         info = fp.loaded.info
         return ResidentRun(model, fp.loaded.tokenizer, plan, reference, info.fingerprint, info.architecture, device,
                            timings, quantized_weights_key(cfg, info.fingerprint), self.qmodels,
-                           fp.state if self.share else None, self.reuse, self.progress, on_quantized=self._count)
+                           fp.state if self.share else None, self.reuse, self.progress, on_quantized=self._count,
+                           source=info.source, kv_cache=cfg.scheme.kv_cache)
 
     def _count(self, reused: bool) -> None:
         if reused:
@@ -254,7 +256,7 @@ class PreparedRun(Protocol):
 
 def _fill(record: RunRecord, report: QuantizeReport, result: Evaluation) -> None:
     """A finished run's measurements into its record."""
-    record.metrics = result.metrics + report.metrics
+    record.metrics = result.metrics + report.metrics + model_source_metrics(record.model)  # bits.source of a GGUF
     record.texts.update(result.texts)
     record.sensitivity = [vars(s) for s in result.sensitivity]
     record.windows = {name: {"nll": w.nll, "fp_nll": w.fp_nll} for name, w in result.windows.items()}
