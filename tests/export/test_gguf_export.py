@@ -128,6 +128,7 @@ def test_the_export_is_recorded_in_the_card_and_manifest(tmp_path: Path, spm_lla
     ({"recipe": [{"gptq": {"act_order": True}}]}, "act_order"),
     ({"recipe": [{"rtn": {}}, {"lorc": {"rank": 4}}]}, "--format hf"),
     ({"recipe": [{"rotation": {"online_down": True}}, {"rtn": {}}]}, "online_down"),
+    ({"recipe": [{"awq": {}}, {"rtn": {}}]}, "o_proj into v_proj, down_proj into up_proj"),
 ])
 def test_what_gguf_cannot_hold_is_refused_before_anything_is_written(tmp_path: Path, spm_llama: Path, change: dict,
                                                                      message: str) -> None:

@@ -205,3 +205,49 @@ def test_the_proxy_signals_grow_as_the_bits_fall(searched, kind: str) -> None:
     for row in values:
         assert row[0] > row[1] > row[2] >= 0.0
     assert plan.role("searched")
+
+
+def test_a_front_with_measured_costs_is_drawn_against_file_size_and_speed_too(tmp_path: Path) -> None:
+    """Runs that measured their GGUF file and speed put them beside bits: one panel each, the values read back."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ptqlab.report.search import _figure
+
+    roles = {"u0": [{"role": "uniform", "menu": 0}], "u1": [{"role": "uniform", "menu": 1}],
+             "s": [{"role": "searched", "budget": 5.0}]}
+    entries = {k: {"search.roles": r, "search.score": 0.1, "search.signal": "kl", "search.offset": 0.0,
+                   "search.budget_kind": "bits"} for k, r in roles.items()}
+    cost = {"u0": (4.5, 0.30, 80e6, 60.0), "u1": (8.5, 0.02, 140e6, 40.0), "s": (5.0, 0.10, 90e6, 55.0)}
+    measured = {k: {"kl.x.s8.w1": (kl, 0.01), BITS_WEIGHT: (bits, None), "size.file.gguf": (size, None),
+                    "speed.llama_cpp.tg128": (tps, 1.0), "speed.torch.tg128": (1.0, 0.1)}
+                for k, (bits, kl, size, tps) in cost.items()}
+    summary = summarize("s", entries, measured)
+    point = {p.run_id: p for p in summary.points}["s"]
+    assert (point.file_bytes, point.tps) == (90e6, 55.0)  # llama.cpp's speed before torch's
+    assert summary.to_json()["front"][0]["searched"]["file_bytes"] == 90e6
+
+    drawn: dict = {}
+
+    class Cohort:
+        views: list = []
+
+        def caption(self, text, shown, kinds, unmeasured):
+            drawn["caption"] = text
+            return text
+
+        def figure(self, plt_, fig, out, name, title, caption, runs):
+            drawn["axes"] = [ax.get_xlabel() for ax in fig.axes]
+            plt_.close(fig)
+            return name
+
+    _figure(plt, Cohort(), tmp_path, summary)
+    assert drawn["axes"][:3] == ["effective bits per decoder-linear weight (bits.weight)", "measured GGUF file, MiB",
+                                 "generation speed, tokens/s (measured)"]
+    assert len(drawn["axes"]) == 4 and "file's size and the measured generation speed" in drawn["caption"]
+    without = {k: {n: v for n, v in m.items() if not n.startswith(("size.file", "speed."))}
+               for k, m in measured.items()}
+    _figure(plt, Cohort(), tmp_path, summarize("s", entries, without))
+    assert len(drawn["axes"]) == 2 and "against bits and" not in drawn["caption"]

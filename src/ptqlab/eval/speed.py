@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelLoadError
+from ..memory import resident_bytes
 from ..metrics import Metric, file_size_name, peak_memory_name, speed_name
 from ..nn.kv_cache import cache_kwarg
 from ..nn.specs import kv_specs
@@ -219,15 +220,11 @@ def _child_error(path: Path, proc: subprocess.CompletedProcess[str], what: str |
 
 def _peak_rss() -> int:
     """The peak resident memory of this process in bytes (``VmHWM`` on Linux, else ``ru_maxrss``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+    peak = resident_bytes(peak=True)
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
 
 
 def _cache_of(output: Any) -> Any:

@@ -72,11 +72,31 @@ def check_gguf(plan: QuantizationPlan, config: Any) -> None:
                               "llama.cpp's KV cache type is a run option (--cache-type-k / --cache-type-v): remove "
                               "kv_cache to export and pass the option")
     refuse_off_grid_recipe(plan, "GGUF", "llama.cpp")
+    _refuse_rows_folded_after_quantization(plan)
     for t in plan.targets:
         if t.spec.enabled and t.spec.format not in BLOCK_TYPES:
             raise ConfigError(f"scheme.weight (module {t.name}): GGUF holds the run's codes only in llama.cpp's "
                               f"block types, and {_describe(t.spec)} is not one; set format: {_closest(t.spec)} "
                               f"(or another of {', '.join(BLOCK_TYPES)}) and run again")
+
+
+def _refuse_rows_folded_after_quantization(plan: QuantizationPlan) -> None:
+    """Refuse scaling transforms that divide rows of a linear quantized earlier in the layer.
+
+    AWQ and SmoothQuant fold the scale of a group whose input is another linear's output (``o_proj`` after
+    ``v_proj``, ``down_proj`` after ``up_proj``) into that linear's rows, which the true-sequential pass has
+    quantized already: its block scales become FP16 scales divided by a float, which a GGUF block cannot hold.
+    """
+    if not plan.recipe.layer_transforms:
+        return
+    quantized = {t.relative for t in plan.targets if t.spec.enabled}
+    folded = [g for g in plan.adapter.groups if g.fold == "linear" and g.prev_op in quantized]
+    if folded:
+        pairs = ", ".join(f"{g.linears[0].rsplit('.', 1)[-1]} into {str(g.prev_op).rsplit('.', 1)[-1]}"
+                          for g in folded)
+        raise ConfigError(f"recipe {plan.recipe.name}: its scales fold into the rows of linears quantized before "
+                          f"them ({pairs}), so their block scales are no longer FP16 values and GGUF cannot hold "
+                          "them; use --format compressed-tensors or hf (or a recipe without awq / smoothquant)")
 
 
 def _describe(spec: QuantSpec) -> str:

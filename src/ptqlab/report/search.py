@@ -9,6 +9,8 @@ stored metrics, so ``ptqlab search``, the report and anyone reading the store ge
 
 - the front: at each budget, the searched run's KL (mean with its 95 % interval, ``± 1.96 se``) against the
   best uniform menu point and the rule baseline at no more effective bits (``bits.weight``);
+- where the runs measured their cost (``evaluate.speed``), the same front against the measured file's size
+  (``size.file.gguf``) and the generation speed (llama.cpp's ``speed.llama_cpp.tg*``, else torch's);
 - the additivity check: on the validation allocations, the predicted KL (the base point's KL plus the sum
   of the units' KL increases; for a proxy signal, its sum times a scale fitted by least squares on the
   uniform points) against the measured KL: Spearman's rank correlation (scale-free) and the error of the
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..metrics import BITS_WEIGHT, SIZE_MODEL_BYTES
+from ..metrics import BITS_WEIGHT, SIZE_MODEL_BYTES, file_size_name
 from ..store import Store
 from .runs import Z95, RunView
 
@@ -49,6 +51,8 @@ class Point:
     kl: float | None = None
     kl_se: float | None = None
     predicted: float | None = None
+    file_bytes: float | None = None
+    tps: float | None = None
 
     def has(self, role: str) -> bool:
         """Whether the run plays ``role`` in the search."""
@@ -131,6 +135,7 @@ class SearchSummary:
             if p is None:
                 return None
             return {"run": p.run_id, "roles": p.roles, "bits": p.bits, "planned_bits": p.planned_bits,
+                    "file_bytes": p.file_bytes, "tps": p.tps,
                     "kl": p.kl, "kl_se": p.kl_se, "score": _finite(p.score), "predicted": _finite(p.predicted)}
 
         add = self.additivity
@@ -184,6 +189,8 @@ def summarize(name: str, entries: Mapping[str, Mapping[str, Any]],
             point.size = None if size is None else size[0]
             if metric is not None and metric in got:
                 point.kl, point.kl_se = got[metric]
+            point.file_bytes = _value(got, file_size_name("gguf"))
+            point.tps = _value(got, _generation_metric(got))
         summary.points.append(point)
     offset = first.get("search.offset")
     scale = 1.0 if summary.signal == "kl" else _fit_scale(summary.role("uniform"))
@@ -215,6 +222,19 @@ def search_summary(store: Store, name: str) -> SearchSummary:
     measured = {r.id: {m.name: (m.value, m.stderr) for m in r.metrics}
                 for r in store.list_runs(sweep=name, status="done")}
     return summarize(name, entries, measured)
+
+
+def _value(got: Mapping[str, tuple[float, float | None]], name: str | None) -> float | None:
+    return None if name is None or name not in got else got[name][0]
+
+
+def _generation_metric(got: Mapping[str, Any]) -> str | None:
+    """The run's generation speed metric: llama.cpp's where it was timed there, else torch's, else None."""
+    for runtime in ("llama_cpp", "torch"):
+        names = sorted(n for n in got if n.startswith(f"speed.{runtime}.tg"))
+        if names:
+            return names[0]
+    return None
 
 
 def _kl_metric(measured: Sequence[Mapping[str, Any]]) -> str | None:
@@ -351,27 +371,48 @@ def search_figures(plt: Any, cohort: Any, out: Path, texts: Mapping[str, Mapping
     return figures
 
 
-def _errorbar(ax: Any, points: Sequence[Point], **style: Any) -> None:
-    pts = sorted((p for p in points if p.kl is not None and p.bits is not None), key=lambda p: (p.bits, p.kl))
+_AXES: dict[str, tuple[Any, str]] = {
+    "bits": (lambda p: p.bits, "effective bits per decoder-linear weight (bits.weight)"),
+    "file": (lambda p: None if p.file_bytes is None else p.file_bytes / 2**20, "measured GGUF file, MiB"),
+    "speed": (lambda p: p.tps, "generation speed, tokens/s (measured)"),
+}
+"""The x axes a front is drawn against: what of a point, and the label."""
+
+
+def _errorbar(ax: Any, points: Sequence[Point], x: Any = _AXES["bits"][0], **style: Any) -> None:
+    pts = sorted((p for p in points if p.kl is not None and x(p) is not None), key=lambda p: (x(p), p.kl))
     if not pts:
         return
-    ax.errorbar([p.bits for p in pts], [p.kl for p in pts],
+    ax.errorbar([x(p) for p in pts], [p.kl for p in pts],
                 yerr=[Z95 * p.kl_se if p.kl_se is not None else 0.0 for p in pts], capsize=3, **style)
+
+
+def _front_panel(ax: Any, summary: SearchSummary, axis: str) -> None:
+    """The searched runs, the uniform points and the rule against one x axis (bits, file size or speed)."""
+    x, label = _AXES[axis]
+    _errorbar(ax, [r.searched for r in summary.front], x, fmt="o-", color="C0",
+              label=f"searched ({summary.signal} signal)")
+    _errorbar(ax, summary.role("uniform"), x, fmt="s", color="C1", label="uniform menu points")
+    _errorbar(ax, summary.role("rule"), x, fmt="D", color="C2", label="rule (Q4_K_M-like)")
+    ax.set_xlabel(label)
+    ax.set_ylabel(f"KL(FP || Q), nats ({summary.metric})")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("measured front, 95 % intervals" if axis == "bits" else f"the same runs by {axis}")
+
+
+_COST_WORDS = {"file": "the measured GGUF file's size", "speed": "the measured generation speed"}
 
 
 def _figure(plt: Any, cohort: Any, out: Path, summary: SearchSummary) -> Any:
     from .tables import slug
 
-    fig, (front, scatter) = plt.subplots(1, 2, figsize=(10, 4))
-    searched = [r.searched for r in summary.front]
-    _errorbar(front, searched, fmt="o-", color="C0", label=f"searched ({summary.signal} signal)")
-    _errorbar(front, summary.role("uniform"), fmt="s", color="C1", label="uniform menu points")
-    _errorbar(front, summary.role("rule"), fmt="D", color="C2", label="rule (Q4_K_M-like)")
-    front.set_xlabel("effective bits per decoder-linear weight (bits.weight)")
-    front.set_ylabel(f"KL(FP || Q), nats ({summary.metric})")
-    front.set_yscale("log")
-    front.legend(fontsize=7)
-    front.set_title("measured front, 95 % intervals")
+    measured = [p for p in summary.points if p.kl is not None]
+    axes = ["bits"] + [a for a in ("file", "speed") if sum(_AXES[a][0](p) is not None for p in measured) >= 2]
+    fig, panels = plt.subplots(1, len(axes) + 1, figsize=(5 * (len(axes) + 1), 4))
+    for ax, axis in zip(panels, axes, strict=False):
+        _front_panel(ax, summary, axis)
+    scatter = panels[-1]
     valid = [p for p in summary.role("validation") if p.kl is not None and p.predicted is not None]
     add = summary.additivity
     if valid:
@@ -395,7 +436,9 @@ def _figure(plt: Any, cohort: Any, out: Path, summary: SearchSummary) -> Any:
     runs = [p.run_id for p in summary.points if p.kl is not None]
     text = (f"Search {summary.name}: the searched allocation at each budget ({summary.budget_kind}), the uniform "
             f"menu points and the rule baseline, each with its 95 % interval (1.96 standard errors of the mean "
-            f"per-token KL); right, the validation allocations' measured KL against the signal's prediction.")
+            f"per-token KL)"
+            + ("" if len(axes) == 1 else f", against bits and against {' and '.join(_COST_WORDS[a] for a in axes[1:])}")
+            + "; right, the validation allocations' measured KL against the signal's prediction.")
     if add is not None:
         rho = "n/a" if add.spearman is None else f"{add.spearman:.3f}"
         mae = "n/a" if add.mean_abs_error is None else f"{add.mean_abs_error:.4g}"
