@@ -19,7 +19,8 @@ from ptqlab.report.plots import cost_panels, draw_figures, pareto_front
 from ptqlab.report.recommend import Recommendation, recommend_each
 from ptqlab.report.render import to_latex, to_markdown
 from ptqlab.report.runs import RunView, difference
-from ptqlab.report.tables import Table, build_tables
+from ptqlab.report.table import Table
+from ptqlab.report.tables import build_tables
 from ptqlab.store import Store
 
 TG, PP, GGUF = speed_name("llama_cpp", "tg", 128), speed_name("llama_cpp", "pp", 512), file_size_name("gguf")

@@ -6,7 +6,9 @@ file's bits per weight over the decoder layers' linear weights (the weights ``bi
 report can say that a 4-bit scheme on a model stored at ~4.9 bits is not the seed papers' FP16 setting.
 
 Only the GGUF header is read (tensor names, shapes and types; block sizes from ``gguf``'s table), not the
-tensor data: a fraction of a second, once per file per process.
+tensor data: a fraction of a second, once per file per process (gguf-py's ``GGUFReader`` agrees, tested, but
+parses every metadata array, the vocabulary included: 2.5 to 8.5 s on the three aliases' files against 0.04 to
+0.14 s here, measured on a busy 2-core machine).
 """
 
 from __future__ import annotations

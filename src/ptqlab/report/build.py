@@ -32,7 +32,8 @@ from .runs import RunView, json_ready, load_views
 from .search import search_texts
 from .select import apply_filter, parse_filter
 from .sizes import reference_notes, size_figures
-from .tables import Section, Table, build_tables, protocol_sections
+from .table import Table
+from .tables import Section, build_tables, protocol_sections
 
 __all__ = ["Report", "open_store", "select_views", "write_report"]
 

@@ -35,10 +35,10 @@ from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 from ..metrics import MetricName, parse_name, sized_name, task_name
+from .table import Table
 
 if TYPE_CHECKING:
     from .runs import RunView
-    from .tables import Table
 
 __all__ = ["ALPHA", "POWER", "Effect", "Flips", "Ratio", "cannot_tell_apart", "fidelity_table", "fidelity_tables",
            "flips", "flips_table", "mcnemar_exact", "minimum_detectable_effect", "ppl_ratio"]
@@ -241,8 +241,6 @@ def fidelity_table(views: Iterable[RunView], alpha: float = ALPHA, power: float 
     KL cannot be told from the row above's: same model and divergence protocol, rows by increasing KL).
     A run without a divergence on a corpus still gets its perplexity-ratio row there.
     """
-    from .tables import Table
-
     t = Table("fidelity", "Fidelity to FP (llama.cpp's KL-divergence statistics)",
               ["run", "on", *(c for c, _ in KL_COLUMNS), "ppl ratio", "± ratio", "ppl ≈ FP", "KL ≈ above"],
               note=_NOTE.format(alpha=alpha * 100, power=power * 100))
@@ -323,8 +321,6 @@ def flips_table(views: Iterable[RunView], alpha: float = ALPHA, power: float = P
     Columns: run, task, items, the run's accuracy, right -> wrong, wrong -> right, McNemar's p and
     ``≈ FP`` (the accuracy change is below the minimum detectable effect of its paired sample).
     """
-    from .tables import Table
-
     t = Table("fidelity-flips", "Task answers flipped against FP (McNemar's exact test)",
               ["run", "task", "items", "acc", "right→wrong", "wrong→right", "McNemar p", "≈ FP"],
               note=(f"Items FP answered right and the run wrong, and the reverse; p: McNemar's exact two-sided "

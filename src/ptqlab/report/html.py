@@ -19,7 +19,8 @@ from .findings import Finding
 from .plots import Figure
 from .render import fmt, shown
 from .runs import RunView, quality
-from .tables import Cell, Section, Table, run_label
+from .table import Cell, Table
+from .tables import Section, run_label
 
 __all__ = ["page"]
 

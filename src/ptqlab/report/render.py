@@ -14,7 +14,7 @@ import io
 import math
 from dataclasses import dataclass
 
-from .tables import Cell, Merge, Table
+from .table import Cell, Merge, Table
 
 __all__ = ["Shown", "fmt", "fmt_estimate", "shown", "to_csv", "to_latex", "to_markdown"]
 

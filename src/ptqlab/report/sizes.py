@@ -28,7 +28,8 @@ from typing import Any
 
 from ..metrics import BITS_SOURCE
 from .runs import Z95, RunView, quality
-from .tables import Section, Table, model_labels, model_params, protocol_sections, run_label, sample_sizes
+from .table import Table
+from .tables import Section, model_labels, model_params, protocol_sections, run_label, sample_sizes
 
 __all__ = ["ModelSize", "SizeSeries", "family_of", "matched_runs", "model_sizes", "params_text", "parse_params",
            "reference_notes", "reference_text", "relative_loss", "size_figures", "size_series"]

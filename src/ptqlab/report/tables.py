@@ -13,7 +13,7 @@ protocols, and each table's caption gives its protocol and sample sizes (windows
   are different rows (``Wb g64 asym + A8 token asym`` and ``Wb ... + Ab ...``).
 
 Labels always say the symmetry of an integer grid and name the weight rounding (``[rtn]`` when the recipe
-names no quantizer). Cells hold raw values (numbers stay numbers for CSV and sorting); a :class:`Merge`
+names no quantizer). Cells hold raw values (numbers stay numbers for CSV and sorting); a :class:`.table.Merge`
 tells :mod:`.render` which columns it shows as one ``x ± se (class)`` cell.
 """
 
@@ -22,11 +22,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..metrics import parse_name, task_name
 from .cost import MIB, SpeedMetric, has_cost, measured_size, run_size, speed, speed_metrics, speed_settings
+from .fidelity import fidelity_tables
 from .runs import (
     ZQ_CORPORA,
     Change,
@@ -38,11 +39,10 @@ from .runs import (
     section_bits,
     zq_class,
 )
+from .table import Cell, Merge, Table
 
-__all__ = ["Merge", "Section", "Table", "build_tables", "model_label", "model_labels", "model_params",
+__all__ = ["Section", "build_tables", "model_label", "model_labels", "model_params",
            "protocol_sections", "recipe_steps", "run_label", "sample_sizes", "series_label", "swept_bits"]
-
-Cell = str | float | int | None
 
 # Recipe steps that choose the quantized weights themselves (AWQ: its clipping search); any other recipe
 # rounds the weights with RTN after its transforms (ptqlab.methods.recipe.build_recipe; a test checks both
@@ -51,52 +51,6 @@ QUANTIZING_STEPS = ("rtn", "gptq", "awq", "squeezellm")
 TRANSFORM_STEPS = ("rotation", "smoothquant")  # steps that run before the quantizer
 DIVERGENCE_ORDER = ("kl", "top1", "top5")
 TARGET_ORDER = ("FP", "W", "A", "KV", "W+A", "W+KV", "A+KV", "W+A+KV")
-
-
-@dataclass(frozen=True)
-class Merge:
-    """Columns shown as one cell, ``value ± se (tag)``; CSV keeps them apart.
-
-    Attributes:
-        value: The column of the value (its name heads the merged column).
-        se: The column of its standard error, if any.
-        tag: A column shown in parentheses after it (ZeroQuant-V2's class), if any.
-        signed: Whether the value is a change, written with its sign.
-
-    """
-
-    value: str
-    se: str | None = None
-    tag: str | None = None
-    signed: bool = False
-
-
-@dataclass
-class Table:
-    """A titled table: columns, rows of raw cells and, per row, the run ids behind it."""
-
-    key: str
-    title: str
-    columns: list[str]
-    rows: list[list[Cell]] = field(default_factory=list)
-    runs: list[list[str]] = field(default_factory=list)
-    note: str = ""
-    merges: list[Merge] = field(default_factory=list)
-    section: int = 1
-    protocol: str = ""
-    sizes: str = ""
-
-    def add(self, cells: list[Cell], runs: Iterable[str]) -> None:
-        """Append a row and the runs it comes from."""
-        self.rows.append(cells)
-        self.runs.append(list(runs))
-
-    @property
-    def caption(self) -> str:
-        """The note, the protocol and the sample sizes, as one caption."""
-        parts = [self.note, f"Protocol: {self.protocol}." if self.protocol else "",
-                 f"Sample sizes: {self.sizes}." if self.sizes else ""]
-        return " ".join(p for p in parts if p)
 
 
 # ---- protocol sections and models --------------------------------------------------------------------------
@@ -679,10 +633,6 @@ def build_tables(views: list[RunView]) -> list[Table]:
 
 def _fidelity_tables(sec: Section) -> list[Table]:
     """The fidelity statistics of :mod:`.fidelity` for one protocol section, labelled as every other table."""
-    try:
-        from .fidelity import fidelity_tables
-    except ImportError:  # the fidelity statistics are an addition to the layout, not part of it
-        return []
     by_id = {v.id: v for v in sec.views}
     out = []
     for t in fidelity_tables(sec.views):
