@@ -211,15 +211,7 @@ def _speed(ctx: Context) -> None:
     else:
         raise ConfigError(f"evaluate.speed runtime {cfg.runtime} is not measured here; use llama.cpp or torch")
     ctx.result.metrics += sample.metrics()
-    ctx.result.timings["speed_s"] = time.perf_counter() - t0
-    log.info("speed in %s: pp%d %.1f t/s, tg%d %.1f t/s", cfg.runtime, cfg.prompt, _median(sample.pp),
-             cfg.generate, _median(sample.tg))
-
-
-def _median(values: Sequence[float]) -> float:
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+    ctx.result.timings["speed_s"] = time.perf_counter() - t0  # llama_cpp_speed / torch_speed log the medians
 
 
 MEASURES: tuple[Measure, ...] = (
