@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from .eval import EvalPlan, Evaluation, Reference, build_reference
 from .eval import evaluate as _evaluate
 from .eval.measures import RuntimeFiles
 from .eval.reference import self_reference
-from .formats.gguf import write_gguf
+from .formats.gguf import gguf_runtime_files
 from .pipeline.driver import QuantizeReport
 from .pipeline.plan import QuantizationPlan, RunOptions
 from .pipeline.quantize import is_quantized
@@ -200,12 +199,7 @@ def _gguf_files(model: nn.Module, tokenizer: Any, report: QuantizeReport | None)
         return None  # evaluate refuses the speed in llama.cpp, before any work
     if report is not None and report.runtime is not None and report.runtime.installed:
         return None
-    grids = {} if report is None else report.grids
-
-    def write(path: Path, float_type: str) -> None:
-        write_gguf(model, tokenizer, path, grids, float_type=float_type)
-
-    return RuntimeFiles(write)
+    return gguf_runtime_files(model, tokenizer, {} if report is None else report.grids)
 
 
 def sweep(

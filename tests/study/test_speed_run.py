@@ -105,3 +105,18 @@ def test_torch_runtime_times_ptqlabs_own_model(llama, tmp_path, capsys):
     code, err, metrics = _run(tmp_path, _config(llama, {"bits": 4}, {**SPEED, "runtime": "torch"}), capsys)
     assert code == 0, err
     assert metrics["speed.torch.pp16"] > 0 and metrics["speed.torch.tg4"] > 0 and "size.file.gguf" not in metrics
+
+
+def test_the_python_api_times_a_quantized_model_from_its_report(llama: Path) -> None:
+    """ptqlab.evaluate(report=...) writes the GGUF from quantize's grids; without the report it refuses first."""
+    import ptqlab
+    from ptqlab.errors import ConfigError
+
+    loaded = load_model(str(llama), "float32", "cpu")
+    report = ptqlab.quantize(loaded.model, {"weight": {"format": "gguf_q8_0"}}, [{"rtn": {}}], progress=False)
+    speed = {"speed": {"runtime": "llama.cpp", "prompt": 16, "generate": 4, "repeats": 1, "threads": 1}}
+    result = ptqlab.evaluate(loaded.model, loaded.tokenizer, speed, report=report, progress=False)
+    got = {m.name: m.value for m in result.metrics}
+    assert got["speed.llama_cpp.tg4"] > 0 and got["size.file.gguf"] > 0
+    with pytest.raises(ConfigError, match="report="):
+        ptqlab.evaluate(loaded.model, loaded.tokenizer, speed, progress=False)

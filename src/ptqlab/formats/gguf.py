@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..eval.measures import RuntimeFiles
 from ..models.weights import weight_matrix
 from ..pipeline.driver import WeightGrid
 from ..pipeline.plan import QuantizationPlan
 from ..quant.gguf import BLOCK, BLOCK_TYPES, block_codes
 from ..quant.spec import QuantSpec
+from ..schema import KVCacheScheme
 from .common import refuse_off_grid_recipe, refuse_runtime_quantizers
 from .gguf_blocks import pack
 
@@ -110,6 +112,15 @@ def _closest(spec: QuantSpec) -> str:
         return "gguf_q8_0"
     bits = 5 if spec.nbits == 5 else 4
     return f"gguf_q{bits}_0" if spec.symmetric else f"gguf_q{bits}_1"
+
+
+def gguf_runtime_files(model: nn.Module, tokenizer: Any, grids: dict[str, WeightGrid], source: str | None = None,
+                       kv_cache: KVCacheScheme | None = None) -> RuntimeFiles:
+    """How a run's model is written for llama.cpp's speed measure: :func:`write_gguf` from its grids."""
+    def write(path: Path, float_type: str) -> None:
+        write_gguf(model, tokenizer, path, grids, source, float_type=float_type)
+
+    return RuntimeFiles(write, kv_cache)
 
 
 def write_gguf(model: nn.Module, tokenizer: Any, path: Path, grids: dict[str, WeightGrid],

@@ -11,7 +11,6 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,10 +18,9 @@ from torch import nn
 
 from ..compile import RunPlan
 from ..eval import evaluate
-from ..eval.measures import RuntimeFiles
 from ..eval.reference import Reference
 from ..eval.result import Evaluation
-from ..formats.gguf import write_gguf
+from ..formats.gguf import gguf_runtime_files
 from ..methods.recipe import foreign_source
 from ..pipeline.driver import QuantizeReport
 from ..pipeline.plan import QuantizationPlan, RunOptions
@@ -87,13 +85,9 @@ class ResidentRun:
 
     def evaluate(self, report: QuantizeReport, peers: Sequence[tuple[float, float]]) -> Evaluation:
         """Evaluate the quantized model in memory against its FP reference (a runtime reads it from its grids)."""
-        model, tokenizer = self.model, self.tokenizer
-
-        def write(path: Path, float_type: str) -> None:
-            write_gguf(model, tokenizer, path, report.grids, self.source, float_type=float_type)
-
-        return evaluate(model, tokenizer, self.plan.evaluation, self.reference, progress=self.progress,
-                        peers=peers, files=RuntimeFiles(write, self.kv_cache))
+        files = gguf_runtime_files(self.model, self.tokenizer, report.grids, self.source, self.kv_cache)
+        return evaluate(self.model, self.tokenizer, self.plan.evaluation, self.reference, progress=self.progress,
+                        peers=peers, files=files)
 
     def release(self) -> None:
         """Drop the quantized model (and the GPU's cached blocks)."""
