@@ -392,7 +392,8 @@ def sort_key(row: dict[str, Any]) -> tuple[int, int, str]:
 
 def table(rows: list[dict[str, Any]], names: dict[str, str], speed: dict[str, Any]) -> str:
     pp, tg = f"pp{speed['prompt']}", f"tg{speed['generate']}"
-    lines = [f"| type | made by | bpw | MiB | ppl ± se | KL mean | KL p99 | top-1 | {pp} t/s | {tg} t/s |",
+    ppl_head = "ppl ± se" if any(_val(r, names["ppl"])[1] for r in rows) else "ppl"
+    lines = [f"| type | made by | bpw | MiB | {ppl_head} | KL mean | KL p99 | top-1 | {pp} t/s | {tg} t/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=sort_key):
         ppl, ppl_se = _val(r, names["ppl"])
