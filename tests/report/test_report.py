@@ -15,13 +15,14 @@ from report_testutil import FP_PPL, RUNS, build_store, expected_quality, fp_nll,
 
 from ptqlab.cli import main
 from ptqlab.errors import ConfigError, ReportError
+from ptqlab.metrics import Metric
 from ptqlab.report import Budget, compare_runs, load_views, recommend, select_views, write_report
 from ptqlab.report.findings import HOLDS, MIXED, NOT_ENOUGH, NOT_HOLDS, check_findings
 from ptqlab.report.plots import pareto_front, sensitivity_grid
 from ptqlab.report.render import to_csv, to_latex
 from ptqlab.report.runs import proportion_se
 from ptqlab.report.select import apply_filter, parse_filter
-from ptqlab.report.tables import build_tables
+from ptqlab.report.tables import build_tables, swept_bits
 from ptqlab.store import Store
 
 D = {r["rid"]: r.get("d", 0.0) for r in RUNS}
@@ -284,3 +285,24 @@ def test_a_scheme_whose_overrides_set_weights_is_labelled_mixed():
     assert describe_scheme({"weight": base, "overrides": over}) == "Wgguf_q4_0 mixed (2 overrides)"
     assert describe_scheme({"weight": base, "overrides": over[:1]}) == "Wgguf_q4_0 mixed (1 override)"
     assert describe_scheme({"weight": base, "overrides": [{"match": "x", "activation": None}]}) == "Wgguf_q4_0"
+
+
+def test_a_mixed_weight_run_sits_at_no_bit_width(tmp_path: Path) -> None:
+    # a searched allocation with a W4 base and W8 overrides is not a W4 run: no bit-width column, no ZeroQuant
+    # row at W4, no finding's pair; its note says it was left out
+    mixed = make_run("w4mix", w=weight(4), recipe=("rtn",), d=0.01, bits_weight=5.1, n=len(RUNS),
+                     extra=[Metric("kl.wikitext2.s512.w16", 0.01)])
+    mixed.config["scheme"]["overrides"] = [{"match": "*.v_proj", "weight": weight(8)}]
+    store = build_store(tmp_path / "m.db")
+    store.save(mixed)
+    views = load_views(store)
+    view = next(v for v in views if v.id == "w4mix")
+    assert view.mixed_weights and swept_bits(view) is None
+    for t in build_tables(views):
+        if t.key.startswith(("qllm-", "zq-")):
+            assert all("w4mix" not in runs for runs in t.runs), t.key
+    div = _table(views, "qllm-divergence")
+    assert "1 run with mixed weights" in div.note
+    assert _pivot_row(div, "KL wikitext2", "Wb row asym [rtn]")["b=4"] == 0.2  # the uniform W4 run still there
+    assert {f.key: f.verdict for f in check_findings(views)} == \
+        {f.key: f.verdict for f in check_findings([v for v in views if v.id != "w4mix"])}

@@ -647,7 +647,9 @@ CHECKS = (_activation_vs_weight, _groups_beat_rows, _gptq_beats_rtn, _coarse_bea
 def check_findings(views: list[RunView]) -> list[Finding]:
     """Every seed finding, checked on ``views``; the size findings only when ``views`` hold two models or more.
 
-    With one model a size claim does not apply (it is not an unsettled measurement), so it is not listed.
+    With one model a size claim does not apply (it is not an unsettled measurement), so it is not listed. Runs
+    with mixed weights (a search's allocations) are left out: every finding compares schemes at their bits.
     """
+    views = [v for v in views if not v.mixed_weights]
     several = len({v.record.model_fingerprint for v in views}) > 1
     return [check(views) for check in CHECKS if several or check not in SIZE_CHECKS]

@@ -207,10 +207,15 @@ def describe_scheme(scheme: Mapping[str, Any]) -> str:
     """
     keys = (("W", "weight"), ("A", "activation"), ("KV", "kv_cache"))
     parts = [part_label(prefix, scheme.get(key)) for prefix, key in keys]
-    mixed = sum(1 for o in scheme.get("overrides") or () if isinstance(o, Mapping) and "weight" in o)
+    mixed = weight_overrides(scheme)
     if mixed:
         parts[0] = f"{parts[0] or 'WFP'} mixed ({mixed} override{'s' if mixed > 1 else ''})"
     return " + ".join(p for p in parts if p) or "FP"
+
+
+def weight_overrides(scheme: Mapping[str, Any]) -> int:
+    """How many of a scheme's ``overrides`` give some linears another weight spec (0: uniform weights)."""
+    return sum(1 for o in scheme.get("overrides") or () if isinstance(o, Mapping) and "weight" in o)
 
 
 def section_bits(section: Mapping[str, Any] | None) -> int | None:
@@ -347,6 +352,11 @@ class RunView:
     def scheme(self) -> dict[str, Any]:
         """The run's scheme section."""
         return dict(self.record.config.get("scheme") or {})
+
+    @property
+    def mixed_weights(self) -> bool:
+        """Some linears take another weight spec than the scheme's (a searched mixed-precision run)."""
+        return weight_overrides(self.scheme) > 0
 
     @property
     def w_bits(self) -> int | None:

@@ -159,6 +159,8 @@ def recipe_steps(steps: Sequence[str], weights_quantized: bool) -> list[str]:
 
 def _granularity(prefix: str, section: Mapping[str, Any]) -> str:
     default = {"W": "channel", "A": "token", "KV": "head"}[prefix]
+    if str(section.get("format") or "").startswith("gguf_"):
+        return ""  # llama.cpp's block types carry their own blocks
     gran = section.get("granularity") or default
     if gran == "group":
         return f"g{section.get('group_size')}"
@@ -172,7 +174,7 @@ def _part(prefix: str, section: Mapping[str, Any] | None, open_bits: int | None 
         return None
     fmt = section.get("format") or "int"
     size = ("b" if bits == open_bits else str(bits)) if fmt == "int" else fmt
-    words = [f"{prefix}{size}", _granularity(prefix, section)]
+    words = [w for w in (f"{prefix}{size}", _granularity(prefix, section)) if w]
     if fmt == "int":
         words.append("sym" if section.get("symmetric") else "asym")
     clipping = section.get("clipping") or "minmax"
@@ -191,7 +193,7 @@ def _label(v: RunView, open_bits: int | None = None) -> str:
     text = " + ".join(p for p in parts if p) or "FP"
     if scheme.get("overrides"):
         n = len(scheme["overrides"])
-        text += f" ({n} override{'s' if n > 1 else ''})"
+        text += f" {'mixed ' if v.mixed_weights else ''}({n} override{'s' if n > 1 else ''})"
     if scheme.get("outliers"):
         text += " + FP16 outliers"
     steps = recipe_steps(v.steps, v.w_bits is not None)
@@ -204,7 +206,13 @@ def run_label(v: RunView) -> str:
 
 
 def swept_bits(v: RunView) -> int | None:
-    """The bits a run sits at on a bit-width axis: the weights', else the activations', else the KV cache's."""
+    """The bits a run sits at on a bit-width axis: the weights', else the activations', else the KV cache's.
+
+    A run with mixed weights (overrides giving some linears another weight spec) sits at none: its weights are
+    not at its scheme's bits (the cost table and a search's figure give its effective bits).
+    """
+    if v.mixed_weights:
+        return None
     return next((b for b in (v.w_bits, v.a_bits, v.kv_bits) if b is not None), None)
 
 
@@ -537,6 +545,11 @@ def _bits_pivot(t: Table, views: list[RunView], measures: list[_Measure], labels
             lead: list[Cell] = [m.words, *([model_label(fp, labels, params)] if multi else []), label,
                                 None if base is None else base.fp]
             t.add([*lead, *cells], runs)
+    mixed = sum(1 for v in views if v.mixed_weights and any(m.metric in v.metrics for m in measures))
+    if mixed:
+        t.note = (f"{t.note} {mixed} run{'s' if mixed > 1 else ''} with mixed weights (per-linear overrides) "
+                  "sit at no bit width and are left out here (their effective bits: a search's figure, "
+                  "`ptqlab show RUN`).").strip()
     return t
 
 
@@ -615,7 +628,7 @@ def build_tables(views: list[RunView]) -> list[Table]:
         models = _model_order(_by_model(sec.views), params, labels)
         found: list[Table] = []
         if sec in zq_sections:
-            zq = [v for v in sec.views if quality(v) is not None]
+            zq = [v for v in sec.views if quality(v) is not None and not v.mixed_weights]
             corpora = ", ".join(sec.protocol.corpora) or "the runs' corpora"
             note = (f"Quality: mean perplexity over {corpora}; class by the increase over FP (<= 0.1: 1, "
                     f"<= 0.5: 2, else 3). Cells: Δ ppl ± its standard error (class).")

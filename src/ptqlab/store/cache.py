@@ -5,6 +5,10 @@ Every kind of cached result lives in its own folder (``perplexity``, ``divergenc
 renamed, so a crash never leaves half an entry. A hit touches the entry's modification time, so the size
 bound (``PTQLAB_CACHE_MAX_GB``, default 20) evicts the least recently used entries first. Quantized
 models are kept by :mod:`ptqlab.study.qmodels`.
+
+Two folders are not results and the bound never evicts them (nor counts them): ``models``, the checkpoints
+``make models`` downloaded (gone, they cost a download), and ``stream``, the offload folder of a streamed run
+in progress. ``clear()`` without a kind leaves ``models`` too; ``clear("models")`` removes them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from ..paths import cache_root
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_GB = 20.0
+PINNED_KINDS = frozenset({"models", "stream"})  # never evicted by the size bound
+DOWNLOADS = "models"  # left by clear() unless named
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,10 @@ def entries(root: Path | None = None) -> list[CacheEntry]:
 
 
 def clear(kind: str | None = None, root: Path | None = None) -> int:
-    """Remove every entry (of one kind); returns the bytes freed."""
+    """Remove every entry (of one kind; without one, all but the downloaded models); returns the bytes freed."""
     freed = 0
     for e in entries(root):
-        if kind is None or e.kind == kind:
+        if (kind is None and e.kind != DOWNLOADS) or e.kind == kind:
             _remove(e.path)
             freed += e.size
     return freed
@@ -72,9 +78,13 @@ def max_bytes() -> int:
 
 
 def enforce_limit(limit: int | None = None, root: Path | None = None, keep: Path | None = None) -> int:
-    """Evict least recently used entries until the cache fits ``limit`` bytes; returns the bytes freed."""
+    """Evict least recently used entries until the cache fits ``limit`` bytes; returns the bytes freed.
+
+    The pinned folders (:data:`PINNED_KINDS`: downloaded models, a streamed run's offload) are neither counted
+    nor evicted.
+    """
     bound = max_bytes() if limit is None else limit
-    listed = entries(root)
+    listed = [e for e in entries(root) if e.kind not in PINNED_KINDS]
     total = sum(e.size for e in listed)
     freed = 0
     for e in listed:
