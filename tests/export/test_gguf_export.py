@@ -175,3 +175,18 @@ def test_a_weight_off_its_block_grid_is_an_error_not_a_requantization() -> None:
         linear.weight[0, 0] += 1e-3
     with pytest.raises(ConfigError, match="not on its GGUF block grid"):
         _quantized("x", linear, grid, "blk.0.ffn_up.weight", None)
+
+
+def test_a_mixed_run_holds_a_block_type_per_tensor(tmp_path: Path, spm_llama: Path, quantized_here) -> None:
+    # a searched allocation: Q4_0 base, value projections at Q8_0, layer 1's down projection at Q5_0
+    data = _config(spm_llama, {"format": "gguf_q4_0"}, recipe=[],
+                   overrides=[{"match": r".*v_proj", "weight": {"format": "gguf_q8_0"}},
+                              {"match": r".*layers\.1\.mlp\.down_proj", "weight": {"format": "gguf_q5_0"}}])
+    out = tmp_path / "mixed"
+    export_config(parse_config(data), "gguf", out, progress=False)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    assert types["blk.0.attn_v.weight"] == types["blk.1.attn_v.weight"] == "Q8_0"
+    assert types["blk.1.ffn_down.weight"] == "Q5_0"
+    assert types["blk.0.ffn_down.weight"] == types["blk.0.attn_q.weight"] == "Q4_0"
+    theirs, mine = _load(out).state_dict(), quantized_here(data).state_dict()
+    assert not [k for k, v in theirs.items() if not torch.equal(v, mine[k])]

@@ -292,7 +292,7 @@ def test_a_mixed_weight_run_sits_at_no_bit_width(tmp_path: Path) -> None:
     # row at W4, no finding's pair; its note says it was left out
     mixed = make_run("w4mix", w=weight(4), recipe=("rtn",), d=0.01, bits_weight=5.1, n=len(RUNS),
                      extra=[Metric("kl.wikitext2.s512.w16", 0.01)])
-    mixed.config["scheme"]["overrides"] = [{"match": "*.v_proj", "weight": weight(8)}]
+    mixed.config["scheme"]["overrides"] = [{"match": r".*v_proj", "weight": weight(8)}]
     store = build_store(tmp_path / "m.db")
     store.save(mixed)
     views = load_views(store)
