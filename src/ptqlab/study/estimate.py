@@ -4,7 +4,9 @@ A run that repeats a stored protocol (same model, method and ``evaluate`` sectio
 took: the median of their totals. Otherwise the run is cut into phases (loading, quantization, FP
 references, each evaluation) and each phase is priced at the median rate the store's runs of the same model
 had for it: seconds per load, per quantization with the same method, per perplexity token, per task item,
-per divergence or retrieval token. A phase with no stored rate is left out and named.
+per divergence or retrieval token. A quantization with no stored run at its weight bits is priced at the
+same recipe's runs at other bits (GPTQ's Hessians and column loop, LoRC's SVDs cost the same at 3 as at 4
+bits). A phase with no stored rate is left out and named.
 """
 
 from __future__ import annotations
@@ -126,6 +128,9 @@ class Estimator:
 
     def _rate(self, model: str, phase: str) -> float | None:
         found = self._rates.get((model, phase))
+        if not found and phase.startswith("quantize:"):  # the same recipe at other weight bits
+            recipe = phase.rsplit("@", 1)[0] + "@"
+            found = [v for (m, p), vs in self._rates.items() if m == model and p.startswith(recipe) for v in vs]
         return statistics.median(found) if found else None
 
     def total(self, config: dict[str, Any]) -> float | None:
