@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import gc
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ from ..compile import bind, compile_config
 from ..eval import build_reference
 from ..eval.reference import Reference
 from ..eval.result import Evaluation
+from ..memory import return_freed
 from ..models.loading import LoadedModel, load_model, model_fingerprint, resolve_device
 from ..models.source_bits import model_source_metrics
 from ..nn.capture import InputCache
@@ -142,6 +144,12 @@ class Worker:
             ConfigError / DataError: The configuration does not fit the model (nothing was computed).
 
         """
+        try:
+            return self._run(cfg, peers)
+        finally:  # the run's locals are gone here: what they tied into cycles is freed now
+            _collect_run_garbage()
+
+    def _run(self, cfg: RunConfig, peers: Sequence[tuple[float, float]]) -> RunRecord:
         t_start = time.perf_counter()
         prepared = self.prepare(cfg)
         record = _new_record(cfg, prepared.fingerprint, prepared.architecture, prepared.device)
@@ -252,6 +260,17 @@ class PreparedRun(Protocol):
     def release(self) -> None:
         """Free what the run holds."""
         ...
+
+
+def _collect_run_garbage() -> None:
+    """Free what a finished run left in reference cycles, now, and give the pages back to the OS.
+
+    The hooks that quantize activations and the KV cache tie the run's model copy into reference cycles that
+    only a full collection frees; in a process holding transformers' many long-lived objects Python runs one
+    rarely, so a sweep worker kept one dead copy after another (21.5 GiB after twelve runs of a 1.5B model).
+    """
+    gc.collect()
+    return_freed()
 
 
 def _fill(record: RunRecord, report: QuantizeReport, result: Evaluation) -> None:
