@@ -134,3 +134,14 @@ def test_gptq_with_number_formats_beats_rtn_and_stays_on_the_grid(spec: QuantSpe
     assert err < relative_output_error(W.float(), rtn.weight, H.float())
     again = dequantize(quantize(gptq.weight, gptq.qparams, spec), gptq.qparams, spec)
     torch.testing.assert_close(again, gptq.weight, rtol=0, atol=1e-5)
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
+    _, H, _ = _problem(cols=96)
+    U = GPTQ(GPTQConfig(damp=0.01)).inverse_cholesky(H.float())
+    damped = H + 0.01 * torch.mean(torch.diag(H)) * torch.eye(96, dtype=H.dtype)
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)  # float64, the definition
+    assert torch.equal(U, torch.triu(U)) and bool((torch.diag(U) > 0).all())
+    # float32 against float64: a factorization's relative error is bounded by about cond(H) float32 epsilons
+    bound = float(torch.linalg.cond(damped)) * torch.finfo(torch.float32).eps * float(expected.abs().max())
+    torch.testing.assert_close(U.double(), expected, rtol=0, atol=bound)
