@@ -112,7 +112,8 @@ def test_dry_run_lists_what_runs_prices_it_and_stores_nothing(tmp_path, monkeypa
     assert "done: in the store" in capsys.readouterr().out
     assert main(["--store", str(db), "run", both, "--dry-run", "--json"]) == 0
     preview = json.loads(capsys.readouterr().out)
-    assert preview["status"] == "missing" and preview["total_s"] > 0  # priced from the stored run
+    assert preview["status"] == "missing" and preview["priced_s"] > 0  # priced from the stored run
+    assert preview["total_s"] is None  # its tasks are not priced: no total
     assert {"load", "quantize", "perplexity"} <= set(preview["estimate_s"]) and "reference" not in preview["estimate_s"]
     assert preview["unpriced"] == ["tasks"]  # no stored run has timed a task item
     assert len(Store(db).list_runs()) == 1

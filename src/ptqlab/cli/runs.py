@@ -89,7 +89,8 @@ def _dry_run(cfg: RunConfig, args: argparse.Namespace) -> int:
     est = preview.estimate
     if args.json:
         json.dump({"id": preview.run_id, "status": preview.status, "steps": [list(s) for s in preview.steps],
-                   "estimate_s": est.seconds, "total_s": est.total, "unpriced": est.unpriced}, sys.stdout, indent=2)
+                   "estimate_s": est.seconds, "total_s": est.total, "priced_s": est.priced, "unpriced": est.unpriced,
+                   "borrowed": est.borrowed}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     out = sys.stdout
@@ -102,8 +103,11 @@ def _dry_run(cfg: RunConfig, args: argparse.Namespace) -> int:
         when = f"~{duration(seconds)}" if seconds is not None and phase not in shown else ""
         shown.add(phase)
         out.write(f"  {phase:<12} {what:<72} {when}\n")
-    total = "no estimate" if est.total is None else f"~{duration(est.total)}"
+    total = f"~{duration(est.total)}" if est.total is not None else (
+        f"more than ~{duration(est.priced)}" if est.seconds else "no estimate")
     out.write(f"estimated time: {total} (rates of {est.basis}")
+    for phase, other in est.borrowed.items():
+        out.write(f"; {phase} from {other}'s runs, scaled by the models' seconds per token")
     out.write(f"; not priced: {', '.join(est.unpriced)})\n" if est.unpriced else ")\n")
     out.write("dry run: nothing computed or stored\n")
     return 0

@@ -6,11 +6,15 @@ references, each evaluation) and each phase is priced at the median rate the sto
 had for it: seconds per load, per quantization with the same method, per perplexity token, per task item,
 per divergence or retrieval token. A quantization with no stored run at its weight bits is priced at the
 same recipe's runs at other bits (GPTQ's Hessians and column loop, LoRC's SVDs cost the same at 3 as at 4
-bits). A phase with no stored rate is left out and named.
+bits). A phase the model's runs never had (a recipe, the divergence) is priced at the stored model of the
+nearest forward cost, scaled by the two models' seconds per perplexity token (named in
+:attr:`Estimate.borrowed`). A phase with no
+stored rate is named, and the run then has no total: a sum that leaves out a phase is not its time.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -82,11 +86,17 @@ class Estimate:
     seconds: dict[str, float] = field(default_factory=dict)
     unpriced: list[str] = field(default_factory=list)
     basis: str = ""
+    borrowed: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> float | None:
-        """The sum of the priced phases, or None when nothing could be priced."""
-        return sum(self.seconds.values()) if self.seconds else None
+        """The sum of the phases, or None when a phase could not be priced."""
+        return self.priced if self.seconds and not self.unpriced else None
+
+    @property
+    def priced(self) -> float:
+        """The sum of the phases that could be priced (a lower bound where some could not)."""
+        return sum(self.seconds.values())
 
 
 class Estimator:
@@ -129,9 +139,29 @@ class Estimator:
     def _rate(self, model: str, phase: str) -> float | None:
         found = self._rates.get((model, phase))
         if not found and phase.startswith("quantize:"):  # the same recipe at other weight bits
-            recipe = phase.rsplit("@", 1)[0] + "@"
-            found = [v for (m, p), vs in self._rates.items() if m == model and p.startswith(recipe) for v in vs]
+            found = self._recipe_runs(model, phase)
         return statistics.median(found) if found else None
+
+    def _recipe_runs(self, model: str, phase: str) -> list[float]:
+        """Seconds of the stored runs of ``phase``'s recipe on ``model`` at any weight bits."""
+        recipe = phase.rsplit("@", 1)[0] + "@"
+        return [v for (m, p), vs in self._rates.items() if m == model and p.startswith(recipe) for v in vs]
+
+    def _borrowed_rate(self, model: str, phase: str) -> tuple[float, str] | None:
+        """``phase``'s rate on the other stored model nearest in seconds per token, scaled to ``model``."""
+        own = self._rate(model, "ppl_token")
+        if own is None:
+            return None
+        found = []
+        for other in sorted({m for m, _ in self._rates} - {model}):
+            rate = self._rate(other, "ppl_token")
+            runs = self._rates.get((other, phase)) or self._recipe_runs(other, phase)
+            if rate is not None and runs:
+                found.append((abs(math.log(own / rate)), other, statistics.median(runs) * own / rate))
+        if not found:
+            return None
+        _, other, seconds = min(found)
+        return seconds, other
 
     def total(self, config: dict[str, Any]) -> float | None:
         """Seconds for a normalized configuration: stored runs of the same protocol, else by phase."""
@@ -163,6 +193,10 @@ class Estimator:
             if amount == 0 or (phase == "perplexity" and not work.ppl_tokens):
                 continue
             r = self._rate(work.model, name)
+            if r is None and name != "ppl_token":
+                borrowed = self._borrowed_rate(work.model, name)
+                if borrowed is not None:
+                    r, out.borrowed[phase] = borrowed
             if r is None:
                 out.unpriced.append(phase)
             else:
