@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from ..memory import return_freed
 from ..models.adapter import Adapter
 from ..models.shards import Checkpoint, outer_modules, resident
-from ..nn.capture import LayerCall, capture_inputs, layer_output
+from ..nn.capture import LayerCall, capture_inputs, handing_over, layer_output
 from ..threads import fit_threads
 from . import divergence as dv
 from .access import TaskRun, WindowRun
@@ -48,28 +47,6 @@ class _Set:
     chunks: list[torch.Tensor] = field(default_factory=list)
     calls: list[list[LayerCall]] = field(default_factory=list)
     hidden: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-
-
-@contextmanager
-def _handing_over(layers: nn.ModuleList, final: torch.Tensor, as_tuple: bool) -> Iterator[None]:
-    """The decoder layers replaced: the first returns ``final``, the others pass their input on."""
-
-    def wrap(h: torch.Tensor) -> Any:
-        return (h,) if as_tuple else h
-
-    def first(*_args: Any, **_kwargs: Any) -> Any:
-        return wrap(final)
-
-    def passing(*args: Any, **kwargs: Any) -> Any:
-        return wrap(args[0] if args else kwargs["hidden_states"])
-
-    for i, layer in enumerate(layers):
-        layer.forward = first if i == 0 else passing
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 class LayerMajor:
@@ -127,7 +104,7 @@ class LayerMajor:
 
         The layers themselves do not run; use it within :meth:`tail`.
         """
-        return _handing_over(self.layers, final, self.as_tuple)
+        return handing_over(self.layers, final, self.as_tuple)
 
 
 class LayerMajorModel:

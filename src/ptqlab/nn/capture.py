@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,3 +115,29 @@ class InputCache:
 def layer_output(out: Any) -> torch.Tensor:
     """The hidden states a decoder layer returned (a tensor, or the first item of a tuple)."""
     return out[0] if isinstance(out, tuple | list) else out
+
+
+@contextlib.contextmanager
+def handing_over(layers: nn.ModuleList, final: torch.Tensor, as_tuple: bool) -> Iterator[None]:
+    """The decoder layers replaced: the first returns ``final``, the others pass their input on.
+
+    Within the block a forward of the model runs its embedding part, hands ``final`` on as the last layer's
+    output (a tuple when the layers return tuples) and runs the family's own final norm and head on it.
+    """
+
+    def wrap(h: torch.Tensor) -> Any:
+        return (h,) if as_tuple else h
+
+    def first(*_args: Any, **_kwargs: Any) -> Any:
+        return wrap(final)
+
+    def passing(*args: Any, **kwargs: Any) -> Any:
+        return wrap(args[0] if args else kwargs["hidden_states"])
+
+    for i, layer in enumerate(layers):
+        layer.forward = first if i == 0 else passing
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward

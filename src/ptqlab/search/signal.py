@@ -46,8 +46,11 @@ from ..data.calibration import calibration_windows
 from ..eval import build_reference
 from ..eval import divergence as div
 from ..eval.cache import entry, load_or_compute
+from ..memory import return_freed
 from ..models.loading import LoadedModel
+from ..models.registry import get_adapter
 from ..models.weights import set_weight_matrix, stored_transposed, weight_matrix, weight_parameter
+from ..nn.capture import capture_inputs, handing_over, layer_output
 from ..paths import cache_root
 from ..pipeline.driver import LayerRecord
 from ..pipeline.quantize import place
@@ -56,6 +59,7 @@ from ..store import code_fingerprint
 from ..store.qmodels import QuantizedModels
 from ..study.config import parse_config
 from ..study.resident import quantize_or_restore, quantized_weights_key
+from ..threads import fit_threads
 from .config import SearchFile
 from .units import Units
 
@@ -240,6 +244,7 @@ def _kl(search: SearchFile, units: Units, lm: LoadedModel, device: torch.device,
         _set(model, menu_weights[base], every)
     at_base = {name: weight_matrix(model.get_submodule(name)).detach().clone() for name in every}
     offset = div.divergence(model, ref.topk).kl
+    prefix = _BaseInputs(model, get_adapter(model).layers(model), ref.topk.ids)
     evaluations = 1
     values = []
     bar = tqdm(units.units, desc=f"signal kl ({len(units.units)} units)", unit="unit", disable=not progress)
@@ -250,12 +255,52 @@ def _kl(search: SearchFile, units: Units, lm: LoadedModel, device: torch.device,
                 row.append(0.0)
                 continue
             _set(model, weights, u.modules)
-            row.append(div.divergence(model, ref.topk).kl - offset)
+            row.append(prefix.divergence(model, u.layer, ref.topk).kl - offset)
             evaluations += 1
             _set(model, at_base, u.modules)
         values.append(tuple(row))
     bar.close()
     return tuple(values), offset, evaluations
+
+
+class _BaseInputs:
+    """The base model's input to every decoder layer on each divergence window.
+
+    Moving one unit leaves every layer before its own as it was, so its model's forward starts at the
+    unit's layer from these inputs (the layers before it are not run again) and ends in the family's own
+    norm and head: the same floats as a whole forward (tested), at about half the cost on average.
+    """
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor) -> None:
+        self.layers = layers
+        device = next(model.parameters()).device
+        captured = capture_inputs(model, layers, [ids[w : w + 1].to(device) for w in range(ids.shape[0])])
+        self.calls = captured.calls
+        self.inputs = [list(captured.hidden)]
+        self.as_tuple = False
+        with torch.inference_mode():
+            for li in range(len(layers) - 1):
+                self.inputs.append([self._layer(li, h, w) for w, h in enumerate(self.inputs[li])])
+
+    def _layer(self, li: int, hidden: torch.Tensor, w: int) -> torch.Tensor:
+        call = self.calls[li][w]
+        out = self.layers[li](hidden, *call.args, **call.kwargs)
+        self.as_tuple = isinstance(out, tuple | list)
+        return layer_output(out)
+
+    def divergence(self, model: nn.Module, start: int, ref: div.TopKReference) -> div.Divergence:
+        """:func:`ptqlab.eval.divergence.divergence` of ``model``, whose layers before ``start`` are the base's."""
+        acc = div.DivergenceSum()
+        for w in range(ref.ids.shape[0]):
+            fit_threads()
+            return_freed()
+            with torch.inference_mode():
+                hidden = self.inputs[start][w]
+                for li in range(start, len(self.layers)):
+                    hidden = self._layer(li, hidden, w)
+            with handing_over(self.layers, hidden, self.as_tuple):
+                acc.add_window(div.logprob_chunks(model, ref.ids[w : w + 1]), ref.window(w), ref.ids[w])
+        return acc.result()
 
 
 def _error(units: Units, records: list[list[LayerRecord]]) -> tuple[tuple[float, ...], ...]:
