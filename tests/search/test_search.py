@@ -251,3 +251,15 @@ def test_a_front_with_measured_costs_is_drawn_against_file_size_and_speed_too(tm
                for k, m in measured.items()}
     _figure(plt, Cohort(), tmp_path, summarize("s", entries, without))
     assert len(drawn["axes"]) == 2 and "against bits and" not in drawn["caption"]
+
+
+def test_the_searched_allocations_prediction_is_checked_where_the_solver_went() -> None:
+    entries = {"s": {"search.roles": [{"role": "searched", "budget": 4.5}], "search.score": 0.2,
+                     "search.signal": "kl", "search.offset": 0.5, "search.budget_kind": "bits"},
+               "u": {"search.roles": [{"role": "uniform", "menu": 0}], "search.score": 0.0,
+                     "search.signal": "kl", "search.offset": 0.5, "search.budget_kind": "bits"}}
+    measured = {"s": {"kl.x.s8.w1": (1.4, 0.01), BITS_WEIGHT: (4.5, None)},
+                "u": {"kl.x.s8.w1": (0.5, 0.01), BITS_WEIGHT: (4.0, None)}}
+    summary = summarize("s", entries, measured)
+    assert summary.searched_ratios() == [(4.5, pytest.approx(1.4 / 0.7))]  # predicted: the offset plus the sum
+    assert summary.to_json()["searched_measured_over_predicted"] == [{"budget": 4.5, "ratio": pytest.approx(2.0)}]

@@ -129,6 +129,15 @@ class SearchSummary:
         """The runs playing ``role``."""
         return [p for p in self.points if p.has(role)]
 
+    def searched_ratios(self) -> list[tuple[float, float]]:
+        """``(budget, measured KL / predicted KL)`` of each budget's searched run, where both are known.
+
+        The validation allocations check the signal on random allocations; this checks it where the solver
+        went, on the allocations it chose because their predicted loss was least.
+        """
+        return [(r.budget, r.searched.kl / r.searched.predicted) for r in self.front
+                if r.searched.kl is not None and r.searched.predicted is not None and r.searched.predicted > 0]
+
     def to_json(self) -> dict[str, Any]:
         """The summary as JSON data (strict: no NaN or infinity)."""
         def point(p: Point | None) -> dict[str, Any] | None:
@@ -147,6 +156,7 @@ class SearchSummary:
             "rule": [point(p) for p in self.role("rule")],
             "validation": [point(p) for p in self.role("validation")],
             "additivity": None if add is None else {k: _finite(v) for k, v in vars(add).items()},
+            "searched_measured_over_predicted": [{"budget": b, "ratio": _finite(r)} for b, r in self.searched_ratios()],
         }
 
 
@@ -444,6 +454,10 @@ def _figure(plt: Any, cohort: Any, out: Path, summary: SearchSummary) -> Any:
         mae = "n/a" if add.mean_abs_error is None else f"{add.mean_abs_error:.4g}"
         mre = "n/a" if add.mean_rel_error is None else f"{100 * add.mean_rel_error:.1f} %"
         text += f" Additivity: Spearman {rho} over {add.n} validation runs; mean |error| of the sum {mae} ({mre})."
+    ratios = summary.searched_ratios()
+    if ratios:
+        each = ", ".join(f"{r:.2f} at {b:g}" for b, r in ratios)
+        text += f" The searched allocations measured {each} times their predicted KL."
     shown = [v for v in cohort.views if v.id in set(runs)]
     caption = cohort.caption(text, shown, ["kl"], sum(1 for p in summary.points if p.kl is not None
                                                       and p.kl_se is None))
