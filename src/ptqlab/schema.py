@@ -122,6 +122,9 @@ class Scheme(_Strict):
     kv_cache: KVCacheScheme | None = None
     overrides: list[OverrideEntry] = Field(default_factory=list)
     outliers: OutlierScheme | None = None
+    embedding: WeightScheme | None = None
+    """The input embedding matrix (and an output head tied to it) rounded to nearest onto this grid after the
+    layer loop, e.g. ``{format: gguf_q8_0}`` as llama.cpp stores it; None keeps it in full precision."""
 
 
 class Calibration(_Strict):

@@ -96,6 +96,7 @@ def test_the_library_decompresses_the_runs_weights_bit_for_bit(tmp_path: Path, w
     ({"scheme": {"weight": {"bits": 4}, "activation": INT8_TOKENS}}, "W8A8 .* takes symmetric 8-bit INT weights"),
     ({"scheme": {"weight": {"bits": 8}, "activation": {"bits": 4, "granularity": "token"}}}, "per-token 8-bit"),
     ({"scheme": {"weight": {"bits": 8}, "kv_cache": {"bits": 8}}}, "KV-cache"),
+    ({"scheme": {"weight": {"bits": 4, **CHANNEL}, "embedding": {"bits": 8}}}, "no quantized embedding"),
 ])
 def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path: Path, change: dict, message: str) -> None:
     out = tmp_path / "ct"

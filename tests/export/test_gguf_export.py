@@ -190,3 +190,18 @@ def test_a_mixed_run_holds_a_block_type_per_tensor(tmp_path: Path, spm_llama: Pa
     assert types["blk.0.ffn_down.weight"] == types["blk.0.attn_q.weight"] == "Q4_0"
     theirs, mine = _load(out).state_dict(), quantized_here(data).state_dict()
     assert not [k for k, v in theirs.items() if not torch.equal(v, mine[k])]
+
+
+def test_a_quantized_embedding_is_written_as_its_block_type(tmp_path: Path, spm_llama: Path, quantized_here) -> None:
+    # llama.cpp's own files hold the embedding at Q8_0; the run rounds it there and evaluates that model
+    data = _config(spm_llama, {"format": "gguf_q4_0"}, recipe=[], embedding={"format": "gguf_q8_0"})
+    out = tmp_path / "emb"
+    export_config(parse_config(data), "gguf", out, progress=False)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["output.weight"] == "F32"  # an untied head stays
+    assert types["blk.0.attn_q.weight"] == "Q4_0"
+    theirs, ours = _load(out).state_dict(), quantized_here(data)
+    mine = ours.state_dict()
+    assert not [k for k, v in theirs.items() if not torch.equal(v, mine[k])]
+    fp = AutoModelForCausalLM.from_pretrained(spm_llama).state_dict()["model.embed_tokens.weight"]
+    assert not torch.equal(mine["model.embed_tokens.weight"], fp)  # the evaluated model's embedding is rounded

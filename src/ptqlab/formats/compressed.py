@@ -43,7 +43,8 @@ def check_compressed(plan: QuantizationPlan) -> str:
     Raises:
         ConfigError: Attention-input or KV quantization (not written yet), activations other than dynamic
             per-token INT8 beside INT8 weights or FP8 beside FP8 weights, an online rotation, a weight spec
-            that is not INT (1-8 bits) or FP8 E4M3 per channel or group, a float zero point, act-order.
+            that is not INT (1-8 bits) or FP8 E4M3 per channel or group, a float zero point, act-order, a
+            quantized embedding.
 
     """
     if plan.adapter.experts is not None:
@@ -52,6 +53,9 @@ def check_compressed(plan: QuantizationPlan) -> str:
     if plan.attention is not None or plan.kv is not None:
         raise ConfigError("scheme.kv_cache / scheme.activation.attention: ptqlab does not write compressed-tensors "
                           "KV-cache or attention-input schemes yet; remove them to export")
+    if plan.embedding is not None:
+        raise ConfigError("scheme.embedding: compressed-tensors quantizes linears; vLLM has no quantized embedding "
+                          "to load. Export the run with --format gguf or hf, or drop scheme.embedding")
     fmt = _format_of(plan)
     refuse_off_grid_recipe(plan, "compressed-tensors 0.20", "vLLM")
     for t in plan.targets:

@@ -15,8 +15,12 @@ from ptqlab.models.experts import ExpertLinear
 
 
 def _check_supported(module: nn.Module) -> None:
-    """Raise TypeError unless ``module`` is an ``nn.Linear``, a ``Conv1D`` or an ``ExpertLinear``."""
-    if not isinstance(module, (nn.Linear, Conv1D, ExpertLinear)):
+    """Raise TypeError unless ``module`` is an ``nn.Linear``, a ``Conv1D``, an ``ExpertLinear`` or an embedding.
+
+    An ``nn.Embedding``'s (tokens, width) table is a weight of the same layout: a row per token, ranges along
+    the width (``scheme.embedding``).
+    """
+    if not isinstance(module, (nn.Linear, Conv1D, ExpertLinear, nn.Embedding)):
         raise TypeError(f"expected nn.Linear, transformers Conv1D or an expert's linear, got {type(module).__name__}")
 
 
@@ -85,3 +89,10 @@ def in_features(module: nn.Module) -> int:
 def out_features(module: nn.Module) -> int:
     """Return the output width of an ``nn.Linear``, ``Conv1D`` or ``ExpertLinear``."""
     return int(weight_matrix(module).shape[0])
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's input embedding module (``get_input_embeddings``), or None when it has none."""
+    getter = getattr(model, "get_input_embeddings", None)
+    module = getter() if callable(getter) else None
+    return module if isinstance(module, nn.Embedding) else None

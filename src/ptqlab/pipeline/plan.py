@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..methods import Recipe
 from ..models.adapter import Adapter
-from ..models.weights import in_features, out_features
+from ..models.weights import in_features, input_embedding, out_features
 from ..nn.capture import InputCache
 from ..nn.specs import ActivationSpec, KVSpec, activation_spec
 from ..quant.outliers import OutlierRule
@@ -49,6 +49,14 @@ class LinearTarget:
     layer: int
     group: int
     relative: str
+    spec: QuantSpec
+
+
+@dataclass(frozen=True)
+class EmbeddingTarget:
+    """The input embedding matrix (``scheme.embedding``): its full module name and spec."""
+
+    name: str
     spec: QuantSpec
 
 
@@ -101,6 +109,7 @@ class QuantizationPlan:
         outliers: The outlier decomposition rule (``scheme.outliers``), or None.
         layer_errors: Measure each linear's output error on the calibration data also when the recipe needs
             none (``calibration.layer_errors``): the layer loop runs on the data, the weights are the same.
+        embedding: The input embedding, rounded to nearest after the layer loop, or None.
 
     """
 
@@ -115,11 +124,13 @@ class QuantizationPlan:
     kv_tokens: int = 2048
     outliers: OutlierRule | None = None
     layer_errors: bool = False
+    embedding: EmbeddingTarget | None = None
 
     @property
     def changes_weights(self) -> bool:
-        """Whether running the plan changes any weight (a transform, or a quantized linear)."""
-        return bool(self.targets) or bool(self.recipe.layer_transforms) or bool(self.recipe.model_transforms)
+        """Whether running the plan changes any weight (a transform, a quantized linear or the embedding)."""
+        return (bool(self.targets) or bool(self.recipe.layer_transforms) or bool(self.recipe.model_transforms)
+                or self.embedding is not None)
 
     @property
     def recipe_needs_calibration(self) -> bool:
@@ -147,7 +158,7 @@ class QuantizationPlan:
         tokens = self.kv_tokens if kv_tokens is None else kv_tokens
         specs = {t.name: t.spec for t in self.targets}
         return size_metrics(model, self.adapter, specs, self.activations, self.kv, tokens, self.recipe.extra_bits,
-                            outliers)
+                            outliers, None if self.embedding is None else self.embedding.spec)
 
 
 def spec_from(fields: Mapping[str, Any] | None, where: str) -> QuantSpec:
@@ -158,6 +169,23 @@ def spec_from(fields: Mapping[str, Any] | None, where: str) -> QuantSpec:
         return QuantSpec(**dict(fields), where=where)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def plan_embedding(model: nn.Module, spec: QuantSpec | None) -> EmbeddingTarget | None:
+    """The model's input embedding under ``spec`` (``scheme.embedding``), checked against its width.
+
+    Raises:
+        ConfigError: A model without an input embedding matrix, or a group size that does not divide its width.
+
+    """
+    if spec is None:
+        return None
+    module = input_embedding(model)
+    if module is None or module.weight.dim() != 2:
+        raise ConfigError("scheme.embedding: the model has no input embedding matrix to quantize")
+    name = next(n for n, m in model.named_modules() if m is module)
+    spec.check_width(int(module.weight.shape[1]), name)
+    return EmbeddingTarget(name, spec)
 
 
 def _compile(model: nn.Module, overrides: Sequence[Override]) -> list[tuple[int, re.Pattern[str], Override]]:

@@ -13,12 +13,13 @@ import time
 import torch
 from torch import nn
 
+from ..methods.rtn import RTN
 from ..metrics import Metric
 from ..nn.runtime import install_runtime
 from .activations import calibrate_static_activations
 from .driver import QuantizeReport, quantize_weights
 from .outliers import find_outlier_columns
-from .plan import QuantizationPlan, RunOptions
+from .plan import EmbeddingTarget, QuantizationPlan, RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,28 @@ def quantize(
     if plan.outliers is not None:
         report.outliers = find_outlier_columns(model, plan, progress)
     quantize_weights(model, plan, report, progress, options=options)
+    if plan.embedding is not None:
+        quantize_embedding(model, plan.embedding, report, options.keep_grids)
     report.timings["quantize_s"] = time.perf_counter() - t0
     _finish(model, plan, report, progress)
     return report
+
+
+def quantize_embedding(model: nn.Module, target: EmbeddingTarget, report: QuantizeReport, keep_grid: bool) -> None:
+    """Round the input embedding matrix to nearest on ``target.spec``, in place (after the layer loop).
+
+    The calibrated layer loop has seen the FP embeddings; an output head tied to the matrix is the same tensor
+    and takes the same values. Rounding to nearest is what llama.cpp does to its embedding tensor.
+    """
+    t0 = time.perf_counter()
+    module = model.get_submodule(target.name)
+    weight = module.get_parameter("weight")
+    result = RTN().quantize(weight.detach(), target.spec)
+    with torch.no_grad():
+        weight.copy_(result.weight.to(weight.dtype))
+    if keep_grid:
+        report.keep_grid(target.name, module, target.spec, result)
+    report.timings["embedding_s"] = time.perf_counter() - t0
 
 
 def restore(

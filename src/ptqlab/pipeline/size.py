@@ -9,7 +9,7 @@ from torch import nn
 from ..metrics import BITS_ACTIVATION, BITS_KV, BITS_WEIGHT, SIZE_MODEL_BYTES
 from ..models.adapter import Adapter
 from ..models.heads import attention_heads
-from ..models.weights import in_features, out_features, weight_parameter
+from ..models.weights import in_features, input_embedding, out_features, weight_parameter
 from ..nn.specs import ActivationSpec, KVSpec
 from ..quant.outliers import outlier_weight_bits
 from ..quant.size import bits_per_element, weight_storage_bits
@@ -25,6 +25,7 @@ def size_metrics(
     kv_tokens: int = 2048,
     extra_bits: Callable[[int, int], int] | None = None,
     outliers: Mapping[str, int] | None = None,
+    embedding: QuantSpec | None = None,
 ) -> dict[str, float]:
     """Size in bytes and effective bits of a (planned) quantization.
 
@@ -42,6 +43,8 @@ def size_metrics(
         extra_bits: Bits a recipe adds to a quantized (rows, cols) weight (LoRC factors).
         outliers: Input columns kept in FP16 by the outlier decomposition, by full linear name (their
             weight columns count 16 bits per element plus an index, their activations 16 bits).
+        embedding: The input embedding's spec (``scheme.embedding``): its codes and parameters count instead of
+            16 bits each (an output head tied to it is the same tensor, counted once).
 
     Returns:
         ``size.model_bytes``, ``bits.weight`` (per decoder-linear weight), and where quantized
@@ -63,9 +66,14 @@ def size_metrics(
                 linear_bits += outlier_weight_bits(spec.nbits, rows, outliers.get(name, 0))
             linear_params += rows * cols
             weights.add(id(weight_parameter(module)))  # an expert's: the fused parameter, counted per expert
+    embedding_bits = 0
+    table = None if embedding is None else input_embedding(model)
+    if embedding is not None and table is not None:  # plan_embedding checked that the model has one
+        embedding_bits = weight_storage_bits(embedding, int(table.weight.shape[0]), int(table.weight.shape[1]))
+        weights.add(id(table.weight))
     other = sum(p.numel() for p in model.parameters() if id(p) not in weights)
     out = {
-        SIZE_MODEL_BYTES: (linear_bits + FULL_PRECISION_BITS * other) / 8,
+        SIZE_MODEL_BYTES: (linear_bits + embedding_bits + FULL_PRECISION_BITS * other) / 8,
         BITS_WEIGHT: linear_bits / max(1, linear_params),
     }
     if activations:

@@ -31,7 +31,7 @@ def check_quantization_streamable(plan: QuantizationPlan) -> None:
 
     Raises:
         ConfigError: A model transform (rotation), a model refiner (ZeroQuant-Global), static activation
-            ranges, outlier decomposition or a KV-cache scheme.
+            ranges, outlier decomposition, a KV-cache scheme or a quantized embedding.
 
     """
     recipe = plan.recipe
@@ -53,6 +53,9 @@ def check_quantization_streamable(plan: QuantizationPlan) -> None:
     if plan.outliers is not None:
         raise ConfigError("runtime.stream: scheme.outliers chooses its columns in a whole-model pass; use "
                           "runtime.stream: off")
+    if plan.embedding is not None:
+        raise ConfigError("runtime.stream: scheme.embedding quantizes the embedding matrix, which a streamed run "
+                          "keeps outside its layer checkpoints; use runtime.stream: off")
 
 
 def quantize_streamed(

@@ -203,9 +203,10 @@ def describe_scheme(scheme: Mapping[str, Any]) -> str:
     """A short description of a scheme, e.g. ``W4 group64 + A8 token + KV4 head`` (``FP`` if none).
 
     A scheme whose ``overrides`` give some linears another weight spec (a searched mixed-precision run, a GGUF
-    mix) says so after its base weight part: ``Wgguf_q4_0 mixed (12 overrides)``.
+    mix) says so after its base weight part: ``Wgguf_q4_0 mixed (12 overrides)``; a quantized input embedding
+    ends it: ``+ Egguf_q8_0``.
     """
-    keys = (("W", "weight"), ("A", "activation"), ("KV", "kv_cache"))
+    keys = (("W", "weight"), ("A", "activation"), ("KV", "kv_cache"), ("E", "embedding"))
     parts = [part_label(prefix, scheme.get(key)) for prefix, key in keys]
     mixed = weight_overrides(scheme)
     if mixed:
@@ -355,8 +356,12 @@ class RunView:
 
     @property
     def mixed_weights(self) -> bool:
-        """Some linears take another weight spec than the scheme's (a searched mixed-precision run)."""
-        return weight_overrides(self.scheme) > 0
+        """Some weights take another spec than the scheme's linears: the run sits at no one bit width.
+
+        Overrides giving some linears another weight spec (a searched mixed-precision run), or a quantized
+        input embedding (``scheme.embedding``).
+        """
+        return weight_overrides(self.scheme) > 0 or section_bits(self.scheme.get("embedding")) is not None
 
     @property
     def w_bits(self) -> int | None:

@@ -190,6 +190,7 @@ def _part(prefix: str, section: Mapping[str, Any] | None, open_bits: int | None 
 def _label(v: RunView, open_bits: int | None = None) -> str:
     scheme = v.scheme
     parts = [_part(p, scheme.get(k), open_bits) for p, k in (("W", "weight"), ("A", "activation"), ("KV", "kv_cache"))]
+    parts.append(_part("E", scheme.get("embedding"), None))
     text = " + ".join(p for p in parts if p) or "FP"
     if scheme.get("overrides"):
         n = len(scheme["overrides"])

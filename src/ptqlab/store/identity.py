@@ -28,6 +28,7 @@ _ADDED_KEYS: tuple[tuple[str, str, Any], ...] = (
     ("evaluate", "judge", None),
     ("calibration", "layer_errors", False),
     ("evaluate", "speed", None),
+    ("scheme", "embedding", None),
 )
 """Keys added after stores of runs existed, with their defaults: left out of a config at their default, so
 configs written before them keep their run ids and weights keys (a new key left at its default changes no
@@ -74,6 +75,8 @@ def weights_key(cfg: RunConfig, fingerprint: str, foreign: str = "") -> str:
             "calibration": data["calibration"]}
     if scheme.outliers is not None:  # the FP16 columns change the weights (keys without it stay as they were)
         keep["outliers"] = scheme.outliers.model_dump(mode="json")
+    if scheme.embedding is not None:  # the embedding's grid is part of the weights too
+        keep["embedding"] = scheme.embedding.model_dump(mode="json")
     code = code_fingerprint() if not foreign else f"{code_fingerprint()}+{foreign}"
     return _digest({"w": keep, "model": fingerprint, "code": code})[:16]
 
