@@ -83,6 +83,19 @@ def return_freed() -> bool:
     return bool(lib is not None and lib.malloc_trim(0))
 
 
+def reset_peak() -> bool:
+    """Start this process's peak resident memory (``VmHWM``) again from its current size; False where Linux can't.
+
+    Writes ``5`` to ``/proc/self/clear_refs`` (Linux 4.0 and later), so a long-lived worker can read each
+    run's own peak.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def resident_bytes(peak: bool = False) -> int | None:
     """Resident memory of this process (Linux ``VmRSS``; ``peak``: its high-water mark ``VmHWM``), or None."""
     return _proc_bytes("/proc/self/status", "VmHWM" if peak else "VmRSS")

@@ -6,8 +6,10 @@ import gc
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
+from ptqlab.memory import reset_peak, resident_bytes
 from ptqlab.study.config import parse_config
 from ptqlab.study.worker import Worker
 
@@ -36,3 +38,17 @@ def test_only_the_fp_model_outlives_a_run(tmp_path: Path, monkeypatch, extra: di
         record = worker.run(parse_config({**BASE, "scheme": {**BASE["scheme"], **extra}}))
         assert record.status == "done", record.error
         assert _models_alive() == before + 1  # the worker's FP model; each run's quantized copy is gone
+
+
+def test_each_run_records_its_own_peak(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))
+    if not reset_peak():
+        pytest.skip("no /proc/self/clear_refs: the peak cannot be reset on this system")
+    worker = Worker(progress=False)
+    worker.run(parse_config(BASE))  # the model loaded and every lazy import done before the measured run
+    spike = torch.ones(768 * 2**20 // 4)  # 768 MiB touched, then freed: a peak from before the run
+    del spike
+    before = resident_bytes(peak=True) or 0
+    record = worker.run(parse_config({**BASE, "scheme": {"weight": {"bits": 3, "granularity": "channel"}}}))
+    peak = record.timings["peak_rss_bytes"]
+    assert 0 < peak < before - 512 * 2**20  # the run's own peak (a small model), not the earlier spike's

@@ -32,7 +32,7 @@ from ..compile import bind, compile_config
 from ..eval import build_reference
 from ..eval.reference import Reference
 from ..eval.result import Evaluation
-from ..memory import return_freed
+from ..memory import reset_peak, resident_bytes, return_freed
 from ..models.loading import LoadedModel, load_model, model_fingerprint, resolve_device
 from ..models.source_bits import model_source_metrics
 from ..nn.capture import InputCache
@@ -151,6 +151,7 @@ class Worker:
 
     def _run(self, cfg: RunConfig, peers: Sequence[tuple[float, float]]) -> RunRecord:
         t_start = time.perf_counter()
+        peak_known = reset_peak()
         prepared = self.prepare(cfg)
         record = _new_record(cfg, prepared.fingerprint, prepared.architecture, prepared.device)
         timings = prepared.timings
@@ -166,6 +167,9 @@ class Worker:
         finally:
             prepared.release()
         timings["total_s"] = time.perf_counter() - t_start
+        peak = resident_bytes(peak=True) if peak_known else None
+        if peak is not None:  # the process's peak during this run (what the worker kept from earlier runs included)
+            timings["peak_rss_bytes"] = float(peak)
         record.timings = timings
         return record
 
