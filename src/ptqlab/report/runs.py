@@ -190,13 +190,35 @@ class Quality(Change):
 
 
 def part_label(prefix: str, section: Mapping[str, Any] | None) -> str | None:
-    """``W4 group64`` / ``Anf4`` / ``KV4 head``, or None for a full-precision part."""
+    """``W4 group64`` / ``Anf4`` / ``KV4 head`` / ``KV4 head (K channel)``, or None for a full-precision part."""
     if section is None or section_bits(section) is None:
         return None
     fmt = section.get("format") or "int"
     size = str(section.get("bits")) if fmt == "int" else fmt
     gran = section.get("granularity") or ""
-    return f"{prefix}{size} {gran}{section.get('group_size') or ''}".strip()
+    return f"{prefix}{size} {gran}{section.get('group_size') or ''}".strip() + kv_sides(section)
+
+
+_SIDES = (("key", "K"), ("value", "V"))
+
+
+def kv_sides(section: Mapping[str, Any]) -> str:
+    """What a KV-cache section's ``key`` / ``value`` entries set apart from the section, `` (K channel)``; ``""``."""
+    parts = []
+    for side, letter in _SIDES:
+        own = section.get(side) or {}
+        words = []
+        if own.get("bits") is not None and own["bits"] != section.get("bits"):
+            words.append(f"{own['bits']}b")
+        gran, size = own.get("granularity"), own.get("group_size")
+        if (gran is not None and gran != section.get("granularity")) or (size is not None
+                                                                      and size != section.get("group_size")):
+            words.append(f"{gran or section.get('granularity')}{size or ''}")
+        if own.get("symmetric") is not None and own["symmetric"] != section.get("symmetric"):
+            words.append("sym" if own["symmetric"] else "asym")
+        if words:
+            parts.append(f"{letter} {' '.join(words)}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def describe_scheme(scheme: Mapping[str, Any]) -> str:

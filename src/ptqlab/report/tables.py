@@ -34,6 +34,7 @@ from .runs import (
     Protocol,
     RunView,
     describe_sizes,
+    kv_sides,
     quality,
     quality_difference,
     section_bits,
@@ -184,7 +185,7 @@ def _part(prefix: str, section: Mapping[str, Any] | None, open_bits: int | None 
         words.append(f"clip ×{section['clip_ratio']:g}")
     if prefix == "A" and section.get("dynamic") is False:
         words.append("static")
-    return " ".join(words)
+    return " ".join(words) + (kv_sides(section) if prefix == "KV" else "")
 
 
 def _label(v: RunView, open_bits: int | None = None) -> str:
