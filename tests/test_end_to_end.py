@@ -55,6 +55,9 @@ def test_run_store_show_and_resume(tmp_path, capsys):
     shown = json.loads(out)
     assert shown["metrics"] == run["metrics"] and shown["config"] == run["config"]
     assert shown["texts"] == run["texts"]
+    code, out, _ = _cli(capsys, "--store", db, "show", run["id"][:6])
+    if shown["timings"].get("peak_rss_bytes"):  # Linux: the run's own peak, printed with its times
+        assert "peak memory" in out and (" GiB" in out or " MiB" in out)
 
     code, out, _ = _cli(capsys, "--store", db, "run", cfg, "--quiet")  # resumes: not recomputed
     assert code == 0 and "already in the store" in out

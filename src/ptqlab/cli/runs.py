@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from ..memory import format_size
 from ..report import describe_scheme
 from ..schema import RunConfig
 from ..store import RunRecord, Store
@@ -45,7 +46,8 @@ def _run_table(run: RunRecord, out: TextIO) -> None:
     if run.timings:
         t = run.timings
         threads = f", {run.threads} threads" if run.threads else ""
-        out.write(f"time: quantize {t.get('quantize_s', 0):.1f} s, total {t.get('total_s', 0):.1f} s{threads}\n")
+        peak = f", peak memory {format_size(t['peak_rss_bytes'])}" if t.get("peak_rss_bytes") else ""
+        out.write(f"time: quantize {t.get('quantize_s', 0):.1f} s, total {t.get('total_s', 0):.1f} s{threads}{peak}\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
