@@ -24,7 +24,7 @@ of each window (which has no next token in the window); the KL at every position
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -311,13 +311,19 @@ class DivergenceSum:
         return Divergence(float(kl.double().sum()) / n, self.top1 / n, self.top5 / n, n, kl, dp)
 
 
-def divergence(model: nn.Module, ref: TopKReference) -> Divergence:
-    """KL(FP || Q), top-k agreement and Δp of ``model`` against a reference computed on the FP model."""
+def divergence(model: nn.Module, ref: TopKReference,
+               logprobs: Callable[[int], Iterator[tuple[int, int, torch.Tensor]]] | None = None) -> Divergence:
+    """KL(FP || Q), top-k agreement and Δp of ``model`` against a reference computed on the FP model.
+
+    ``logprobs(w)`` gives window ``w``'s log-probabilities as :func:`logprob_chunks` does (default: the
+    model's whole forward on the window; the search's kl signal starts it at a layer).
+    """
     acc = DivergenceSum()
     for w in range(ref.ids.shape[0]):
         fit_threads()
         return_freed()  # the last window's freed buffers: peaks do not pile up on them
-        acc.add_window(logprob_chunks(model, ref.ids[w : w + 1]), ref.window(w), ref.ids[w])
+        chunks = logprob_chunks(model, ref.ids[w : w + 1]) if logprobs is None else logprobs(w)
+        acc.add_window(chunks, ref.window(w), ref.ids[w])
     return acc.result()
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..memory import return_freed
 from ..models.adapter import Adapter
 from ..models.shards import Checkpoint, outer_modules, resident
-from ..nn.capture import LayerCall, capture_inputs, handing_over, layer_output
+from ..nn.capture import LayerCall, capture_inputs, handing_over, run_layer
 from ..threads import fit_threads
 from . import divergence as dv
 from .access import TaskRun, WindowRun
@@ -91,9 +91,7 @@ class LayerMajor:
 
     def _layer(self, li: int, s: _Set, name: str) -> None:
         for c, call in enumerate(s.calls[li]):
-            out = self.layers[li](s.hidden[name][c], *call.args, **call.kwargs)
-            self.as_tuple = isinstance(out, tuple | list)
-            s.hidden[name][c] = layer_output(out)
+            s.hidden[name][c], self.as_tuple = run_layer(self.layers[li], s.hidden[name][c], call)
 
     def tail(self, source: str) -> Any:
         """``source``'s modules outside the layers resident for the block (the final norm and the head)."""

@@ -117,6 +117,16 @@ def layer_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
+def run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> tuple[torch.Tensor, bool]:
+    """One decoder layer on ``hidden`` with its captured arguments.
+
+    Returns its output hidden states, and whether it returned a tuple (what :func:`handing_over` must hand on
+    in its place).
+    """
+    out = layer(hidden, *call.args, **call.kwargs)
+    return layer_output(out), isinstance(out, tuple | list)
+
+
 @contextlib.contextmanager
 def handing_over(layers: nn.ModuleList, final: torch.Tensor, as_tuple: bool) -> Iterator[None]:
     """The decoder layers replaced: the first returns ``final``, the others pass their input on.

@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,11 +46,10 @@ from ..data.calibration import calibration_windows
 from ..eval import build_reference
 from ..eval import divergence as div
 from ..eval.cache import entry, load_or_compute
-from ..memory import return_freed
 from ..models.loading import LoadedModel
 from ..models.registry import get_adapter
 from ..models.weights import set_weight_matrix, stored_transposed, weight_matrix, weight_parameter
-from ..nn.capture import capture_inputs, handing_over, layer_output
+from ..nn.capture import capture_inputs, handing_over, run_layer
 from ..paths import cache_root
 from ..pipeline.driver import LayerRecord
 from ..pipeline.quantize import place
@@ -59,7 +58,6 @@ from ..store import code_fingerprint
 from ..store.qmodels import QuantizedModels
 from ..study.config import parse_config
 from ..study.resident import quantize_or_restore, quantized_weights_key
-from ..threads import fit_threads
 from .config import SearchFile
 from .units import Units
 
@@ -283,24 +281,21 @@ class _BaseInputs:
                 self.inputs.append([self._layer(li, h, w) for w, h in enumerate(self.inputs[li])])
 
     def _layer(self, li: int, hidden: torch.Tensor, w: int) -> torch.Tensor:
-        call = self.calls[li][w]
-        out = self.layers[li](hidden, *call.args, **call.kwargs)
-        self.as_tuple = isinstance(out, tuple | list)
-        return layer_output(out)
+        hidden, self.as_tuple = run_layer(self.layers[li], hidden, self.calls[li][w])
+        return hidden
 
     def divergence(self, model: nn.Module, start: int, ref: div.TopKReference) -> div.Divergence:
         """:func:`ptqlab.eval.divergence.divergence` of ``model``, whose layers before ``start`` are the base's."""
-        acc = div.DivergenceSum()
-        for w in range(ref.ids.shape[0]):
-            fit_threads()
-            return_freed()
+
+        def logprobs(w: int) -> Iterator[tuple[int, int, torch.Tensor]]:
             with torch.inference_mode():
                 hidden = self.inputs[start][w]
                 for li in range(start, len(self.layers)):
                     hidden = self._layer(li, hidden, w)
             with handing_over(self.layers, hidden, self.as_tuple):
-                acc.add_window(div.logprob_chunks(model, ref.ids[w : w + 1]), ref.window(w), ref.ids[w])
-        return acc.result()
+                yield from div.logprob_chunks(model, ref.ids[w : w + 1])
+
+        return div.divergence(model, ref, logprobs)
 
 
 def _error(units: Units, records: list[list[LayerRecord]]) -> tuple[tuple[float, ...], ...]:

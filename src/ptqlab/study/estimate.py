@@ -154,10 +154,9 @@ class Estimator:
             return None
         found = []
         for other in sorted({m for m, _ in self._rates} - {model}):
-            rate = self._rate(other, "ppl_token")
-            runs = self._rates.get((other, phase)) or self._recipe_runs(other, phase)
-            if rate is not None and runs:
-                found.append((abs(math.log(own / rate)), other, statistics.median(runs) * own / rate))
+            rate, theirs = self._rate(other, "ppl_token"), self._rate(other, phase)
+            if rate is not None and theirs is not None:
+                found.append((abs(math.log(own / rate)), other, theirs * own / rate))
         if not found:
             return None
         _, other, seconds = min(found)
