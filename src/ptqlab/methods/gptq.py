@@ -130,7 +130,8 @@ class GPTQ:
 
         With ``J`` the order reversal and ``J H J = L L^T``, ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` where ``J L^-1 J``
         is upper triangular with a positive diagonal: the factor itself, from one Cholesky factorization and
-        one triangular solve (forming ``H^-1`` and factoring it again took 4.6x as long at 8960 columns).
+        one triangular solve (forming ``H^-1`` and factoring it again took 4.7x as long at 8960 columns: 32.3 s
+        against 6.9 s on two threads beside a sweep).
         """
         damp = self.config.damp * torch.mean(torch.diag(H))
         H = H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
