@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,7 @@ def test_run_store_show_and_resume(tmp_path, capsys):
     assert run["versions"]["torch"] and run["model_fingerprint"].split("-")[0].isdigit()
     assert run["texts"]["sample"].startswith("Once upon a time") and len(run["texts"]["sample"]) > 20
     assert run["threads"] == thread_ceiling()
+    assert run["machine"]["cores"] == os.cpu_count() and run["machine"]["arch"] == platform.machine()
     window = run["windows"]["ppl.wikitext2.s128.w2"]  # each window's NLL beside the FP model's
     assert math.exp(sum(window["nll"]) / 2) == pytest.approx(ppl) and len(window["fp_nll"]) == 2
     assert sum(window["fp_nll"]) < sum(window["nll"])
@@ -58,6 +61,7 @@ def test_run_store_show_and_resume(tmp_path, capsys):
     code, out, _ = _cli(capsys, "--store", db, "show", run["id"][:6])
     if shown["timings"].get("peak_rss_bytes"):  # Linux: the run's own peak, printed with its times
         assert "peak memory" in out and (" GiB" in out or " MiB" in out)
+    assert "\nmachine: " in out
 
     code, out, _ = _cli(capsys, "--store", db, "run", cfg, "--quiet")  # resumes: not recomputed
     assert code == 0 and "already in the store" in out

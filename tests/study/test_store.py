@@ -73,3 +73,20 @@ def test_a_store_written_before_the_thread_count_column_opens_and_gains_it(tmp_p
     again.threads = 4
     store.save(again)
     assert store.get("def456").threads == 4
+
+
+def test_a_store_written_before_the_machine_column_opens_and_gains_it(tmp_path):
+    path = tmp_path / "old.db"
+    Store(path).save(_run())
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE runs DROP COLUMN machine_json")
+    con.commit()
+    con.close()
+    store = Store(path)
+    got = store.get("abc123")
+    assert got is not None and got.machine == {}
+    again = _run("def456")
+    again.machine = {"cpu": "Example CPU", "cores": 2, "isa": ["avx2"]}
+    store.save(again)
+    assert store.get("def456").machine == again.machine
+    assert store.get("def456").to_json()["machine"] == again.machine

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from ..memory import format_size
 from ..report import describe_scheme
@@ -25,6 +25,18 @@ def store_path(args: argparse.Namespace) -> str:
 
 def _store(args: argparse.Namespace) -> Store:
     return Store(store_path(args))
+
+
+def describe_machine(machine: dict[str, Any]) -> str:
+    """One line of a run's machine: CPU model, cores, memory, instruction-set extensions."""
+    parts = [str(machine.get("cpu") or machine.get("arch") or "unknown CPU")]
+    if machine.get("cores"):
+        parts.append(f"{machine['cores']} cores")
+    if machine.get("memory_bytes"):
+        parts.append(format_size(int(machine["memory_bytes"])))
+    if machine.get("isa"):
+        parts.append(" ".join(machine["isa"]))
+    return ", ".join(parts)
 
 
 def _run_table(run: RunRecord, out: TextIO) -> None:
@@ -48,6 +60,8 @@ def _run_table(run: RunRecord, out: TextIO) -> None:
         threads = f", {run.threads} threads" if run.threads else ""
         peak = f", peak memory {format_size(t['peak_rss_bytes'])}" if t.get("peak_rss_bytes") else ""
         out.write(f"time: quantize {t.get('quantize_s', 0):.1f} s, total {t.get('total_s', 0):.1f} s{threads}{peak}\n")
+    if run.machine:
+        out.write(f"machine: {describe_machine(run.machine)}\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -67,13 +67,15 @@ def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
 
 
 def provenance_rows(v: RunView) -> dict[str, str]:
-    """A run's provenance as ``{key: value}``: software, environment, seed and the flattened config."""
+    """A run's provenance as ``{key: value}``: software, machine, environment, seed and the flattened config."""
     r = v.record
     out = {"ptqlab version": r.code_version or "unknown", "git revision": r.git_rev or "unknown",
            "model fingerprint": r.model_fingerprint, "seed": json.dumps(r.seed), "device": str(r.device),
            "threads": json.dumps(r.threads)}
     for name, version in sorted((r.versions or {}).items()):
         out[f"package {name}"] = str(version)
+    for key, value in sorted((r.machine or {}).items()):
+        out[f"machine {key}"] = value if isinstance(value, str) else json.dumps(value)
     config: dict[str, str] = {}
     _flat("", r.config, config)
     out.update({f"config {k}": val for k, val in config.items()})

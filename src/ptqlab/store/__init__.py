@@ -15,7 +15,16 @@ the package imports study, report, export or the CLI, and the compute stack (com
 methods, nn) never imports it. The study writes it; report, export, the CLI and the API read it.
 """
 
-from .identity import code_fingerprint, git_revision, normalized, package_versions, qmodel_key, run_id, weights_key
+from .identity import (
+    code_fingerprint,
+    git_revision,
+    machine_info,
+    normalized,
+    package_versions,
+    qmodel_key,
+    run_id,
+    weights_key,
+)
 from .runs import KILL_AT_ENV, Metric, RunRecord, Store, SweepEntry
 from .schema import SCHEMA_VERSION, check_store, migrate
 
@@ -31,6 +40,7 @@ __all__ = [
     "git_revision",
     "migrate",
     "normalized",
+    "machine_info",
     "package_versions",
     "qmodel_key",
     "run_id",

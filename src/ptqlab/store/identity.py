@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -100,6 +102,47 @@ def package_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    return out
+
+
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+              "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+"""The x86 instruction-set extensions that choose a kernel in torch's and llama.cpp's CPU backends."""
+
+
+def _cpuinfo(text: str) -> tuple[str | None, list[str]]:
+    """The CPU's model name and its flags among :data:`_ISA_FLAGS` from ``/proc/cpuinfo``'s text."""
+    name: str | None = None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and name is None:
+            name = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return name, [f for f in _ISA_FLAGS if f in flags]
+
+
+@functools.lru_cache(maxsize=1)
+def machine_info() -> dict[str, object]:
+    """The machine a run is computed on: CPU model, instruction-set extensions, cores, memory, OS.
+
+    Float results (GPTQ's rounding decisions above all) and every timing depend on it, so a run records it
+    with its package versions. Fields that cannot be read on this platform are left out.
+    """
+    out: dict[str, object] = {"system": platform.system(), "arch": platform.machine(),
+                              "cores": os.cpu_count()}
+    try:
+        name, isa = _cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        name, isa = platform.processor() or None, []
+    if name:
+        out["cpu"] = name
+    if isa:
+        out["isa"] = isa
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # no sysconf names on this platform
+        out["memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return out
 
 

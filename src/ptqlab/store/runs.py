@@ -51,6 +51,7 @@ class RunRecord:
     versions: dict[str, str] = field(default_factory=dict)
     device: str | None = None
     threads: int | None = None
+    machine: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     metrics: list[Metric] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
@@ -78,6 +79,7 @@ class RunRecord:
             "versions": self.versions,
             "device": self.device,
             "threads": self.threads,
+            "machine": self.machine,
             "created_at": self.created_at,
             "layers": self.layers,
             "texts": self.texts,
@@ -154,13 +156,14 @@ class Store:
             con.execute("DELETE FROM runs WHERE id = ?", (run.id,))
             con.execute(
                 "INSERT INTO runs (id, qmodel_key, model, model_fingerprint, architecture, config_json, status, "
-                "error, seed, code_version, git_rev, versions_json, device, timings_json, created_at, threads) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "error, seed, code_version, git_rev, versions_json, device, timings_json, created_at, threads, "
+                "machine_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     run.id, run.qmodel_key, run.model, run.model_fingerprint, run.architecture,
                     json.dumps(run.config, sort_keys=True), run.status, run.error, run.seed,
                     run.code_version, run.git_rev, json.dumps(run.versions, sort_keys=True), run.device,
                     json.dumps(run.timings, sort_keys=True), run.created_at, run.threads,
+                    json.dumps(run.machine, sort_keys=True),
                 ),
             )
             con.executemany(
@@ -442,6 +445,7 @@ def _record(row: sqlite3.Row, metrics: list[Metric], layers: list[dict[str, Any]
         versions=json.loads(row["versions_json"] or "{}"),
         device=row["device"],
         threads=row["threads"],
+        machine=json.loads(row["machine_json"] or "{}"),
         timings=json.loads(row["timings_json"] or "{}"),
         created_at=row["created_at"],
         metrics=metrics,

@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS runs (
     device TEXT,
     timings_json TEXT,
     created_at TEXT NOT NULL,
-    threads INTEGER
+    threads INTEGER,
+    machine_json TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -99,7 +100,7 @@ CREATE TABLE IF NOT EXISTS leases (
 
 
 # Columns added after the first stores were written: (column, SQL type), added when missing.
-ADDED_COLUMNS = (("threads", "INTEGER"),)
+ADDED_COLUMNS = (("threads", "INTEGER"), ("machine_json", "TEXT"))
 
 
 def migrate(con: sqlite3.Connection) -> None:

@@ -39,7 +39,7 @@ from ..nn.capture import InputCache
 from ..pipeline.driver import QuantizeReport
 from ..pipeline.quantize import place
 from ..schema import RunConfig
-from ..store import RunRecord, git_revision, normalized, package_versions, qmodel_key, run_id
+from ..store import RunRecord, git_revision, machine_info, normalized, package_versions, qmodel_key, run_id
 from ..store.qmodels import QuantizedModels
 from ..threads import thread_ceiling
 from .resident import ResidentRun, quantized_weights_key
@@ -305,6 +305,7 @@ def _new_record(cfg: RunConfig, fingerprint: str, architecture: str | None, devi
         versions=package_versions(),
         device=str(device),
         threads=thread_ceiling(),
+        machine=dict(machine_info()),
     )
 
 
