@@ -4,7 +4,8 @@ Scale search: for the linears that read one activation, ``s = mean|x|^alpha`` pe
 (normalised so that ``sqrt(max(s) min(s)) = 1``), alpha on a grid of ``grid`` points in [0, 1); the
 alpha whose quantized group has the least output error on the calibration inputs wins. The output error
 of a weight ``W`` with quantized ``Q`` is ``tr((Q - W) H (Q - W)^T)`` with the inputs' Hessian ``H``, so
-no activations need to be kept. The scale folds into the op before the group like SmoothQuant's.
+no activations need to be kept; for the scaled weight ``W s`` on the inputs ``x / s`` it is that of
+``Q(W s) / s - W`` on ``x``. The scale folds into the op before the group like SmoothQuant's.
 
 Clipping search: per quantization range (a row, or a group of a row), the maximum is shrunk by factors
 from 1 down to ``max_shrink`` and the factor with the least output error (the range's block of H) is kept.
@@ -22,7 +23,7 @@ from ..errors import ConfigError
 from ..quant.core import choose_qparams, dequantize, fake_quantize, params_from_range, quantize
 from ..quant.integer import QParams
 from ..quant.spec import QuantSpec
-from .base import GroupInputs, WeightResult, output_error, scaled_hessian
+from .base import GroupInputs, WeightResult, output_error
 from .rtn import round_with
 
 
@@ -99,11 +100,12 @@ class AWQScale:
             s_slot = base.pow(alpha)
             s_slot = s_slot / (s_slot.max() * s_slot.min()).sqrt()
             s = s_slot[slot.to(H.device)]
-            Hs = scaled_hessian(H, s)
             err = 0.0
             for W, spec in zip(weights, specs, strict=True):
                 Ws = W.float().to(H.device) * s[None, :]
-                err += float(output_error(fake_quantize(Ws, spec) - Ws, Hs))
+                # the scaled weight's error on the scaled inputs, as the error of Q(W s)/s - W on the inputs:
+                # out x in divisions per alpha instead of rescaling H (in x in) for each alpha
+                err += float(output_error((fake_quantize(Ws, spec) - Ws) / s[None, :], H))
             if err < best_err:
                 best, best_err = s_slot, err
         return best
