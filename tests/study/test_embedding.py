@@ -66,3 +66,17 @@ def test_what_cannot_run_is_refused_before_any_work(tmp_path: Path, monkeypatch,
     monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match=message):
         Worker(progress=False).prepare(parse_config(_with(embedding, **extra)))
+
+
+def test_a_kept_model_with_a_quantized_embedding_is_reused(tmp_path: Path, monkeypatch) -> None:
+    """A second run with the same weights restores the kept model (its embedding's grid too), not quantizing again."""
+    monkeypatch.setenv("PTQLAB_CACHE", str(tmp_path / "cache"))
+    worker = Worker(progress=False)
+    first = worker.run(parse_config(_with(Q8_0)))
+    second = worker.run(parse_config({**_with(Q8_0), "evaluate": {**EVAL, "max_windows": 1}}))
+    assert first.status == second.status == "done"
+    assert "qmodel_reused" not in first.timings and second.timings.get("qmodel_reused") == 1.0
+    sizes = [{m.name: m.value for m in r.metrics if m.name.startswith("size.")} for r in (first, second)]
+    assert sizes[0] == sizes[1]
+    window = "ppl.wikitext2.s64.w2"
+    assert second.windows["ppl.wikitext2.s64.w1"]["nll"][0] == first.windows[window]["nll"][0]

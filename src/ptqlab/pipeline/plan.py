@@ -149,6 +149,13 @@ class QuantizationPlan:
         return (self.recipe_needs_calibration or self.outliers is not None or self.measures_layer_errors
                 or any(not a.dynamic for _, _, a in self.activations))
 
+    def grid_specs(self) -> dict[str, QuantSpec]:
+        """The spec of every weight the plan puts on a grid, by module name: the linears and the embedding."""
+        specs = {t.name: t.spec for t in self.targets}
+        if self.embedding is not None:
+            specs[self.embedding.name] = self.embedding.spec
+        return specs
+
     def size_metrics(self, model: nn.Module, kv_tokens: int | None = None,
                      outliers: Mapping[str, int] | None = None) -> dict[str, float]:
         """Size in bytes and effective bits of this plan on ``model`` (see :func:`size_metrics`).

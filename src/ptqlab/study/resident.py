@@ -117,7 +117,7 @@ def quantize_or_restore(model: nn.Module, plan: QuantizationPlan, qmodels: Quant
         options: How the quantization runs (its grids are kept whatever ``options.keep_grids`` says).
 
     """
-    specs = {t.name: t.spec for t in plan.targets}
+    specs = plan.grid_specs()
     kept = qmodels.load(key, device, model, specs) if reuse and plan.changes_weights else None
     if kept is not None:
         t0 = time.perf_counter()

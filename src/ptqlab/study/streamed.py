@@ -161,7 +161,7 @@ class StreamedRun:
         return report
 
     def _quantized(self, plan: QuantizationPlan) -> QuantizeReport:
-        specs = {t.name: t.spec for t in plan.targets}
+        specs = plan.grid_specs()
         kept = QuantizedModels.load_checkpoint(self.out, self.model, specs) if self.reuse else None
         if kept is not None:
             self.timings["qmodel_reused"] = 1.0
