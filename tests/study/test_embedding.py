@@ -59,7 +59,6 @@ def test_a_run_without_it_keeps_its_id_and_a_run_with_it_is_its_own() -> None:
 @pytest.mark.parametrize(("embedding", "extra", "message"), [
     ({"bits": 4, "granularity": "group", "group_size": 48}, {}, "scheme.embedding.*48"),
     ({"format": "kmeans", "bits": 4, "granularity": "channel"}, {}, "scheme.embedding format kmeans"),
-    (Q8_0, {"runtime": {"stream": "on"}}, "runtime.stream: scheme.embedding"),
 ])
 def test_what_cannot_run_is_refused_before_any_work(tmp_path: Path, monkeypatch, embedding: dict, extra: dict,
                                                     message: str) -> None:

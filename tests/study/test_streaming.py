@@ -49,9 +49,9 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _random_llama(tmp_path_factory.mktemp("small") / "llama", 3, 64, "40KB", tied=True)
 
 
-def _config(model: Path, tmp: Path, recipe: list, runtime: dict, name: str) -> Path:
+def _config(model: Path, tmp: Path, recipe: list, runtime: dict, name: str, embedding: dict | None = None) -> Path:
     data = {"model": str(model), "device": "cpu", "scheme": {"weight": {"bits": 4, "granularity": "group",
-                                                                       "group_size": 32}},
+                                                                       "group_size": 32}, "embedding": embedding},
             "recipe": recipe, "calibration": {"dataset": "c4local", "samples": 4, "seqlen": 64},
             "evaluate": {"perplexity": ["wikitext2"], "seqlen": 128, "max_windows": 2,
                          "divergence": {"windows": 1, "seqlen": 128}},
@@ -67,12 +67,18 @@ def _metrics(store: Path) -> dict[str, float]:
     return {m.name: m.value for m in record.metrics}
 
 
-@pytest.mark.parametrize("recipe", [[{"rtn": {}}], [{"gptq": {}}]], ids=["rtn", "gptq"])
-def test_streamed_run_equals_resident(small: Path, tmp_path: Path, cache: Path, recipe: list) -> None:
+E4 = {"bits": 4, "granularity": "group", "group_size": 32}  # scheme.embedding: the embedding and its tied head
+
+
+@pytest.mark.parametrize(("recipe", "embedding"), [([{"rtn": {}}], None), ([{"gptq": {}}], None),
+                                                   ([{"gptq": {}}], E4)], ids=["rtn", "gptq", "gptq-embedding"])
+def test_streamed_run_equals_resident(small: Path, tmp_path: Path, cache: Path, recipe: list,
+                                      embedding: dict | None) -> None:
     from ptqlab.cli import main
 
     for mode in ("on", "off"):
-        cfg = _config(small, tmp_path, recipe, {"stream": mode, "offload_dir": str(tmp_path / "off")}, f"{mode}.yaml")
+        cfg = _config(small, tmp_path, recipe, {"stream": mode, "offload_dir": str(tmp_path / "off")}, f"{mode}.yaml",
+                      embedding)
         assert main(["run", str(cfg), "--store", str(tmp_path / f"{mode}.db")]) == 0
     on, off = _metrics(tmp_path / "on.db"), _metrics(tmp_path / "off.db")
     assert set(on) == set(off)

@@ -56,15 +56,17 @@ class LayerMajor:
         model: The skeleton (parameters on the meta device).
         adapter: Its family adapter.
         sources: The checkpoints by name (``{"fp": ..., "q": ...}``); the first gives the layer-0 inputs.
+        own_inputs: Each checkpoint gives its own layer-0 inputs (its modules outside the layers differ from
+            the first's: a quantized embedding).
         device: Where the layers run.
         dtype: The compute dtype.
 
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, sources: dict[str, Checkpoint], device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, own_inputs: bool = False) -> None:
         self.model, self.adapter, self.sources = model, adapter, sources
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.own_inputs = device, dtype, own_inputs
         self.layers = adapter.layers(model)
         self.as_tuple = False
 
@@ -74,13 +76,15 @@ class LayerMajor:
     @torch.inference_mode()
     def run(self, sets: list[_Set], progress: bool) -> None:
         """Embed every set's windows, then run each layer of each checkpoint over all of them."""
-        first = next(iter(self.sources))
-        with self._resident(outer_modules(self.model, self.adapter), first):
-            for s in sets:
-                s.chunks = [c.to(self.device) for c in s.ids.split(s.batch)]
-                captured = capture_inputs(self.model, self.layers, s.chunks)
-                s.calls = captured.calls
-                s.hidden = {name: list(captured.hidden) for name in self.sources}
+        for s in sets:
+            s.chunks = [c.to(self.device) for c in s.ids.split(s.batch)]
+        for embedder in list(self.sources) if self.own_inputs else [next(iter(self.sources))]:
+            with self._resident(outer_modules(self.model, self.adapter), embedder):
+                for s in sets:
+                    captured = capture_inputs(self.model, self.layers, s.chunks)
+                    s.calls = captured.calls  # positions and masks: the same from every checkpoint
+                    for name in self.sources if not self.own_inputs else [embedder]:
+                        s.hidden[name] = list(captured.hidden)
         for li in tqdm(range(len(self.layers)), desc="layers", unit="layer", disable=not progress):
             fit_threads()
             return_freed()  # the last window's freed buffers: peaks do not pile up on them
@@ -119,14 +123,16 @@ class LayerMajorModel:
         device: Where layers run.
         dtype: The compute dtype.
         progress: Show a progress bar over the layers.
+        own_embedding: The quantized checkpoint's embedding differs from the FP one (``scheme.embedding``): its
+            windows are embedded by it.
 
     """
 
     layer_major = True
 
     def __init__(self, model: nn.Module, adapter: Adapter, fp: Checkpoint, q: Checkpoint | None, *,
-                 device: torch.device, dtype: torch.dtype, progress: bool = True) -> None:
-        self.skeleton, self.adapter = model, adapter
+                 device: torch.device, dtype: torch.dtype, progress: bool = True, own_embedding: bool = False) -> None:
+        self.skeleton, self.adapter, self.own_embedding = model, adapter, own_embedding and q is not None
         self.sources = {"fp": fp} if q is None else {"fp": fp, "q": q}
         self.last = "q" if q is not None else "fp"
         self.device, self.dtype, self.progress = device, dtype, progress
@@ -167,7 +173,7 @@ class LayerMajorModel:
         if self._nll is not None:
             return self._nll
         t0 = time.perf_counter()
-        runner = LayerMajor(self.skeleton, self.adapter, self.sources, self.device, self.dtype)
+        runner = LayerMajor(self.skeleton, self.adapter, self.sources, self.device, self.dtype, self.own_embedding)
         sets = {c: _Set(ids, plan.config.batch_size) for c, ids in plan.windows.items()}
         div = plan.config.divergence_config()
         div_set = _Set(plan.divergence, 1) if div is not None and plan.divergence is not None else None

@@ -63,11 +63,18 @@ class LayerStream:
         finally:
             release(layer)
 
-    def finish(self) -> None:
-        """Copy, shard to shard, the layers not written and the tensors outside the layers (unchanged)."""
+    def finish(self, replaced: dict[str, torch.Tensor] | None = None) -> None:
+        """Copy, shard to shard, the layers not written and the tensors outside the layers.
+
+        Args:
+            replaced: Tensors outside the layers written instead of the checkpoint's (a rounded embedding), by name.
+
+        """
         prefixes = [module_prefix(self.model, layer) for layer in self.adapter.layers(self.model)]
         for li, prefix in enumerate(prefixes):
             if li not in self.written:
                 self.out.write(f"layer-{li:05d}.safetensors", self.source.load(self.source.names(prefix)))
         outer = [n for n in self.source.names() if not n.startswith(tuple(prefixes))]
-        self.out.write("outer.safetensors", self.source.load(outer))
+        replaced = {n: t for n, t in (replaced or {}).items() if n in outer}
+        tensors = self.source.load([n for n in outer if n not in replaced])
+        self.out.write("outer.safetensors", {**tensors, **replaced})

@@ -13,11 +13,11 @@ import time
 import torch
 from torch import nn
 
-from ..methods.rtn import RTN
 from ..metrics import Metric
 from ..nn.runtime import install_runtime
 from .activations import calibrate_static_activations
 from .driver import QuantizeReport, quantize_weights
+from .embedding import round_embedding
 from .outliers import find_outlier_columns
 from .plan import EmbeddingTarget, QuantizationPlan, RunOptions
 
@@ -84,18 +84,13 @@ def quantize(
 def quantize_embedding(model: nn.Module, target: EmbeddingTarget, report: QuantizeReport, keep_grid: bool) -> None:
     """Round the input embedding matrix to nearest on ``target.spec``, in place (after the layer loop).
 
-    The calibrated layer loop has seen the FP embeddings; an output head tied to the matrix is the same tensor
-    and takes the same values. Rounding to nearest is what llama.cpp does to its embedding tensor.
+    An output head tied to the matrix is the same tensor and takes the same values.
     """
-    t0 = time.perf_counter()
     module = model.get_submodule(target.name)
     weight = module.get_parameter("weight")
-    result = RTN().quantize(weight.detach(), target.spec)
+    rounded = round_embedding(weight, target, module, report, keep_grid)
     with torch.no_grad():
-        weight.copy_(result.weight.to(weight.dtype))
-    if keep_grid:
-        report.keep_grid(target.name, module, target.spec, result)
-    report.timings["embedding_s"] = time.perf_counter() - t0
+        weight.copy_(rounded)
 
 
 def restore(

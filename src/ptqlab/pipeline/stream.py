@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.shards import Checkpoint, ShardWriter
+from ..models.shards import Checkpoint, ShardWriter, module_prefix
+from ..models.weights import tied_head
 from .driver import QuantizeReport, quantize_weights
+from .embedding import round_embedding
 from .layer_stream import LayerStream
 from .plan import QuantizationPlan, RunOptions
 
@@ -31,7 +33,7 @@ def check_quantization_streamable(plan: QuantizationPlan) -> None:
 
     Raises:
         ConfigError: A model transform (rotation), a model refiner (ZeroQuant-Global), static activation
-            ranges, outlier decomposition, a KV-cache scheme or a quantized embedding.
+            ranges, outlier decomposition or a KV-cache scheme.
 
     """
     recipe = plan.recipe
@@ -53,9 +55,29 @@ def check_quantization_streamable(plan: QuantizationPlan) -> None:
     if plan.outliers is not None:
         raise ConfigError("runtime.stream: scheme.outliers chooses its columns in a whole-model pass; use "
                           "runtime.stream: off")
-    if plan.embedding is not None:
-        raise ConfigError("runtime.stream: scheme.embedding quantizes the embedding matrix, which a streamed run "
-                          "keeps outside its layer checkpoints; use runtime.stream: off")
+
+
+def _rounded_embedding(model: nn.Module, plan: QuantizationPlan, source: Checkpoint, report: QuantizeReport,
+                       dtype: torch.dtype, keep_grid: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's embedding tensor rounded (``scheme.embedding``), under each name it is stored as.
+
+    A head tied to the embedding is the same tensor in the model: where the checkpoint stores it too, it is
+    written with the same values.
+    """
+    target = plan.embedding
+    if target is None:
+        return {}
+    module = model.get_submodule(target.name)
+    names = [f"{target.name}.weight"]
+    head = tied_head(model)
+    if head is not None:
+        names.append(module_prefix(model, head) + "weight")
+    stored = [n for n in names if n in source.where]
+    if not stored:
+        raise ConfigError(f"scheme.embedding: the checkpoint {source.directory} holds no {names[0]}")
+    weight = source.load(stored[:1])[stored[0]].to(dtype)
+    rounded = round_embedding(weight, target, module, report, keep_grid)
+    return dict.fromkeys(stored, rounded)
 
 
 def quantize_streamed(
@@ -94,7 +116,7 @@ def quantize_streamed(
     t0 = time.perf_counter()
     try:
         quantize_weights(model, plan, report, progress, stream=stream, options=options)
-        stream.finish()
+        stream.finish(_rounded_embedding(model, plan, source, report, dtype, options.keep_grids))
         stream.out.close()
     except BaseException:
         stream.out.abort()

@@ -177,7 +177,8 @@ class StreamedRun:
     def evaluate(self, report: QuantizeReport, peers: Sequence[tuple[float, float]]) -> Evaluation:
         """Evaluate layer-major: the quantized checkpoint (or the FP one itself) against the FP checkpoint."""
         access = LayerMajorModel(self.model, self.plan.quantization.adapter, self.fp, self.q, device=self.device,
-                                 dtype=self.dtype, progress=self.progress)
+                                 dtype=self.dtype, progress=self.progress,
+                                 own_embedding=self.plan.quantization.embedding is not None)
         return evaluate(access, self.tokenizer, self.plan.evaluation, Reference(), progress=self.progress)
 
     def release(self) -> None:
