@@ -287,3 +287,19 @@ def test_report_with_costs(store: Store, tmp_path: Path) -> None:
     assert page.count('id="cost-p1"') == 1 and page.count('id="pareto-cost-p1"') == 1
     csv = (report.out / "tables" / "zq-weight-p1.csv").read_text()
     assert "± se llama.cpp tg128" in csv.splitlines()[0]
+
+
+def test_speed_settings_name_the_cpu_and_say_when_runs_differ(views: dict[str, RunView]) -> None:
+    """A caption names the CPU model the speeds were measured on; runs timed on two CPUs are said to differ."""
+    import dataclasses
+
+    from ptqlab.report.cost import speed_settings
+
+    timed = [views["zq-fp"], views["zq-w8"]]
+    on = [dataclasses.replace(v, record=dataclasses.replace(v.record, machine={"cpu": cpu}))
+          for v, cpu in zip(timed, ("CPU A", "CPU A"), strict=True)]
+    assert speed_settings(on) == "Speeds measured on CPU A."
+    on[1] = dataclasses.replace(on[1], record=dataclasses.replace(on[1].record, machine={"cpu": "CPU B"}))
+    caption = speed_settings(on)
+    assert "different settings" in caption and "CPU A" in caption and "CPU B" in caption
+    assert "CPU" not in speed_settings(timed)  # runs stored before machines were recorded: no CPU to name

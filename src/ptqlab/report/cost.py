@@ -152,10 +152,14 @@ def has_cost(v: RunView) -> bool:
 
 
 def _setting(v: RunView) -> str:
-    """``cpu, 4 threads, median of 5 repeats``: what the run's speed was measured with."""
+    """``Intel(R) Xeon(R) Processor, cpu, 4 threads, median of 5 repeats``: what the run's speed was measured with.
+
+    The CPU model leads where the run recorded its machine (runs stored before that have none).
+    """
     spec = (v.record.config.get("evaluate") or {}).get("speed") or {}
     threads = spec.get("threads") or v.record.threads
-    parts = [v.record.device or "", f"{threads} threads" if threads else "",
+    parts = [str((v.record.machine or {}).get("cpu") or ""), v.record.device or "",
+             f"{threads} threads" if threads else "",
              f"median of {spec['repeats']} repeats" if spec.get("repeats") else ""]
     return ", ".join(p for p in parts if p)
 
@@ -163,8 +167,8 @@ def _setting(v: RunView) -> str:
 def speed_settings(views: Iterable[RunView]) -> str:
     """The speed settings of the runs with a speed, for a caption ("" when none has one).
 
-    Runs timed with different settings (device, threads, repeats) are said to be so: their speeds are
-    compared with care.
+    Runs timed with different settings (CPU model, device, threads, repeats) are said to be so: their speeds
+    are compared with care.
     """
     found = sorted({_setting(v) for v in views if speed_metrics([v])} - {""})
     if not found:
