@@ -25,6 +25,9 @@ class _ColumnOrder:
     permutes_columns: ClassVar[bool] = True
     min_tokens: ClassVar[int] = 1
 
+    def check_spec(self, spec: QuantSpec) -> None:
+        pass
+
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         return RTN().quantize(W, spec)
 

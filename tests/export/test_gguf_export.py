@@ -82,6 +82,17 @@ def test_transformers_reads_back_every_weight_of_the_run(tmp_path: Path, spm_lla
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("fmt", "weighting"), [("gguf_q4_0", "diagonal"), ("gguf_q5_1", "block")])
+def test_searched_steps_are_written_and_read_back(tmp_path: Path, spm_llama: Path, fmt: str, weighting: str,
+                                                 quantized_here) -> None:
+    """imatrix's refitted FP16 steps (and minimums) are what the file's blocks hold: every weight reads back."""
+    data = _config(spm_llama, {"format": fmt}, [{"imatrix": {"weighting": weighting}}])
+    out = tmp_path / "gguf"
+    export_config(parse_config(data), "gguf", out, progress=False)
+    theirs, mine = _load(out).state_dict(), quantized_here(data).state_dict()
+    assert not [k for k, v in theirs.items() if not torch.equal(v, mine[k])]
+
+
 def test_sentencepiece_vocabulary_round_trips(tmp_path: Path, spm_llama: Path) -> None:
     out = tmp_path / "gguf"
     export_config(parse_config(_config(spm_llama, {"format": "gguf_q8_0"}, recipe=[])), "gguf", out, progress=False)

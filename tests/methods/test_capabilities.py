@@ -56,7 +56,8 @@ def test_the_protocols_list_the_capabilities() -> None:
     assert set(PROTOCOLS) == set(KINDS)
     for kind, capabilities in CAPABILITIES.items():
         assert set(capabilities) <= set(protocol_members(kind)), kind
-    assert protocol_members("quantizer") == ("kind", "min_tokens", "needs_calibration", "permutes_columns", "quantize")
+    assert protocol_members("quantizer") == ("check_spec", "kind", "min_tokens", "needs_calibration",
+                                             "permutes_columns", "quantize")
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -108,7 +109,7 @@ class _Undeclared:
 
 def test_a_method_that_does_not_declare_its_capabilities_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(recipe_module, "_METHODS", dict(recipe_module._METHODS))  # undone after the test
-    with pytest.raises(ValueError, match=r"_Undeclared \(kind quantizer\) does not declare min_tokens, "
+    with pytest.raises(ValueError, match=r"_Undeclared \(kind quantizer\) does not declare check_spec, min_tokens, "
                                          r"permutes_columns"):
         register_method("undeclared", _Undeclared)
     assert "undeclared" not in registered_methods()

@@ -28,6 +28,9 @@ class HalfStepRTN:
     calls: ClassVar[list[int]] = []
     shift: float = 0.0
 
+    def check_spec(self, spec: QuantSpec) -> None:
+        pass
+
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         self.calls.append(W.shape[0])
         base = RTN().quantize(W, spec)

@@ -105,6 +105,9 @@ class _Recording:
     def permutes_columns(self) -> bool:
         return bool(self.inner.permutes_columns)
 
+    def check_spec(self, spec: QuantSpec) -> None:
+        self.inner.check_spec(spec)
+
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         result = self.inner.quantize(W, spec, H)
         self.seen.append((W.detach().float().clone(), result.weight.detach().float().clone()))
@@ -196,6 +199,9 @@ class _KeepWeights:
     needs_calibration: ClassVar[bool] = True
     permutes_columns: ClassVar[bool] = False
     min_tokens: ClassVar[int] = 1
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        pass
 
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         return WeightResult(W.float(), W.float(), RTN().quantize(W, spec).qparams)

@@ -161,6 +161,9 @@ class _Recording:
     def permutes_columns(self) -> bool:
         return self.inner.permutes_columns
 
+    def check_spec(self, spec: QuantSpec) -> None:
+        self.inner.check_spec(spec)
+
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> Any:
         assert H is not None
         self.hessians.append(H.clone())

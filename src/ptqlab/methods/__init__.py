@@ -12,6 +12,7 @@ from __future__ import annotations
 from .awq import AWQClip, AWQConfig, AWQScale
 from .base import GroupInputs, WeightResult
 from .gptq import GPTQ, GPTQConfig
+from .imatrix import IMatrix, IMatrixConfig
 from .kinds import (
     KINDS,
     Compensator,
@@ -40,6 +41,7 @@ register_method("zeroquant_local", ZeroQuantLocal, LKDConfig)
 register_method("zeroquant_global", ZeroQuantGlobal, LKDConfig)
 register_method("lorc", LoRC, LoRCConfig)
 register_method("squeezellm", SqueezeLLM, SqueezeLLMConfig)
+register_method("imatrix", IMatrix, IMatrixConfig)
 
 __all__ = [
     "GPTQ",
@@ -55,6 +57,8 @@ __all__ = [
     "LayerRefiner",
     "LayerTransform",
     "LoRC",
+    "IMatrix",
+    "IMatrixConfig",
     "LoRCConfig",
     "ModelRefiner",
     "ModelTransform",

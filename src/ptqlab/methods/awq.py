@@ -123,6 +123,9 @@ class AWQClip:
         """Create the quantizer with ``config``."""
         self.config = config or AWQConfig()
 
+    def check_spec(self, spec: QuantSpec) -> None:
+        """Every format with ranges (codebooks are refused with the recipe: see ``compile``)."""
+
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         """Quantize ``W`` (out, in) with per-range clipping chosen on the output error.
 

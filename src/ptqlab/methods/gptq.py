@@ -77,6 +77,9 @@ class GPTQ:
         """Fewest calibration tokens a Hessian must come from (the driver rounds to nearest below it)."""
         return self.config.min_tokens
 
+    def check_spec(self, spec: QuantSpec) -> None:
+        """Every weight format (a ``kmeans`` codebook is fitted with the Hessian's diagonal)."""
+
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         """Quantize ``W`` (out, in) against the input Hessian ``H`` (in, in).
 

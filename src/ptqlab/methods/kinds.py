@@ -13,7 +13,8 @@ dispatches on the kind alone:
 
 Besides its verbs, a kind's protocol lists the capabilities its methods declare, which the pipeline and the
 exporters read instead of probing a method's options: a model transform's ``runtime_hooks`` and
-``rotates_cached_keys``, a quantizer's ``permutes_columns`` and ``min_tokens``. A method declares each one,
+``rotates_cached_keys``, a quantizer's ``permutes_columns`` and ``min_tokens`` (and its ``check_spec`` of the
+weight formats it rounds to). A method declares each one,
 as a ``ClassVar`` when it is fixed or a property when its options decide it.
 """
 
@@ -113,6 +114,10 @@ class Quantizer(Step, Protocol):
 
         At least 1 (never quantize from a zero Hessian); data-free quantizers declare 1.
         """
+        ...
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        """Raise ConfigError, before any work, when the quantizer cannot round a weight of ``spec``."""
         ...
 
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:

@@ -29,6 +29,9 @@ class RTN:
     def __init__(self, config: RTNConfig | None = None) -> None:
         self.config = config or RTNConfig()
 
+    def check_spec(self, spec: QuantSpec) -> None:
+        """Every weight format: nothing to refuse."""
+
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         """Quantize ``W`` (out, in) with min-max parameters.
 

@@ -37,6 +37,17 @@ class SqueezeLLM:
     def __init__(self, config: SqueezeLLMConfig | None = None) -> None:
         self.config = config or SqueezeLLMConfig()
 
+    def check_spec(self, spec: QuantSpec) -> None:
+        """Refuse a weight format other than ``kmeans``.
+
+        Raises:
+            ConfigError: The spec's format is not ``kmeans``.
+
+        """
+        if not spec.is_codebook:
+            raise ConfigError(f"recipe squeezellm fits k-means codebooks: set {spec.where}.format: kmeans "
+                              f"(it is {spec.format!r})")
+
     def quantize(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> WeightResult:
         """Quantize ``W`` (out, in) to per-row codebooks weighted by ``diag(H)``.
 
@@ -52,9 +63,7 @@ class SqueezeLLM:
             ConfigError: The spec's format is not ``kmeans``.
 
         """
-        if not spec.is_codebook:
-            raise ConfigError(f"recipe squeezellm fits k-means codebooks: set {spec.where}.format: kmeans "
-                              f"(it is {spec.format!r})")
+        self.check_spec(spec)
         Wf = W.detach().float()
         weights = None if H is None else torch.diag(H).float()
         return round_with(Wf, choose_qparams(Wf, spec, weights), spec)

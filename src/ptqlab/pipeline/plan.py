@@ -339,3 +339,4 @@ def check_recipe_shapes(model: nn.Module, adapter: Adapter, targets: list[Linear
     for t in targets:
         module = layer_module(model, adapter, t.layer, t.relative)
         recipe.check_shape(t.name, out_features(module), in_features(module))
+        recipe.quantizer.check_spec(t.spec)
