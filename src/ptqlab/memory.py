@@ -55,10 +55,15 @@ def _proc_bytes(path: str, key: str) -> int | None:
     return None
 
 
+def physical_memory() -> int:
+    """Bytes of physical memory (``sysconf``; ValueError or OSError where the platform has no such names)."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def available_memory() -> int:
     """Bytes of memory available to new allocations (Linux ``MemAvailable``, else the physical total)."""
     found = _proc_bytes("/proc/meminfo", "MemAvailable")
-    return found if found is not None else int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return found if found is not None else physical_memory()
 
 
 @lru_cache(maxsize=1)

@@ -59,34 +59,22 @@ def test_window_nlls_and_thread_count_round_trip(tmp_path):
     assert got.to_json()["windows"] == run.windows
 
 
-def test_a_store_written_before_the_thread_count_column_opens_and_gains_it(tmp_path):
+@pytest.mark.parametrize(("column", "field", "empty", "value"), [
+    ("threads", "threads", None, 4),
+    ("machine_json", "machine", {}, {"cpu": "Example CPU", "cores": 2, "isa": ["avx2"]}),
+])
+def test_a_store_written_before_a_column_was_added_opens_and_gains_it(tmp_path, column, field, empty, value):
     path = tmp_path / "old.db"
     Store(path).save(_run())
     con = sqlite3.connect(path)
-    con.execute("ALTER TABLE runs DROP COLUMN threads")
+    con.execute(f"ALTER TABLE runs DROP COLUMN {column}")
     con.commit()
     con.close()
     store = Store(path)
     got = store.get("abc123")
-    assert got is not None and got.threads is None
+    assert got is not None and getattr(got, field) == empty
     again = _run("def456")
-    again.threads = 4
+    setattr(again, field, value)
     store.save(again)
-    assert store.get("def456").threads == 4
-
-
-def test_a_store_written_before_the_machine_column_opens_and_gains_it(tmp_path):
-    path = tmp_path / "old.db"
-    Store(path).save(_run())
-    con = sqlite3.connect(path)
-    con.execute("ALTER TABLE runs DROP COLUMN machine_json")
-    con.commit()
-    con.close()
-    store = Store(path)
-    got = store.get("abc123")
-    assert got is not None and got.machine == {}
-    again = _run("def456")
-    again.machine = {"cpu": "Example CPU", "cores": 2, "isa": ["avx2"]}
-    store.save(again)
-    assert store.get("def456").machine == again.machine
-    assert store.get("def456").to_json()["machine"] == again.machine
+    assert getattr(store.get("def456"), field) == value
+    assert store.get("def456").to_json()[field] == value

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..quant.core import choose_qparams, dequantize, fake_quantize, params_from_range, quantize
 from ..quant.integer import QParams
 from ..quant.spec import QuantSpec
-from .base import GroupInputs, WeightResult, output_error
+from .base import GroupInputs, WeightResult, diagonal_blocks, output_error
 from .rtn import round_with
 
 
@@ -148,7 +148,7 @@ class AWQClip:
         groups = spec.num_groups(cols)
         gs = cols // groups
         view = W.reshape(rows, groups, gs)
-        blocks = torch.stack([H[g * gs : (g + 1) * gs, g * gs : (g + 1) * gs] for g in range(groups)])  # (G, gs, gs)
+        blocks = diagonal_blocks(H, gs)  # (G, gs, gs)
         xmin, xmax = view.amin(dim=-1), view.amax(dim=-1)
         best = params_from_range(xmin, xmax, spec)
         best_err = torch.full((rows, groups), float("inf"), device=W.device)

@@ -96,6 +96,11 @@ def output_error(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def diagonal_blocks(H: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``size`` x ``size`` blocks on ``H``'s diagonal, stacked (blocks, size, size): each range's own block."""
+    return torch.stack([H[g * size : (g + 1) * size, g * size : (g + 1) * size] for g in range(H.shape[0] // size)])
+
+
 def scaled_hessian(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """The Hessian of the inputs divided by ``s`` per channel: ``diag(1/s) H diag(1/s)``."""
     inv = (1.0 / s).to(H.device, H.dtype)

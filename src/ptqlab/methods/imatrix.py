@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..quant import gguf
 from ..quant.integer import QParams
 from ..quant.spec import QuantSpec
-from .base import WeightResult
+from .base import WeightResult, diagonal_blocks
 from .rtn import round_with
 
 SEARCHED = ("gguf_q8_0", "gguf_q5_0", "gguf_q4_0", "gguf_q5_1", "gguf_q4_1")
@@ -128,7 +128,7 @@ class IMatrix:
             w = Hf.diagonal().reshape(blocks, n)
             w = torch.where(w.sum(-1, keepdim=True) > 0, w, torch.ones_like(w))  # a silent block: plain MSE
             return lambda a, b: (a * b * w).sum(-1)
-        M = torch.stack([Hf[g * n : (g + 1) * n, g * n : (g + 1) * n] for g in range(blocks)])
+        M = diagonal_blocks(Hf, n)
         return lambda a, b: torch.einsum("rgi,gij,rgj->rg", a, M, b)
 
 

@@ -183,17 +183,24 @@ def module_prefix(model: nn.Module, module: nn.Module) -> str:
     raise ValueError("module is not part of the model")
 
 
+def tied_embedding_names(model: nn.Module) -> list[str]:
+    """The state-dict names of the input embedding's and the output head's matrix when they are one tensor, else []."""
+    if not isinstance(model, PreTrainedModel):
+        return []
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or emb is None or head.weight is not emb.weight:
+        return []
+    return [module_prefix(model, emb) + "weight", module_prefix(model, head) + "weight"]
+
+
 def _tensor_name(model: nn.Module, full: str, ckpt: Checkpoint) -> str:
     """The checkpoint name of a parameter: its own, or for tied input and output embeddings the one stored."""
     if full in ckpt.where:
         return full
-    if isinstance(model, PreTrainedModel):
-        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-        if head is not None and emb is not None and head.weight is emb.weight:
-            pair = {module_prefix(model, head) + "weight", module_prefix(model, emb) + "weight"}
-            stored = [n for n in pair if n in ckpt.where]
-            if full in pair and stored:
-                return stored[0]
+    pair = tied_embedding_names(model)
+    stored = [n for n in pair if n in ckpt.where]
+    if full in pair and stored:
+        return stored[0]
     raise ModelLoadError(f"{ckpt.directory}: no tensor {full!r} in its safetensors files")
 
 

@@ -97,12 +97,3 @@ def input_embedding(model: nn.Module) -> nn.Embedding | None:
     module = getter() if callable(getter) else None
     return module if isinstance(module, nn.Embedding) else None
 
-
-def tied_head(model: nn.Module) -> nn.Module | None:
-    """The output head (``get_output_embeddings``) when it shares the input embedding's matrix, else None."""
-    embedding = input_embedding(model)
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if embedding is None or head is None or getattr(head, "weight", None) is not embedding.weight:
-        return None
-    return head

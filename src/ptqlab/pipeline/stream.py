@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.shards import Checkpoint, ShardWriter, module_prefix
-from ..models.weights import tied_head
+from ..models.shards import Checkpoint, ShardWriter, tied_embedding_names
 from .driver import QuantizeReport, quantize_weights
 from .embedding import round_embedding
 from .layer_stream import LayerStream
@@ -68,10 +67,7 @@ def _rounded_embedding(model: nn.Module, plan: QuantizationPlan, source: Checkpo
     if target is None:
         return {}
     module = model.get_submodule(target.name)
-    names = [f"{target.name}.weight"]
-    head = tied_head(model)
-    if head is not None:
-        names.append(module_prefix(model, head) + "weight")
+    names = tied_embedding_names(model) or [f"{target.name}.weight"]  # the embedding's name first
     stored = [n for n in names if n in source.where]
     if not stored:
         raise ConfigError(f"scheme.embedding: the checkpoint {source.directory} holds no {names[0]}")

@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..memory import physical_memory
+
 if TYPE_CHECKING:  # annotations only: importing the store stays light (no pydantic, no torch)
     from ..schema import RunConfig
 
@@ -142,7 +144,7 @@ def machine_info() -> dict[str, object]:
     if isa:
         out["isa"] = isa
     with contextlib.suppress(ValueError, OSError, AttributeError):  # no sysconf names on this platform
-        out["memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        out["memory_bytes"] = physical_memory()
     return out
 
 
